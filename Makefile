@@ -1,0 +1,58 @@
+# The two commands that matter: `make up` (the whole local stack) and `make test` (what CI runs).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATASET ?= synthetic
+
+.PHONY: help venv system-deps test lint typecheck pytest unit up export bench loadtest clean
+
+help:
+	@echo "make up       start the whole local stack (Redis, Triton, orchestrator on :8080)"
+	@echo "make test     install, then ruff + mypy + pytest (what CI runs)"
+	@echo "make export   train + export + FAISS index (DATASET=synthetic|movielens)"
+	@echo "make bench    run the benchmarks and rewrite docs/BENCHMARKS.md"
+
+venv: $(STAMP)
+
+# Reinstall only when the dependency spec changes.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[export,triton,loadtest,dev]"
+	@touch $(STAMP)
+
+# redis-server is a system package: the tests start their own servers on free ports.
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+	  || { echo "could not install redis-server: install it with your package manager"; exit 1; }; }
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy export orchestrator loadtest tests
+
+pytest: venv system-deps
+	$(VENV)/bin/pytest -q -ra
+
+test: lint typecheck pytest
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+export: venv
+	$(PY) -m export all --dataset $(DATASET)
+
+bench: venv system-deps
+	$(PY) -m export bench
+
+up: venv system-deps
+	$(PY) -m export up --dataset $(DATASET)
+
+clean:
+	rm -rf build model_repository/*/[0-9]*/

@@ -1,0 +1,185 @@
+"""Training loops for the two-tower retriever and the ranker (CPU is fine at MovieLens scale)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from export.data import Dataset, Split, popularity_buckets
+from export.models import Ranker, TwoTower
+from orchestrator import schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters. ``embedding_dim`` is the width of every stored embedding."""
+
+    embedding_dim: int = 128
+    retrieval_epochs: int = 20
+    retrieval_batch_size: int = 512
+    retrieval_lr: float = 3e-3
+    temperature: float = 0.1
+    ranker_epochs: int = 4
+    ranker_batch_size: int = 1024
+    ranker_lr: float = 1e-3
+    negatives_per_positive: int = 4
+    seed: int = 13
+
+    def validate(self) -> None:
+        if self.embedding_dim < 8:
+            raise ValueError(f"embedding_dim must be an integer >= 8, got {self.embedding_dim}")
+        for name in ("retrieval_epochs", "ranker_epochs", "retrieval_batch_size", "ranker_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainedModels:
+    """Everything serving needs from training: both towers' outputs, features, and the ranker."""
+
+    two_tower: TwoTower
+    ranker: Ranker
+    user_embeddings: np.ndarray  # float32 [n_users, dim], L2-normalised
+    item_embeddings: np.ndarray  # float32 [n_items, dim], L2-normalised
+    user_features: np.ndarray  # int64 [n_users, len(USER_FEATURES)]
+    item_features: np.ndarray  # int64 [n_items, len(ITEM_FEATURES)]
+    item_train_counts: np.ndarray  # int64 [n_items]
+
+
+def item_features(data: Dataset, train_counts: np.ndarray) -> np.ndarray:
+    """genre, year bucket and popularity decile (from training counts only: no test leakage)."""
+    return np.concatenate([data.item_genre_year, popularity_buckets(train_counts)[:, None]], axis=1)
+
+
+def random_context(rng: np.random.Generator, n: int) -> np.ndarray:
+    """MovieLens has no page type or device: training draws them at random (the ranker learns they are
+    uninformative here; real logs carry them)."""
+    return np.stack(
+        [rng.integers(1, len(schema.PAGE_TYPES), n), rng.integers(1, len(schema.DEVICES), n)], axis=1
+    ).astype(np.int64)
+
+
+def train_two_tower(
+    data: Dataset, split: Split, cfg: TrainConfig, item_feats: np.ndarray
+) -> tuple[TwoTower, np.ndarray, np.ndarray]:
+    """In-batch sampled softmax over training interactions; returns the model and both vector tables."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = TwoTower(data.n_users, data.n_items, cfg.embedding_dim)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.retrieval_lr)
+    users = torch.from_numpy(data.user_idx[split.train])
+    items = torch.from_numpy(data.item_idx[split.train])
+    user_feats = torch.from_numpy(data.user_features)
+    item_feats_t = torch.from_numpy(item_feats)
+    n = len(users)
+    steps = cfg.retrieval_epochs * ((n + cfg.retrieval_batch_size - 1) // cfg.retrieval_batch_size)
+    progress = tqdm(total=steps, desc="two-tower", unit="step", mininterval=2.0)
+    model.train()
+    for _ in range(cfg.retrieval_epochs):
+        order = torch.from_numpy(rng.permutation(n))
+        for start in range(0, n, cfg.retrieval_batch_size):
+            batch = order[start : start + cfg.retrieval_batch_size]
+            u, i = users[batch], items[batch]
+            user_vec = model.user_tower(u, user_feats[u])
+            item_vec = model.item_tower(i, item_feats_t[i])
+            logits = user_vec @ item_vec.T / cfg.temperature
+            # The same item twice in a batch is not a negative for itself.
+            same_item = (i[:, None] == i[None, :]) & ~torch.eye(len(i), dtype=torch.bool)
+            logits = logits.masked_fill(same_item, -1e9)
+            loss = nn.functional.cross_entropy(logits, torch.arange(len(u)))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            progress.update()
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    progress.close()
+    model.eval()
+    with torch.no_grad():
+        all_users = torch.arange(data.n_users)
+        all_items = torch.arange(data.n_items)
+        user_table = model.user_tower(all_users, user_feats).numpy().astype(np.float32)
+        item_table = model.item_tower(all_items, item_feats_t).numpy().astype(np.float32)
+    return model, user_table, item_table
+
+
+def train_ranker(
+    data: Dataset,
+    split: Split,
+    cfg: TrainConfig,
+    user_table: np.ndarray,
+    item_table: np.ndarray,
+    item_feats: np.ndarray,
+) -> Ranker:
+    """Binary cross-entropy: training interactions against sampled items the user did not touch.
+
+    Half the negatives are uniform, half are the user's nearest items by the retriever (hard
+    negatives), so the ranker learns to reorder the candidates retrieval actually hands it.
+    """
+    torch.manual_seed(cfg.seed + 1)
+    rng = np.random.default_rng(cfg.seed + 1)
+    pos_users = data.user_idx[split.train]
+    pos_items = data.item_idx[split.train]
+    k = cfg.negatives_per_positive
+    neg_users = np.repeat(pos_users, k)
+    neg_items = rng.integers(0, data.n_items, size=len(neg_users))
+    hard = rng.random(len(neg_users)) < 0.5
+    nearest = np.argsort(-(user_table @ item_table.T), axis=1)[:, :200]
+    neg_items[hard] = nearest[neg_users[hard], rng.integers(0, nearest.shape[1], size=int(hard.sum()))]
+    seen = set(zip(pos_users.tolist(), pos_items.tolist(), strict=True))
+    keep = np.fromiter(
+        ((u, i) not in seen for u, i in zip(neg_users.tolist(), neg_items.tolist(), strict=True)), bool
+    )
+    users = np.concatenate([pos_users, neg_users[keep]])
+    items = np.concatenate([pos_items, neg_items[keep]])
+    labels = np.concatenate([np.ones(len(pos_users)), np.zeros(int(keep.sum()))]).astype(np.float32)
+    context = random_context(rng, len(users))
+
+    model = Ranker(cfg.embedding_dim)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.ranker_lr)
+    tensors = {
+        "u_emb": torch.from_numpy(user_table),
+        "i_emb": torch.from_numpy(item_table),
+        "u_feat": torch.from_numpy(data.user_features),
+        "i_feat": torch.from_numpy(item_feats),
+    }
+    users_t, items_t = torch.from_numpy(users), torch.from_numpy(items)
+    labels_t, context_t = torch.from_numpy(labels), torch.from_numpy(context)
+    n = len(users)
+    steps = cfg.ranker_epochs * ((n + cfg.ranker_batch_size - 1) // cfg.ranker_batch_size)
+    progress = tqdm(total=steps, desc="ranker", unit="step", mininterval=2.0)
+    model.train()
+    for _ in range(cfg.ranker_epochs):
+        order = torch.from_numpy(rng.permutation(n))
+        for start in range(0, n, cfg.ranker_batch_size):
+            batch = order[start : start + cfg.ranker_batch_size]
+            u, i = users_t[batch], items_t[batch]
+            scores = model(
+                tensors["u_emb"][u], tensors["i_emb"][i], tensors["u_feat"][u], tensors["i_feat"][i], context_t[batch]
+            ).squeeze(1)
+            loss = nn.functional.binary_cross_entropy(scores, labels_t[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            progress.update()
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    progress.close()
+    model.eval()
+    return model
+
+
+def train(data: Dataset, split: Split, cfg: TrainConfig) -> TrainedModels:
+    cfg.validate()
+    counts = np.bincount(data.item_idx[split.train], minlength=data.n_items).astype(np.int64)
+    item_feats = item_features(data, counts)
+    log.info("training two-tower on %d interactions", int(split.train.sum()))
+    two_tower, user_table, item_table = train_two_tower(data, split, cfg, item_feats)
+    log.info("training ranker")
+    ranker = train_ranker(data, split, cfg, user_table, item_table, item_feats)
+    return TrainedModels(two_tower, ranker, user_table, item_table, data.user_features, item_feats, counts)

@@ -1,0 +1,69 @@
+"""The retrieval seam: candidates by inner product over a FAISS item index (in process)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import faiss
+import numpy as np
+
+
+class Retriever(Protocol):
+    """``search`` returns item ids (row per query, best first) and their scores, both [n_queries, k]."""
+
+    async def search(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    model_version: str
+    dim: int
+    metric: str
+    n_items: int
+    index_factory: str
+    nprobe: int
+    recall_at_100: float
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> IndexManifest:
+        return cls(**{name: raw[name] for name in cls.__dataclass_fields__})
+
+
+class FaissRetriever:
+    """Loads ``item_index.faiss`` + ``item_index.json`` (manifest and row -> item id)."""
+
+    def __init__(self, index_path: Path) -> None:
+        index_path = Path(index_path)
+        meta_path = index_path.with_suffix(".json")
+        if not index_path.is_file() or not meta_path.is_file():
+            raise FileNotFoundError(f"FAISS index {index_path} or its manifest {meta_path} is missing")
+        meta = json.loads(meta_path.read_text())
+        self.manifest = IndexManifest.from_json(meta)
+        self.item_ids: list[str] = list(meta["item_ids"])
+        self.index = faiss.read_index(str(index_path))
+        if self.index.d != self.manifest.dim or self.index.ntotal != len(self.item_ids):
+            raise ValueError(
+                f"index {index_path} holds {self.index.ntotal} x {self.index.d}, but its manifest says "
+                f"{len(self.item_ids)} x {self.manifest.dim}"
+            )
+        if hasattr(self.index, "nprobe"):
+            self.index.nprobe = self.manifest.nprobe
+        else:
+            ivf = faiss.try_extract_index_ivf(self.index)
+            if ivf is not None:
+                ivf.nprobe = self.manifest.nprobe
+
+    def search_sync(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        queries = np.ascontiguousarray(user_vectors, dtype=np.float32).reshape(-1, self.manifest.dim)
+        k = min(k, len(self.item_ids))
+        scores, rows = self.index.search(queries, k)
+        ids = [[self.item_ids[r] for r in row if r >= 0] for row in rows]
+        return ids, scores
+
+    async def search(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        # FAISS releases the GIL during search: run it off the event loop.
+        return await asyncio.to_thread(self.search_sync, user_vectors, k)
