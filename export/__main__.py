@@ -1,0 +1,117 @@
+"""``python -m export <command>``: the offline pipeline's one CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from export import pipeline
+from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, artifacts_dir
+from export.data import SyntheticSpec, generate_synthetic
+from export.errors import ExportError
+from export.train import TrainConfig
+from export.triton_config import BatchingSpec
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    spec = SyntheticSpec(n_users=args.users, n_items=args.items, seed=args.seed)
+    folder = generate_synthetic(Path(args.out), spec)
+    print(f"wrote a synthetic data set ({args.users} users, {args.items} items) to {folder}")
+    return 0
+
+
+def _cmd_all(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(
+        embedding_dim=args.dim, retrieval_epochs=args.retrieval_epochs, ranker_epochs=args.ranker_epochs
+    )
+    bundle = pipeline.run_all(args.dataset, cfg, version=args.version, build_dir=Path(args.build_dir))
+    print(pipeline.format_metrics(bundle.manifest["metrics"]))
+    print(f"model version {bundle.model_version}; artifacts in {bundle.path}; Triton models in {MODEL_REPOSITORY}")
+    return 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from export.model_repository import render_profile_repository
+
+    batching = BatchingSpec(max_queue_delay_microseconds=args.max_queue_delay_us)
+    dest = render_profile_repository(args.profile, Path(args.out), batching=batching)
+    print(f"rendered the {args.profile} profile into {dest}")
+    return 0
+
+
+def _cmd_triton(args: argparse.Namespace) -> int:
+    import time
+
+    from export.model_repository import render_profile_repository
+    from export.triton_launcher import TritonServer
+
+    repo = render_profile_repository("cpu")
+    with TritonServer(repo) as server:
+        print(f"Triton ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}")
+        print(f"log: {server.log_path}; Ctrl-C stops it", flush=True)
+        try:
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    metrics = json.loads((artifacts_dir(args.dataset, Path(args.build_dir)) / "metrics.json").read_text())
+    print(pipeline.format_metrics(metrics))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="generate the synthetic data set (MovieLens format)")
+    data.add_argument("--out", default=str(BUILD_DIR / "data" / "synthetic"))
+    data.add_argument("--users", type=int, default=SyntheticSpec.n_users)
+    data.add_argument("--items", type=int, default=SyntheticSpec.n_items)
+    data.add_argument("--seed", type=int, default=SyntheticSpec.seed)
+    data.set_defaults(func=_cmd_data)
+
+    everything = commands.add_parser("all", help="train, evaluate, export to Triton, build the FAISS index")
+    everything.add_argument("--dataset", choices=pipeline.DATASETS, default="synthetic")
+    everything.add_argument("--dim", type=int, default=TrainConfig.embedding_dim)
+    everything.add_argument("--retrieval-epochs", type=int, default=TrainConfig.retrieval_epochs)
+    everything.add_argument("--ranker-epochs", type=int, default=TrainConfig.ranker_epochs)
+    everything.add_argument("--version", type=int, default=1, help="Triton version folder")
+    everything.add_argument("--build-dir", default=str(BUILD_DIR))
+    everything.set_defaults(func=_cmd_all)
+
+    render = commands.add_parser("render", help="render a Triton profile's repository (default: cpu)")
+    render.add_argument("--profile", choices=("cpu", "gpu-t4"), default="cpu")
+    render.add_argument("--out", default=str(BUILD_DIR / "triton" / "cpu"))
+    render.add_argument("--max-queue-delay-us", type=int, default=BatchingSpec.max_queue_delay_microseconds)
+    render.set_defaults(func=_cmd_render)
+
+    triton = commands.add_parser("triton", help="serve the cpu profile with a local tritonserver")
+    triton.set_defaults(func=_cmd_triton)
+
+    metrics = commands.add_parser("metrics", help="print the offline evaluation of a bundle")
+    metrics.add_argument("--dataset", choices=pipeline.DATASETS, default="synthetic")
+    metrics.add_argument("--build-dir", default=str(BUILD_DIR))
+    metrics.set_defaults(func=_cmd_metrics)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ExportError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The offline pipeline end to end: data -> train -> evaluate -> bundle -> Triton repository -> FAISS."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export import model_repository
+from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, Bundle, artifacts_dir, save_bundle, write_json
+from export.data import Dataset, SyntheticSpec, generate_synthetic, load_movielens, movielens_dir, temporal_split
+from export.evaluate import default_context, evaluate
+from export.faiss_index import build_index
+from export.models import Ranker
+from export.train import TrainConfig, TrainedModels, random_context, train
+from export.triton_config import BatchingSpec
+from orchestrator import schema
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("synthetic", "movielens")
+POPULAR_LIST_LENGTH = 100
+
+
+def prepare_dataset(name: str, build_dir: Path = BUILD_DIR, spec: SyntheticSpec | None = None) -> Dataset:
+    """``synthetic`` is generated (once, seeded) under build/; ``movielens`` is read where it lies."""
+    if name == "synthetic":
+        folder = build_dir / "data" / "synthetic"
+        if not (folder / "u.data").is_file():
+            log.info("generating the synthetic data set into %s", folder)
+            generate_synthetic(folder, spec or SyntheticSpec())
+        return load_movielens(folder, "synthetic")
+    if name == "movielens":
+        return load_movielens(movielens_dir(), "movielens-100k")
+    raise ValueError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
+
+
+def ranker_scorer(ranker: Ranker, models: TrainedModels):  # type: ignore[no-untyped-def]
+    """Eager-torch scoring of one user's candidates, with the offline context (home, web)."""
+
+    def score(user_row: int, candidates: np.ndarray) -> np.ndarray:
+        n = len(candidates)
+        with torch.no_grad():
+            out = ranker(
+                torch.from_numpy(np.repeat(models.user_embeddings[user_row : user_row + 1], n, axis=0)),
+                torch.from_numpy(models.item_embeddings[candidates]),
+                torch.from_numpy(np.repeat(models.user_features[user_row : user_row + 1], n, axis=0)),
+                torch.from_numpy(models.item_features[candidates]),
+                torch.from_numpy(default_context(n)),
+            )
+        return out.numpy().reshape(-1)
+
+    return score
+
+
+def popular_lists(data: Dataset, length: int = POPULAR_LIST_LENGTH) -> dict[str, list[str]]:
+    """Most-interacted items overall and per user segment."""
+    segments = np.array([schema.user_segment(int(b)) for b in data.user_features[:, 0]])
+    lists: dict[str, list[str]] = {}
+    for segment in schema.SEGMENTS:
+        mask = np.ones(data.n_interactions, bool) if segment == schema.GLOBAL_SEGMENT else (
+            segments[data.user_idx] == segment
+        )
+        counts = np.bincount(data.item_idx[mask], minlength=data.n_items)
+        if counts.sum() == 0:
+            counts = np.bincount(data.item_idx, minlength=data.n_items)
+        top = np.argsort(-counts, kind="stable")[:length]
+        lists[segment] = [data.item_ids[i] for i in top]
+    return lists
+
+
+def real_batches(models: TrainedModels, data: Dataset, sizes: tuple[int, ...], seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Ranker inputs built from real (user, item) pairs of the data set, for the parity check."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for size in sizes:
+        rows = rng.integers(0, data.n_interactions, size)
+        users, items = data.user_idx[rows], data.item_idx[rows]
+        batches.append(
+            {
+                "user_embedding": models.user_embeddings[users],
+                "item_embedding": models.item_embeddings[items],
+                "user_features": models.user_features[users],
+                "item_features": models.item_features[items],
+                "context_features": random_context(rng, size),
+            }
+        )
+    return batches
+
+
+def _weights_digest(module: torch.nn.Module) -> str:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()[:8]
+
+
+def run_all(
+    dataset: str,
+    cfg: TrainConfig = TrainConfig(),
+    version: int = 1,
+    build_dir: Path = BUILD_DIR,
+    repo: Path = MODEL_REPOSITORY,
+    batching: BatchingSpec | None = None,
+    synthetic: SyntheticSpec | None = None,
+) -> Bundle:
+    started = time.perf_counter()
+    data = prepare_dataset(dataset, build_dir, synthetic)
+    split = temporal_split(data)
+    log.info("%s: %d users, %d items, %d interactions", data.name, data.n_users, data.n_items, data.n_interactions)
+    models = train(data, split, cfg)
+    train_seconds = time.perf_counter() - started
+    metrics = evaluate(data, split, models.user_embeddings, models.item_embeddings, ranker_scorer(models.ranker, models))
+    model_version = f"{data.name}-v{version}-{_weights_digest(models.ranker)}"
+    path = artifacts_dir(dataset, build_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(path / "metrics.json", metrics)
+    history: dict[str, list[str]] = {}
+    for u, i in zip(data.user_idx.tolist(), data.item_idx.tolist(), strict=True):
+        history.setdefault(data.user_ids[u], []).append(data.item_ids[i])
+    manifest = {
+        "model_version": model_version,
+        "triton_version": version,
+        "dataset": data.name,
+        "embedding_dim": cfg.embedding_dim,
+        "n_users": data.n_users,
+        "n_items": data.n_items,
+        "n_interactions": data.n_interactions,
+        "train_config": asdict(cfg),
+        "inputs": [asdict(spec) for spec in schema.ranker_inputs(cfg.embedding_dim)],
+        "metrics": metrics,
+        "git_commit": model_repository.git_commit(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "train_seconds": round(train_seconds, 1),
+    }
+    bundle = Bundle(
+        path, manifest, data.user_ids, data.item_ids, models.user_embeddings, models.item_embeddings,
+        models.user_features, models.item_features, history, popular_lists(data),
+    )
+    torch.save(models.ranker.state_dict(), path / "ranker.pt")
+    torch.save(models.two_tower.state_dict(), path / "two_tower.pt")
+    export_started = time.perf_counter()
+    max_batch = (batching or BatchingSpec()).max_batch_size
+    parity = model_repository.export_ranker(
+        models.ranker, version, real_batches(models, data, (1, 7, max_batch)), manifest, repo, batching
+    )
+    manifest["export_seconds"] = round(time.perf_counter() - export_started, 2)
+    manifest["parity_max_abs_diff"] = max(r.max_abs_diff for r in parity)
+    index = build_index(models.item_embeddings, data.item_ids, model_version, path / "item_index.faiss",
+                        queries=models.user_embeddings)
+    manifest["index"] = asdict(index)
+    save_bundle(bundle)  # the manifest is written last: a bundle is complete once it exists
+    log.info("done in %.1f s: %s", time.perf_counter() - started, model_version)
+    return bundle
+
+
+def load_ranker(bundle_path: Path) -> Ranker:
+    manifest = json.loads((bundle_path / "manifest.json").read_text())
+    ranker = Ranker(int(manifest["embedding_dim"]))
+    ranker.load_state_dict(torch.load(bundle_path / "ranker.pt"))
+    ranker.eval()
+    return ranker
+
+
+def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
+    names = [k for k in metrics if not k.startswith("_")]
+    columns = list(metrics[names[0]])
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[name][c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Run a real local Triton: the ``tritonserver`` binary shipped in the ``nvidia-pytriton`` wheel, on the
+``cpu`` profile, on free ports; wait for readiness, log to a file, shut down cleanly.
+
+What it needs: the wheel (``pip install .[triton]``), this interpreter's Python-backend stub (the
+wheel ships one per Python version) and a writable ``/dev/shm`` (the Python backend passes tensors
+through shared memory).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from export.artifacts import BUILD_DIR
+from export.errors import TritonLaunchError
+
+RUNTIME_DIR = BUILD_DIR / "triton" / "runtime"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise TritonLaunchError("is not installed: pip install '.[triton]' (nvidia-pytriton)", None) from exc
+    return Path(pytriton.__file__).resolve().parent
+
+
+def prepare_backends(runtime_dir: Path = RUNTIME_DIR) -> tuple[Path, Path, Path]:
+    """(binary, backend dir, shared-library dir). Copies the Python backend with this interpreter's stub."""
+    root = _pytriton_root()
+    server_dir = root / "tritonserver"
+    binary = server_dir / "bin" / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not binary.is_file():
+        raise TritonLaunchError(f"binary not found at {binary}", None)
+    if not stub.is_file():
+        raise TritonLaunchError(f"has no Python-backend stub for Python {version} ({stub})", None)
+    backends = runtime_dir / "backends"
+    python_backend = backends / "python"
+    if not (python_backend / "triton_python_backend_stub").is_file():
+        if backends.exists():
+            shutil.rmtree(backends)
+        shutil.copytree(server_dir / "backends", backends)
+        shutil.copy(stub, python_backend / "triton_python_backend_stub")
+    libs = root.parent / "nvidia_pytriton.libs"
+    return binary, backends, libs
+
+
+def check_shared_memory(path: Path = Path("/dev/shm")) -> None:
+    if not path.is_dir() or not os.access(path, os.W_OK):
+        raise TritonLaunchError(
+            f"needs a writable {path} for the Python backend (in a container: mount an emptyDir "
+            "with medium Memory, or run docker with --shm-size)",
+            None,
+        )
+
+
+class TritonServer:
+    """Context manager around one tritonserver process."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        log_path: Path | None = None,
+        startup_timeout_s: float = 120.0,
+        admin_key: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.model_repository = Path(model_repository)
+        self.log_path = log_path or BUILD_DIR / "triton" / "tritonserver.log"
+        self.startup_timeout_s = startup_timeout_s
+        self.admin_key = admin_key
+        self.extra_args = extra_args
+        self.http_port = self.grpc_port = self.metrics_port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def command(self, binary: Path, backends: Path) -> list[str]:
+        args = [
+            str(binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backends}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--http-address=127.0.0.1",
+            "--grpc-address=127.0.0.1",
+            # Models are fixed at start: no load/unload API for anyone on the network.
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--log-verbose=0",
+        ]
+        if self.admin_key:
+            restricted = f"model-repository,shared-memory,trace,logging:admin-key={self.admin_key}"
+            args += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
+        return args + list(self.extra_args)
+
+    def start(self) -> TritonServer:
+        binary, backends, libs = prepare_backends()
+        check_shared_memory()
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        env = os.environ.copy()
+        env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(libs)
+        # The stub embeds this interpreter: put its bin first so it finds this venv's packages.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        # A session of its own, so that stop() reaches the Python-backend stubs too.
+        self.process = subprocess.Popen(
+            self.command(binary, backends), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        self._wait_ready()
+        return self
+
+    def _log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise TritonLaunchError(f"exited with code {code} before becoming ready", self.log_path, self._log_tail())
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TritonLaunchError(
+            f"was not ready after {self.startup_timeout_s:.0f} s", self.log_path, self._log_tail()
+        )
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        pgid = os.getpgid(self.process.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.process.wait()
+        try:  # stubs that outlived the server
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: for fault-injection tests."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(os.getpgid(self.process.pid), signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

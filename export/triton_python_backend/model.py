@@ -1,0 +1,111 @@
+"""Triton Python-backend model for the ``cpu`` profile: serves the same ``model.onnx`` / ``model.pt`` that
+the ``gpu-t4`` profile serves natively, with ONNX Runtime or TorchScript inside.
+
+Copied into each cpu-profile version folder by ``export.model_repository``; it runs inside Triton's
+Python stub, never imported by the project itself. The config's ``parameters`` choose the runtime:
+``runtime`` (onnxruntime | torchscript), ``model_file``, ``intra_op_threads``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+_NUMPY_DTYPES = {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64}
+_ONNX_DTYPES = {"tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64"}
+
+
+def _parameter(config: dict[str, Any], name: str, default: str) -> str:
+    return str(config.get("parameters", {}).get(name, {}).get("string_value", default))
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        self.model_name = config["name"]
+        self.inputs = [(t["name"], t["data_type"], [int(d) for d in t["dims"]]) for t in config["input"]]
+        self.output = config["output"][0]["name"]
+        self.runtime = _parameter(config, "runtime", "onnxruntime")
+        threads = int(_parameter(config, "intra_op_threads", "1"))
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        model_file = version_dir / _parameter(config, "model_file", "model.onnx")
+        if not model_file.exists():
+            raise pb_utils.TritonModelException(
+                f"{self.model_name}: model file {model_file} does not exist; run `python -m export all`"
+            )
+        if self.runtime == "onnxruntime":
+            self._load_onnx(model_file, threads)
+        elif self.runtime == "torchscript":
+            self._load_torchscript(model_file, threads)
+        else:
+            raise pb_utils.TritonModelException(
+                f"{self.model_name}: parameter runtime must be onnxruntime or torchscript, got {self.runtime!r}"
+            )
+
+    def _load_onnx(self, model_file: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        # The config must describe the file: a wrong name, dtype or width fails here, by name.
+        model_inputs = {i.name: (i.type, list(i.shape)) for i in self.session.get_inputs()}
+        for name, dtype, dims in self.inputs:
+            if name not in model_inputs:
+                raise pb_utils.TritonModelException(
+                    f"{self.model_name}: config input {name!r} is not an input of {model_file.name} "
+                    f"(the model has {sorted(model_inputs)})"
+                )
+            onnx_type, shape = model_inputs[name]
+            if _ONNX_DTYPES.get(onnx_type) != dtype or shape[1:] != dims:
+                raise pb_utils.TritonModelException(
+                    f"{self.model_name}: config input {name!r} expects {dtype} dims {dims}, but "
+                    f"{model_file.name} has {onnx_type} dims {shape[1:]}"
+                )
+
+    def _load_torchscript(self, model_file: Path, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.module = torch.jit.load(str(model_file))
+        probe = [torch.zeros((1, *dims), dtype=getattr(torch, "float32" if d == "TYPE_FP32" else "int64"))
+                 for _, d, dims in self.inputs]
+        try:
+            with torch.no_grad():
+                self.module(*probe)
+        except RuntimeError as exc:
+            shapes = {name: dims for name, _, dims in self.inputs}
+            raise pb_utils.TritonModelException(
+                f"{self.model_name}: {model_file.name} rejects inputs shaped as the config says {shapes}: {exc}"
+            ) from exc
+
+    def _run(self, tensors: dict[str, np.ndarray]) -> np.ndarray:
+        if self.runtime == "onnxruntime":
+            return np.asarray(self.session.run(None, tensors)[0], dtype=np.float32)
+        import torch
+
+        with torch.no_grad():
+            out = self.module(*(torch.from_numpy(tensors[name]) for name, _, _ in self.inputs))
+        return out.numpy().astype(np.float32)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        # The dynamic batcher hands over several requests at once: run them as one batch, then split,
+        # so batching saves real work here as it does in the native backends.
+        columns: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in self.inputs}
+        sizes = []
+        for request in requests:
+            for name, dtype, _ in self.inputs:
+                tensor = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                columns[name].append(tensor.astype(_NUMPY_DTYPES[dtype], copy=False))
+            sizes.append(len(columns[self.inputs[0][0]][-1]))
+        batch = {name: np.concatenate(parts) for name, parts in columns.items()}
+        scores = self._run(batch).reshape(-1, 1)
+        responses = []
+        for part in np.split(scores, np.cumsum(sizes)[:-1]):
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output, part)]))
+        return responses
