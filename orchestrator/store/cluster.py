@@ -1,0 +1,92 @@
+"""Redis Cluster through redis-py's cluster client: hash slots instead of our ring.
+
+A batch is split by the node that owns each key's slot and sent as one pipeline per node (the cluster
+pipeline follows MOVED/ASK during resharding), nodes concurrently, each under ``timeout_ms``. No
+multi-key command ever spans slots: every command names one key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from orchestrator.store.backend import UNAVAILABLE_ERRORS, Command, Replies, gather_groups
+from orchestrator.store.errors import StoreConfigError, StoreUnavailable
+
+UNCOVERED = "slots-not-covered"
+
+
+class ClusterBackend:
+    def __init__(
+        self, client: RedisCluster, timeout_ms: float = 50.0, control_timeout_s: float = 5.0
+    ) -> None:
+        if timeout_ms <= 0:
+            raise StoreConfigError("timeout_ms", "must be > 0", timeout_ms)
+        self.client = client
+        self.timeout_s = timeout_ms / 1000.0
+        self.control_timeout_s = control_timeout_s
+
+    @classmethod
+    async def connect(cls, url: str, timeout_ms: float = 50.0) -> ClusterBackend:
+        """Discovers the topology (CLUSTER SLOTS) from any one node's URL."""
+        client = RedisCluster.from_url(url, socket_connect_timeout=max(timeout_ms / 1000, 0.5))
+        await client.initialize()
+        return cls(client, timeout_ms)
+
+    def node_name(self, key: str) -> str:
+        try:
+            node = self.client.get_node_from_key(key)
+        except redis_errors.SlotNotCoveredError:
+            return UNCOVERED
+        return node.name if node is not None else UNCOVERED
+
+    async def execute(self, commands: Sequence[Command]) -> Replies:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, command in enumerate(commands):
+            groups[self.node_name(command.key)].append(i)
+
+        async def run_group(name: str, indices: list[int]) -> list[Any]:
+            if name == UNCOVERED:
+                raise redis_errors.SlotNotCoveredError("no node serves these slots")
+            pipe = self.client.pipeline()
+            for i in indices:
+                pipe.execute_command(commands[i].name, commands[i].key, *commands[i].args)
+            return list(await pipe.execute())
+
+        return await gather_groups(groups, len(commands), run_group, self.timeout_s)
+
+    async def control(self, command: Command) -> Any:
+        try:
+            async with asyncio.timeout(self.control_timeout_s):
+                return await self.client.execute_command(command.name, command.key, *command.args)
+        except UNAVAILABLE_ERRORS:
+            raise StoreUnavailable(f"{command.name} {command.key}", [self.node_name(command.key)]) from None
+
+    async def delete_matching(self, pattern: str, batch: int = 1000) -> int:
+        async def one(node: ClusterNode) -> int:
+            deleted, chunk = 0, []
+            async for key in self.client.scan_iter(match=pattern, count=batch, target_nodes=node):
+                chunk.append(key)
+                if len(chunk) >= batch:
+                    deleted += await self._unlink(chunk)
+                    chunk = []
+            if chunk:
+                deleted += await self._unlink(chunk)
+            return deleted
+
+        return sum(await asyncio.gather(*(one(n) for n in self.client.get_primaries())))
+
+    async def _unlink(self, keys: list[bytes]) -> int:
+        # One UNLINK per key: a multi-key UNLINK would span slots.
+        pipe = self.client.pipeline()
+        for key in keys:
+            pipe.execute_command("UNLINK", key)
+        return sum(await pipe.execute())
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

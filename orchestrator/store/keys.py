@@ -1,0 +1,89 @@
+"""Key layout. One function per key family; every other module builds keys only through these.
+
+- Model-versioned keys start with ``m:<version>:`` so a new version loads beside the old one and the old
+  one is dropped by one ``SCAN MATCH m:<old>:*`` per node.
+- Keys about one entity end in a hash tag ``{u:<id>}`` / ``{i:<id>}``. Redis Cluster and our ring both
+  route by the tag, so a user's embedding, features, seen set, session and recs sit on one node and the
+  user half of a request is one round trip; different users still spread over all slots.
+- ``dp:active`` is the version pointer: switching versions is one SET of one key, which is atomic.
+"""
+
+from __future__ import annotations
+
+import re
+
+from orchestrator.store import Kind
+from orchestrator.store.errors import StoreConfigError
+
+ACTIVE_POINTER = "dp:active"
+_VERSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_TAG_PREFIX = {"user": "u", "item": "i"}
+
+
+def check_version(version: str) -> str:
+    # The version goes into SCAN MATCH patterns: glob characters would widen a delete to other versions.
+    if not _VERSION_RE.match(version):
+        raise StoreConfigError("model version", "must match [A-Za-z0-9._-]{1,64}", version)
+    return version
+
+
+def entity_tag(kind: Kind, entity_id: str) -> str:
+    if "{" in entity_id or "}" in entity_id or not entity_id:
+        raise StoreConfigError(f"{kind} id", "must be non-empty and contain no '{' or '}'", entity_id)
+    return f"{{{_TAG_PREFIX[kind]}:{entity_id}}}"
+
+
+def hash_tag(key: str) -> str:
+    """The part of ``key`` that decides its slot/shard: Redis Cluster's rule, reused by our ring."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+def version_prefix(version: str) -> str:
+    return f"m:{check_version(version)}:"
+
+
+def version_pattern(version: str) -> str:
+    return version_prefix(version) + "*"
+
+
+def embedding(version: str, kind: Kind, entity_id: str) -> str:
+    return f"m:{version}:emb:{kind}:{entity_tag(kind, entity_id)}"
+
+
+def embeddings(version: str, kind: Kind, ids: list[str] | tuple[str, ...]) -> list[str]:
+    check_version(version)
+    return [embedding(version, kind, i) for i in ids]
+
+
+def features(version: str, kind: Kind, entity_id: str) -> str:
+    return f"m:{version}:feat:{kind}:{entity_tag(kind, entity_id)}"
+
+
+def version_meta(version: str) -> str:
+    return version_prefix(version) + "meta"
+
+
+def checkpoint(version: str, job: str) -> str:
+    """Progress of a resumable job (``load:user_embeddings``, ``precompute:3of8``) for one version."""
+    return version_prefix(version) + f"ckpt:{job}"
+
+
+def seen(user_id: str) -> str:
+    return f"seen:{entity_tag('user', user_id)}"
+
+
+def session(user_id: str) -> str:
+    return f"sess:{entity_tag('user', user_id)}"
+
+
+def recs(user_id: str) -> str:
+    return f"rec:{entity_tag('user', user_id)}"
+
+
+def popular(segment: str) -> str:
+    return f"pop:{segment}"

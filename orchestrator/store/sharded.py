@@ -1,0 +1,106 @@
+"""Standalone Redis servers behind a client-side consistent-hash ring.
+
+A batch is split by owner shard; each shard gets one MGET (all reads) or one non-transactional
+pipeline (anything else); shards run concurrently, each under ``timeout_ms``. A shard that is down or
+hung marks only its own keys unavailable. Control keys (version pointer, checkpoints) live on the
+first shard, which the ring never moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from orchestrator.store.backend import UNAVAILABLE_ERRORS, Command, Replies, gather_groups
+from orchestrator.store.errors import StoreConfigError, StoreUnavailable
+from orchestrator.store.ring import HashRing
+
+
+def shard_name(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 6379}{parts.path if parts.path not in ('', '/0') else ''}"
+
+
+class ShardedBackend:
+    def __init__(
+        self,
+        clients: Mapping[str, Redis],
+        timeout_ms: float = 50.0,
+        vnodes: int = 160,
+        control_timeout_s: float = 5.0,
+    ) -> None:
+        if timeout_ms <= 0:
+            raise StoreConfigError("timeout_ms", "must be > 0", timeout_ms)
+        self._clients = dict(clients)
+        self.ring = HashRing(list(self._clients), vnodes)
+        self.timeout_s = timeout_ms / 1000.0
+        self.control_timeout_s = control_timeout_s
+        self.control_shard = self.ring.shards[0]
+
+    @classmethod
+    def from_urls(cls, urls: Sequence[str], timeout_ms: float = 50.0, vnodes: int = 160) -> ShardedBackend:
+        """Clients connect lazily, on first use."""
+        if not urls:
+            raise StoreConfigError("shard urls", "must list at least one redis:// URL", list(urls))
+        # No client-side retries: the per-shard deadline is the policy, and the caller's fallback is
+        # faster than a reconnect loop.
+        clients = {
+            shard_name(url): Redis.from_url(
+                url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=timeout_ms / 1000
+            )
+            for url in urls
+        }
+        return cls(clients, timeout_ms, vnodes)
+
+    @property
+    def shards(self) -> tuple[str, ...]:
+        return self.ring.shards
+
+    async def execute(self, commands: Sequence[Command]) -> Replies:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, owner in enumerate(self.ring.shard_indices(c.key for c in commands).tolist()):
+            groups[self.ring.shards[owner]].append(i)
+
+        async def run_group(name: str, indices: list[int]) -> list[Any]:
+            client = self._clients[name]
+            if all(commands[i].name == "GET" for i in indices):
+                return list(await client.mget([commands[i].key for i in indices]))
+            pipe = client.pipeline(transaction=False)
+            for i in indices:
+                pipe.execute_command(commands[i].name, commands[i].key, *commands[i].args)
+            return list(await pipe.execute())
+
+        return await gather_groups(groups, len(commands), run_group, self.timeout_s)
+
+    async def control(self, command: Command) -> Any:
+        try:
+            async with asyncio.timeout(self.control_timeout_s):
+                return await self._clients[self.control_shard].execute_command(
+                    command.name, command.key, *command.args
+                )
+        except UNAVAILABLE_ERRORS:
+            raise StoreUnavailable(f"{command.name} {command.key}", [self.control_shard]) from None
+
+    async def delete_matching(self, pattern: str, batch: int = 1000) -> int:
+        async def one(client: Redis) -> int:
+            deleted, chunk = 0, []
+            async for key in client.scan_iter(match=pattern, count=batch):
+                chunk.append(key)
+                if len(chunk) >= batch:
+                    deleted += await client.unlink(*chunk)
+                    chunk.clear()
+            if chunk:
+                deleted += await client.unlink(*chunk)
+            return deleted
+
+        return sum(await asyncio.gather(*(one(c) for c in self._clients.values())))
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(c.aclose() for c in self._clients.values()))
