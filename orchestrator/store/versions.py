@@ -57,7 +57,8 @@ async def active(backend: Backend) -> VersionInfo:
 async def switch(backend: Backend, version: str) -> str | None:
     """Point readers at ``version``; returns the version it replaced (None on first load)."""
     await read_meta(backend, version)  # never point at a version that was not loaded
-    previous = await backend.control(Command("SET", keys.ACTIVE_POINTER, (version, "GET")))
+    # GETSET: one atomic swap that also says what it replaced (redis-py parses SET ... GET as a bool).
+    previous = await backend.control(Command("GETSET", keys.ACTIVE_POINTER, (version,)))
     if previous is None:
         return None
     return previous.decode() if isinstance(previous, bytes) else str(previous)

@@ -1,0 +1,76 @@
+"""A shard that dies or hangs mid-run costs only its own keys, within the deadline, without raising."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from orchestrator.store.embeddings import RedisEmbeddingStore
+from orchestrator.store.errors import StoreUnavailable
+from orchestrator.store.sharded import ShardedBackend, shard_name
+from orchestrator.store.versions import VersionInfo
+from tests.redis_harness import RedisServer, require_redis, start_servers
+
+pytestmark = pytest.mark.integration
+DEADLINE_MS = 300.0
+IDS = [str(i) for i in range(200)]
+
+
+@pytest.fixture
+def doomed_servers() -> Iterator[list[RedisServer]]:
+    """Servers this test may kill: never shared with other tests."""
+    require_redis()
+    servers = start_servers(3)
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+async def loaded_store(servers: list[RedisServer]) -> tuple[ShardedBackend, RedisEmbeddingStore, np.ndarray]:
+    backend = ShardedBackend.from_urls([s.url for s in servers], timeout_ms=DEADLINE_MS)
+    store = RedisEmbeddingStore(backend, VersionInfo("v1", 8))
+    matrix = np.arange(200 * 8, dtype=np.float32).reshape(200, 8)
+    await store.set_batch("item", IDS, matrix)
+    return backend, store, matrix
+
+
+@pytest.mark.parametrize("failure", ["killed", "hung"])
+async def test_a_failed_shard_reports_its_keys_unavailable_and_the_rest_come_back(
+    doomed_servers: list[RedisServer], failure: str
+):
+    backend, store, matrix = await loaded_store(doomed_servers)
+    victim = doomed_servers[1]
+    owners = np.asarray([backend.ring.shard_for(k) for k in store_keys(store)])
+    on_victim = owners == shard_name(victim.url)
+    assert 0 < on_victim.sum() < 200
+
+    for batch in range(4):  # the shard fails between batch 1 and 2 of a running loop
+        if batch == 2:
+            victim.kill() if failure == "killed" else victim.pause()
+        started = time.perf_counter()
+        lookup = await store.get_batch("item", IDS)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if batch < 2:
+            assert lookup.found.all()
+            continue
+        assert lookup.down == (shard_name(victim.url),)
+        assert lookup.unavailable.tolist() == on_victim.tolist()
+        assert not lookup.found[on_victim].any() and lookup.found[~on_victim].all()
+        np.testing.assert_array_equal(lookup.matrix[~on_victim], matrix[~on_victim])
+        assert elapsed_ms < DEADLINE_MS + 250, f"took {elapsed_ms:.0f} ms with a {DEADLINE_MS:.0f} ms deadline"
+
+    with pytest.raises(StoreUnavailable, match=rf"expected every shard to answer, but {shard_name(victim.url)}"):
+        await store.set_batch("item", IDS, matrix)
+    if failure == "hung":
+        victim.resume()
+        assert (await store.get_batch("item", IDS)).found.all()
+    await backend.aclose()
+
+
+def store_keys(store: RedisEmbeddingStore) -> list[str]:
+    from orchestrator.store import keys
+
+    return keys.embeddings(store.version.version, "item", IDS)
