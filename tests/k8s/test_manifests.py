@@ -1,0 +1,618 @@
+"""Offline validation of the Kubernetes deployment (k8s/): both overlays render, every object validates
+against the schema of the targeted Kubernetes version, a security policy holds for every pod, and the
+properties that make the deployment work at scale are present (GPU limits, probes, the headless
+Service with client-side balancing, network policies, the Indexed pre-compute Job, ...).
+
+kustomize renders once per session (module fixture); everything else reads the rendered objects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+OVERLAYS = ("gpu-t4", "cpu-dev")
+# The Kubernetes version the manifests target (schemas ship inside kubernetes-validate: no network).
+K8S_VERSION = "1.31.0"
+NAMESPACE = "recserve"
+TRITON_RELEASE_TAG = "24.10-py3"  # Triton 2.51.0
+
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "CronJob")
+
+Obj = dict[str, Any]
+
+
+def _kubectl() -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip(
+            "kubectl is not on PATH: install kubectl (>= 1.27; it embeds kustomize) to render "
+            "k8s/overlays/* and run these checks"
+        )
+    return kubectl
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[Obj]]:
+    kubectl = _kubectl()
+    out: dict[str, list[Obj]] = {}
+    for overlay in OVERLAYS:
+        proc = subprocess.run(
+            [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{proc.stderr}"
+        out[overlay] = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    return out
+
+
+@pytest.fixture(params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def objects(rendered: dict[str, list[Obj]], overlay: str) -> list[Obj]:
+    return rendered[overlay]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def find(objects: list[Obj], kind: str, name: str) -> Obj:
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, but found {len(matches)}"
+    return matches[0]
+
+
+def find_generated(objects: list[Obj], kind: str, name: str) -> Obj:
+    """A generated ConfigMap/Secret: kustomize appends a content hash to its name."""
+    pattern = re.compile(rf"{re.escape(name)}(-[a-z0-9]{{10}})?")
+    matches = [o for o in objects if o["kind"] == kind and pattern.fullmatch(o["metadata"]["name"])]
+    assert len(matches) == 1, f"expected one generated {kind}/{name}, but found {len(matches)}"
+    return matches[0]
+
+
+def pod_template(obj: Obj) -> Obj:
+    """The pod template of a workload (a CronJob's is one level deeper)."""
+    if obj["kind"] == "CronJob":
+        return dict(obj["spec"]["jobTemplate"]["spec"]["template"])
+    return dict(obj["spec"]["template"])
+
+
+def workloads(objects: list[Obj]) -> Iterator[Obj]:
+    return (o for o in objects if o["kind"] in WORKLOAD_KINDS)
+
+
+def containers(pod: Obj) -> list[Obj]:
+    spec = pod["spec"]
+    return list(spec.get("initContainers", [])) + list(spec["containers"])
+
+
+def container(obj: Obj, name: str) -> Obj:
+    matches = [c for c in containers(pod_template(obj)) if c["name"] == name]
+    assert len(matches) == 1, (
+        f"expected one container {name!r} in {obj['metadata']['name']}, found {len(matches)}"
+    )
+    return matches[0]
+
+
+def env_value(c: Obj, name: str) -> Any:
+    for entry in c.get("env", []):
+        if entry["name"] == name:
+            return entry.get("value", entry.get("valueFrom"))
+    raise AssertionError(f"container {c['name']!r} has no env {name!r}")
+
+
+def config(objects: list[Obj]) -> dict[str, str]:
+    return dict(find_generated(objects, "ConfigMap", "recserve-config")["data"])
+
+
+def scan_exceptions(obj: Obj) -> dict[str, str]:
+    """checkov's inline skips on an object: {check id: reason}."""
+    annotations = obj["metadata"].get("annotations", {})
+    out: dict[str, str] = {}
+    for key, value in annotations.items():
+        if key.startswith("checkov.io/skip"):
+            check, _, reason = str(value).partition("=")
+            out[check] = reason
+    return out
+
+
+# ----------------------------------------------------------------------------------- render + schema
+
+
+def test_both_overlays_render_with_objects(rendered: dict[str, list[Obj]]) -> None:
+    for overlay, objs in rendered.items():
+        kinds = {o["kind"] for o in objs}
+        missing = {
+            "Namespace",
+            "Deployment",
+            "StatefulSet",
+            "Job",
+            "CronJob",
+            "Service",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "NetworkPolicy",
+            "ConfigMap",
+            "Ingress",
+        } - kinds
+        assert not missing, f"overlay {overlay}: expected every kind, but {sorted(missing)} are missing"
+
+
+def test_every_object_validates_against_the_kubernetes_schema(objects: list[Obj], overlay: str) -> None:
+    import kubernetes_validate
+
+    errors = []
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {where}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError:
+            errors.append(
+                f"{obj['kind']}/{obj['metadata']['name']}: no schema for {obj['apiVersion']} in {K8S_VERSION}"
+            )
+    assert not errors, f"overlay {overlay}: invalid against Kubernetes {K8S_VERSION}:\n" + "\n".join(errors)
+
+
+def test_everything_lives_in_the_recserve_namespace(objects: list[Obj]) -> None:
+    stray = [
+        f"{o['kind']}/{o['metadata']['name']}"
+        for o in objects
+        if o["kind"] != "Namespace" and o["metadata"].get("namespace") != NAMESPACE
+    ]
+    assert not stray, f"expected namespace {NAMESPACE!r} on every object, but these have another: {stray}"
+
+
+def test_service_fqdns_name_the_overlay_namespace(objects: list[Obj]) -> None:
+    """The Triton and Redis URLs use FQDNs (no DNS search-path lookups on the hot path); they must
+    follow the namespace the overlay deploys into."""
+    text = json.dumps(objects)
+    namespaces = set(re.findall(r"[a-z0-9-]+\.([a-z0-9-]+)\.svc\.cluster\.local", text))
+    assert namespaces == {NAMESPACE}, f"expected FQDNs in namespace {NAMESPACE!r}, but found {namespaces}"
+
+
+# ------------------------------------------------------------------------------------ images + security
+
+
+def test_every_image_is_pinned(objects: list[Obj]) -> None:
+    bad = []
+    for obj in workloads(objects):
+        for c in containers(pod_template(obj)):
+            image = c["image"]
+            name_part = image.split("@")[0].rsplit("/", 1)[-1]
+            tag = name_part.partition(":")[2]
+            if "@sha256:" not in image and (not tag or tag == "latest"):
+                bad.append(f"{obj['metadata']['name']}/{c['name']}: {image}")
+    assert not bad, f"expected an exact tag or digest (never :latest or none), but found: {bad}"
+
+
+def test_triton_is_the_ngc_release_that_serves_our_configs(rendered: dict[str, list[Obj]]) -> None:
+    image = container(find(rendered["gpu-t4"], "Deployment", "triton"), "triton")["image"]
+    assert image.startswith(f"nvcr.io/nvidia/tritonserver:{TRITON_RELEASE_TAG}"), image
+
+
+# The checks checkov's Kubernetes policies make that matter here, run in-repo so that `make test` needs
+# no extra tool (checkov would downgrade packages in the shared venv). An object may skip a check only
+# with a checkov.io/skipN annotation stating why: the same inline exceptions checkov itself honours.
+DIGEST_CHECK = "CKV_K8S_43"
+SECRET_ENV_CHECK = "CKV_K8S_35"
+
+
+def test_pod_security_policy(objects: list[Obj]) -> None:
+    violations: list[str] = []
+    for obj in workloads(objects):
+        name = obj["metadata"]["name"]
+        exceptions = scan_exceptions(obj)
+        for check, reason in exceptions.items():
+            if len(reason.strip()) < 20:
+                violations.append(f"{name}: exception {check} needs a reason, found {reason!r}")
+        pod = pod_template(obj)["spec"]
+        psc = pod.get("securityContext", {})
+        if psc.get("runAsNonRoot") is not True:
+            violations.append(f"{name}: pod runAsNonRoot must be true")
+        if int(psc.get("runAsUser", 0)) < 10000:
+            violations.append(
+                f"{name}: runAsUser must be >= 10000 (no host uid collision), found {psc.get('runAsUser')}"
+            )
+        if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            violations.append(f"{name}: seccompProfile must be RuntimeDefault")
+        if pod.get("automountServiceAccountToken") is not False:
+            violations.append(f"{name}: automountServiceAccountToken must be false (no pod talks to the API)")
+        for flag in ("hostNetwork", "hostPID", "hostIPC"):
+            if pod.get(flag):
+                violations.append(f"{name}: {flag} must not be set")
+        for volume in pod.get("volumes", []):
+            if "hostPath" in volume:
+                violations.append(f"{name}: hostPath volume {volume['name']!r} is not allowed")
+        for c in containers(pod_template(obj)):
+            where = f"{name}/{c['name']}"
+            sc = c.get("securityContext", {})
+            if sc.get("privileged"):
+                violations.append(f"{where}: privileged")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                violations.append(f"{where}: allowPrivilegeEscalation must be false")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                violations.append(f"{where}: readOnlyRootFilesystem must be true")
+            if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+                violations.append(f"{where}: capabilities must drop ALL")
+            resources = c.get("resources", {})
+            for section in ("requests", "limits"):
+                for resource in ("cpu", "memory"):
+                    if resource not in resources.get(section, {}):
+                        violations.append(f"{where}: resources.{section}.{resource} is missing")
+            if "@sha256:" not in c["image"] and DIGEST_CHECK not in exceptions:
+                violations.append(
+                    f"{where}: image {c['image']} has no digest and no {DIGEST_CHECK} exception"
+                )
+            secret_env = [e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+            secret_env += [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
+            if secret_env and SECRET_ENV_CHECK not in exceptions:
+                violations.append(
+                    f"{where}: secrets as env {secret_env} without a {SECRET_ENV_CHECK} exception"
+                )
+    assert not violations, "security policy violations:\n" + "\n".join(violations)
+
+
+def test_checkov_finds_nothing_unjustified(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+    """Runs the real scanner where it is installed (a separate tool venv; see docs/DEPLOY.md)."""
+    checkov = shutil.which("checkov") or next(
+        (str(p) for p in (REPO / ".venv-tools" / "bin" / "checkov",) if p.exists()), None
+    )
+    if checkov is None:
+        pytest.skip(
+            "checkov is not installed (the in-repo policy test covers its pod checks); to run it: "
+            "python3.11 -m venv .venv-tools && .venv-tools/bin/pip install checkov==3.3.30"
+        )
+    for overlay, objs in rendered.items():
+        (tmp_path / f"{overlay}.yaml").write_text(yaml.safe_dump_all(objs))
+    proc = subprocess.run(
+        [checkov, "-d", str(tmp_path), "--framework", "kubernetes", "--compact", "--quiet", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    reports = json.loads(proc.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    failed = [
+        f"{c['check_id']} {c['resource']}: {c['check_name']}"
+        for report in reports
+        for c in report.get("results", {}).get("failed_checks", [])
+    ]
+    assert not failed, "checkov findings without an inline justification:\n" + "\n".join(failed)
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+
+
+def test_triton_gpu_placement(rendered: dict[str, list[Obj]]) -> None:
+    triton = find(rendered["gpu-t4"], "Deployment", "triton")
+    spec = pod_template(triton)["spec"]
+    c = container(triton, "triton")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "Tesla-T4"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+
+    dev = container(find(rendered["cpu-dev"], "Deployment", "triton"), "triton")
+    assert "nvidia.com/gpu" not in dev["resources"].get("limits", {}), "cpu-dev must schedule without GPUs"
+
+
+def test_triton_probes_metrics_and_termination(objects: list[Obj]) -> None:
+    triton = find(objects, "Deployment", "triton")
+    c = container(triton, "triton")
+    assert c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    annotations = pod_template(triton)["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8002"
+
+    # SIGTERM arrives after preStop; the grace period must cover the delay and Triton's own drain.
+    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    exit_timeout = int(next(a for a in c["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
+    grace = pod_template(triton)["spec"]["terminationGracePeriodSeconds"]
+    assert grace > pre_stop + exit_timeout, (
+        f"grace {grace}s must exceed preStop {pre_stop}s + drain {exit_timeout}s"
+    )
+
+
+def test_triton_admin_apis_are_closed(objects: list[Obj]) -> None:
+    c = container(find(objects, "Deployment", "triton"), "triton")
+    args = c["args"]
+    assert "--model-control-mode=none" in args
+    for flag in ("--grpc-restricted-protocol=", "--http-restricted-api="):
+        value = next(a for a in args if a.startswith(flag)).removeprefix(flag)
+        apis, _, key = value.partition(":")
+        assert {"model-repository", "shared-memory", "statistics", "trace", "logging"} <= set(apis.split(","))
+        assert "inference" not in apis.split(","), "inference must stay open to the orchestrator"
+        assert key == "admin-key=$(TRITON_ADMIN_KEY)", key
+    assert env_value(c, "TRITON_ADMIN_KEY") == {"secretKeyRef": {"name": "triton-admin", "key": "admin-key"}}
+
+
+def test_triton_model_repository_comes_from_object_storage(objects: list[Obj], overlay: str) -> None:
+    triton = find(objects, "Deployment", "triton")
+    fetch = container(triton, "fetch-model-repository")
+    assert "aws s3 sync" in fetch["args"][0] and "/models/" in fetch["args"][0]
+    assert "--model-repository=/models" in container(triton, "triton")["args"]
+    cfg = config(objects)
+    assert cfg["ARTIFACT_URI"].startswith("s3://")
+    assert cfg["MODEL_REPOSITORY_PROFILE"] == {"gpu-t4": "gpu-t4", "cpu-dev": "cpu"}[overlay]
+
+
+def test_trt_engine_cache_volume_matches_the_model_config(rendered: dict[str, list[Obj]]) -> None:
+    from export.triton_config import build_config, ranker_models
+
+    onnx = next(m for m in ranker_models() if m.runtime == "onnxruntime")
+    trt = build_config(onnx, "gpu-t4").optimization.execution_accelerators.gpu_execution_accelerator[0]
+    cache_path = trt.parameters["trt_engine_cache_path"]
+    triton = find(rendered["gpu-t4"], "Deployment", "triton")
+    mounts = {m["mountPath"]: m for m in container(triton, "triton")["volumeMounts"]}
+    assert cache_path in mounts, f"expected a volume at {cache_path} (config.pbtxt), found {sorted(mounts)}"
+    # Per-node subdirectory: concurrent pods never write the same engine file.
+    assert mounts[cache_path]["subPathExpr"] == "$(NODE_NAME)"
+    volumes = {v["name"]: v for v in pod_template(triton)["spec"]["volumes"]}
+    claim = volumes[mounts[cache_path]["name"]]["persistentVolumeClaim"]["claimName"]
+    pvc = find(rendered["gpu-t4"], "PersistentVolumeClaim", claim)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_cpu_dev_sizes_dev_shm_for_the_python_backend(rendered: dict[str, list[Obj]]) -> None:
+    triton = find(rendered["cpu-dev"], "Deployment", "triton")
+    mounts = {m["mountPath"]: m["name"] for m in container(triton, "triton")["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_template(triton)["spec"]["volumes"]}
+    shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+    assert shm["medium"] == "Memory" and shm["sizeLimit"] == "1Gi"
+
+
+# ---------------------------------------------------------------------- orchestrator + gRPC balancing
+
+
+def test_triton_headless_service_and_client_side_round_robin(objects: list[Obj]) -> None:
+    svc = find(objects, "Service", "triton-headless")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"] == {"app.kubernetes.io/name": "triton"}
+    assert {"name": "grpc", "port": 8001, "targetPort": "grpc", "protocol": "TCP"} in svc["spec"]["ports"]
+    cfg = config(objects)
+    assert cfg["RECSERVE_TRITON_URL"] == f"dns:///triton-headless.{NAMESPACE}.svc.cluster.local:8001"
+    assert 0 < int(cfg["RECSERVE_TRITON_MAX_CONNECTION_AGE_S"]) <= 300
+
+
+def test_orchestrator_deployment(objects: list[Obj]) -> None:
+    orch = find(objects, "Deployment", "orchestrator")
+    assert "replicas" not in orch["spec"], "the HPA owns the replica count; a re-apply must not reset it"
+    c = container(orch, "orchestrator")
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod_template(orch)["spec"]["securityContext"]["runAsNonRoot"] is True
+    # The generated name carries a content hash: a settings change rolls the pods.
+    generated = find_generated(objects, "ConfigMap", "recserve-config")["metadata"]["name"]
+    assert {"configMapRef": {"name": generated}} in c["envFrom"]
+    assert env_value(c, "REDIS_APP_PASSWORD") == {
+        "secretKeyRef": {"name": "redis-auth", "key": "app-password"}
+    }
+    assert "$(REDIS_APP_PASSWORD)@redis-cluster." in env_value(c, "RECSERVE_REDIS_URL")
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    assert config(objects)["RECSERVE_INDEX_PATH"].startswith("/artifacts/")
+
+
+def test_hpa_and_pdbs(objects: list[Obj], overlay: str) -> None:
+    hpa = find(objects, "HorizontalPodAutoscaler", "orchestrator")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "orchestrator",
+    }
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    for name, selected in (
+        ("orchestrator", "orchestrator"),
+        ("triton", "triton"),
+        ("redis-cluster", "redis-cluster"),
+    ):
+        pdb = find(objects, "PodDisruptionBudget", name)
+        assert pdb["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": selected}
+    if overlay == "gpu-t4":
+        triton_hpa = find(objects, "HorizontalPodAutoscaler", "triton")
+        assert triton_hpa["spec"]["minReplicas"] == 8, "the capacity plan's 8 T4s"
+        assert "replicas" not in find(objects, "Deployment", "triton")["spec"]
+
+
+# ------------------------------------------------------------------------------------------------ Redis
+
+
+def test_redis_cluster_topology_and_auth(objects: list[Obj], overlay: str) -> None:
+    sts = find(objects, "StatefulSet", "redis-cluster")
+    assert sts["spec"]["replicas"] == 6
+    assert sts["spec"]["serviceName"] == "redis-cluster-headless"
+    script = container(find(objects, "Job", "redis-cluster-bootstrap"), "bootstrap")["args"][0]
+    assert "NODES=6" in script and "--cluster-replicas 1" in script, "6 nodes = 3 masters + 3 replicas"
+    anti = pod_template(sts)["spec"]["affinity"]["podAntiAffinity"]
+    required = "requiredDuringSchedulingIgnoredDuringExecution"
+    # Production requires one node per host; a dev cluster may have a single node.
+    assert (required in anti) == (overlay == "gpu-t4"), anti
+    redis = container(sts, "redis")
+    assert env_value(redis, "REDIS_ADMIN_PASSWORD")["secretKeyRef"]["name"] == "redis-auth"
+    assert env_value(redis, "REDIS_APP_PASSWORD")["secretKeyRef"]["name"] == "redis-auth"
+    assert "user default off" in redis["args"][0]
+    headless = find(objects, "Service", "redis-cluster-headless")
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_redis_persistence_policy_is_stated(objects: list[Obj]) -> None:
+    conf = find_generated(objects, "ConfigMap", "redis-config")["data"]["redis.conf"]
+    assert re.search(r"^appendonly no$", conf, re.M)
+    assert re.search(r"^save \d+ \d+", conf, re.M), (
+        "RDB snapshots: a restarted master must not come back empty"
+    )
+    assert re.search(r"^maxmemory-policy volatile-lru$", conf, re.M), (
+        "evict TTL'd cache keys, never embeddings"
+    )
+    assert "Persistence policy" in conf
+
+
+# ------------------------------------------------------------------------------------------------- Jobs
+
+
+def test_offline_jobs(objects: list[Obj]) -> None:
+    export = find(objects, "Job", "recserve-export")
+    assert "python -m export all" in container(export, "export")["args"][0]
+    assert "READY" in container(export, "publish")["args"][0]
+    load = find(objects, "Job", "recserve-load")
+    assert container(load, "load")["args"][0] == "load"
+
+
+def test_precompute_is_an_indexed_job_every_6_hours(objects: list[Obj]) -> None:
+    cron = find(objects, "CronJob", "recserve-precompute")
+    assert cron["spec"]["schedule"] == "0 */6 * * *"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert job["completionMode"] == "Indexed"
+    c = container(cron, "precompute")
+    shard_count = int(env_value(c, "SHARD_COUNT"))
+    assert job["completions"] == shard_count, (
+        f"completions ({job['completions']}) must equal SHARD_COUNT ({shard_count}) or shards go missing"
+    )
+    index_from = env_value(c, "SHARD_INDEX")["fieldRef"]["fieldPath"]
+    assert index_from == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    args = c["args"]
+    assert args[args.index("--shard-count") + 1] == "$(SHARD_COUNT)"
+    assert args[args.index("--shard-index") + 1] == "$(SHARD_INDEX)"
+
+
+# ------------------------------------------------------------------------------------ network policies
+
+
+def _selects(selector: Obj, labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"the evaluator handles matchLabels only, found {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _pod_labels(objects: list[Obj]) -> dict[str, dict[str, str]]:
+    return {o["metadata"]["name"]: dict(pod_template(o)["metadata"]["labels"]) for o in workloads(objects)}
+
+
+def _ingress_sources(objects: list[Obj], target: str, port: int) -> set[str]:
+    """Workloads (by name) and namespaces ("ns:<name>") that may open ``port`` on ``target``'s pods."""
+    pods = _pod_labels(objects)
+    sources: set[str] = set()
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        spec = policy["spec"]
+        if "Ingress" not in spec["policyTypes"] or not _selects(spec["podSelector"], pods[target]):
+            continue
+        for rule in spec.get("ingress", []):
+            if "ports" in rule and port not in {p["port"] for p in rule["ports"]}:
+                continue
+            for peer in rule.get("from", []):
+                if "namespaceSelector" in peer:
+                    sources.add(
+                        "ns:" + peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                    )
+                else:
+                    sources |= {
+                        name for name, labels in pods.items() if _selects(peer["podSelector"], labels)
+                    }
+    return sources
+
+
+def test_default_deny(objects: list[Obj]) -> None:
+    deny = find(objects, "NetworkPolicy", "default-deny-all")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+
+
+def test_only_the_orchestrator_reaches_triton(objects: list[Obj]) -> None:
+    assert _ingress_sources(objects, "triton", 8001) == {"orchestrator"}
+    assert _ingress_sources(objects, "triton", 8002) == {"ns:monitoring"}
+
+
+def test_only_the_orchestrator_and_data_jobs_reach_redis(objects: list[Obj]) -> None:
+    # The load and pre-compute Jobs write what the orchestrator reads; the bootstrap Job forms the cluster.
+    assert _ingress_sources(objects, "redis-cluster", 6379) == {
+        "orchestrator",
+        "recserve-load",
+        "recserve-precompute",
+        "redis-cluster-bootstrap",
+        "redis-cluster",
+    }
+    assert _ingress_sources(objects, "redis-cluster", 16379) == {"redis-cluster"}
+
+
+def test_only_the_ingress_reaches_the_orchestrator(objects: list[Obj]) -> None:
+    assert _ingress_sources(objects, "orchestrator", 8080) == {"ns:ingress-nginx", "ns:monitoring"}
+
+
+# ------------------------------------------------------------------------------------------ dashboard
+
+RECSERVE_METRICS = {
+    "recserve_request_latency_seconds",
+    "recserve_stage_latency_seconds",
+    "recserve_cache_hits_total",
+    "recserve_cache_misses_total",
+    "recserve_fallbacks_total",
+    "recserve_ranker_errors_total",
+}
+TRITON_METRICS = {
+    "nv_inference_request_success",
+    "nv_inference_queue_duration_us",
+    "nv_inference_compute_infer_duration_us",
+    "nv_inference_exec_count",
+    "nv_inference_count",
+}
+
+
+def test_grafana_dashboard_covers_our_metrics_and_tritons(objects: list[Obj]) -> None:
+    cm = find(objects, "ConfigMap", "recserve-grafana-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["recserve-dashboard.json"])
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    names = {m for e in exprs for m in re.findall(r"\b(?:recserve|nv)_[a-z_]+", e)}
+    # A histogram is queried through its _bucket/_count/_sum series.
+    used = {re.sub(r"(_seconds)_(bucket|count|sum)$", r"\1", n) for n in names}
+    unknown = used - RECSERVE_METRICS - TRITON_METRICS
+    assert not unknown, f"dashboard queries metrics nobody exports: {sorted(unknown)}"
+    missing = (RECSERVE_METRICS | TRITON_METRICS) - used
+    assert not missing, f"dashboard misses metrics: {sorted(missing)}"
+
+
+# ---------------------------------------------------------------------------------------- Dockerfiles
+
+
+def _dockerfile(name: str) -> str:
+    return (K8S / "docker" / f"{name}.Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("name", ["orchestrator", "jobs", "triton-cpu"])
+def test_dockerfiles_pin_the_base_and_run_as_non_root(name: str) -> None:
+    text = _dockerfile(name)
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+    assert base is not None, f"{name}: expected ARG PYTHON_IMAGE=<pinned base>"
+    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base.group(1)), base.group(1)
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and users[-1] == "10001:10001", f"{name}: the final USER must be 10001, found {users}"
+
+
+def test_online_image_has_no_torch_and_jobs_image_has_the_export_extra() -> None:
+    online = _dockerfile("orchestrator")
+    assert ".[export" not in online and "pip install -c constraints.txt ." in online
+    assert "orchestrator.app:app" in online
+    assert '".[export]"' in _dockerfile("jobs")
