@@ -104,9 +104,7 @@ def containers(pod: Obj) -> list[Obj]:
 
 def container(obj: Obj, name: str) -> Obj:
     matches = [c for c in containers(pod_template(obj)) if c["name"] == name]
-    assert len(matches) == 1, (
-        f"expected one container {name!r} in {obj['metadata']['name']}, found {len(matches)}"
-    )
+    assert len(matches) == 1, f"expected one container {name!r} in {obj['metadata']['name']}, found {len(matches)}"
     return matches[0]
 
 
@@ -258,27 +256,23 @@ def test_pod_security_policy(objects: list[Obj]) -> None:
                     if resource not in resources.get(section, {}):
                         violations.append(f"{where}: resources.{section}.{resource} is missing")
             if "@sha256:" not in c["image"] and DIGEST_CHECK not in exceptions:
-                violations.append(
-                    f"{where}: image {c['image']} has no digest and no {DIGEST_CHECK} exception"
-                )
+                violations.append(f"{where}: image {c['image']} has no digest and no {DIGEST_CHECK} exception")
             secret_env = [e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
             secret_env += [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
             if secret_env and SECRET_ENV_CHECK not in exceptions:
-                violations.append(
-                    f"{where}: secrets as env {secret_env} without a {SECRET_ENV_CHECK} exception"
-                )
+                violations.append(f"{where}: secrets as env {secret_env} without a {SECRET_ENV_CHECK} exception")
     assert not violations, "security policy violations:\n" + "\n".join(violations)
 
 
 def test_checkov_finds_nothing_unjustified(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
     """Runs the real scanner where it is installed (a separate tool venv; see docs/DEPLOY.md)."""
     checkov = shutil.which("checkov") or next(
-        (str(p) for p in (REPO / ".venv-tools" / "bin" / "checkov",) if p.exists()), None
+        (str(p) for p in (REPO / "build" / "tools" / "bin" / "checkov",) if p.exists()), None
     )
     if checkov is None:
         pytest.skip(
             "checkov is not installed (the in-repo policy test covers its pod checks); to run it: "
-            "python3.11 -m venv .venv-tools && .venv-tools/bin/pip install checkov==3.3.30"
+            "python3.11 -m venv build/tools && build/tools/bin/pip install checkov==3.3.30"
         )
     for overlay, objs in rendered.items():
         (tmp_path / f"{overlay}.yaml").write_text(yaml.safe_dump_all(objs))
@@ -330,9 +324,7 @@ def test_triton_probes_metrics_and_termination(objects: list[Obj]) -> None:
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     exit_timeout = int(next(a for a in c["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
     grace = pod_template(triton)["spec"]["terminationGracePeriodSeconds"]
-    assert grace > pre_stop + exit_timeout, (
-        f"grace {grace}s must exceed preStop {pre_stop}s + drain {exit_timeout}s"
-    )
+    assert grace > pre_stop + exit_timeout, f"grace {grace}s must exceed preStop {pre_stop}s + drain {exit_timeout}s"
 
 
 def test_triton_admin_apis_are_closed(objects: list[Obj]) -> None:
@@ -409,9 +401,7 @@ def test_orchestrator_deployment(objects: list[Obj]) -> None:
     # The generated name carries a content hash: a settings change rolls the pods.
     generated = find_generated(objects, "ConfigMap", "recserve-config")["metadata"]["name"]
     assert {"configMapRef": {"name": generated}} in c["envFrom"]
-    assert env_value(c, "REDIS_APP_PASSWORD") == {
-        "secretKeyRef": {"name": "redis-auth", "key": "app-password"}
-    }
+    assert env_value(c, "REDIS_APP_PASSWORD") == {"secretKeyRef": {"name": "redis-auth", "key": "app-password"}}
     assert "$(REDIS_APP_PASSWORD)@redis-cluster." in env_value(c, "RECSERVE_REDIS_URL")
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     assert config(objects)["RECSERVE_INDEX_PATH"].startswith("/artifacts/")
@@ -434,7 +424,7 @@ def test_hpa_and_pdbs(objects: list[Obj], overlay: str) -> None:
         assert pdb["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": selected}
     if overlay == "gpu-t4":
         triton_hpa = find(objects, "HorizontalPodAutoscaler", "triton")
-        assert triton_hpa["spec"]["minReplicas"] == 8, "the capacity plan's 8 T4s"
+        assert triton_hpa["spec"]["minReplicas"] == 8, "the reference plan's 8 T4s, kept until a T4 is measured"
         assert "replicas" not in find(objects, "Deployment", "triton")["spec"]
 
 
@@ -462,12 +452,8 @@ def test_redis_cluster_topology_and_auth(objects: list[Obj], overlay: str) -> No
 def test_redis_persistence_policy_is_stated(objects: list[Obj]) -> None:
     conf = find_generated(objects, "ConfigMap", "redis-config")["data"]["redis.conf"]
     assert re.search(r"^appendonly no$", conf, re.M)
-    assert re.search(r"^save \d+ \d+", conf, re.M), (
-        "RDB snapshots: a restarted master must not come back empty"
-    )
-    assert re.search(r"^maxmemory-policy volatile-lru$", conf, re.M), (
-        "evict TTL'd cache keys, never embeddings"
-    )
+    assert re.search(r"^save \d+ \d+", conf, re.M), "RDB snapshots: a restarted master must not come back empty"
+    assert re.search(r"^maxmemory-policy volatile-lru$", conf, re.M), "evict TTL'd cache keys, never embeddings"
     assert "Persistence policy" in conf
 
 
@@ -525,13 +511,9 @@ def _ingress_sources(objects: list[Obj], target: str, port: int) -> set[str]:
                 continue
             for peer in rule.get("from", []):
                 if "namespaceSelector" in peer:
-                    sources.add(
-                        "ns:" + peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
-                    )
+                    sources.add("ns:" + peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
                 else:
-                    sources |= {
-                        name for name, labels in pods.items() if _selects(peer["podSelector"], labels)
-                    }
+                    sources |= {name for name, labels in pods.items() if _selects(peer["podSelector"], labels)}
     return sources
 
 
