@@ -1,0 +1,90 @@
+"""The pre-compute job over MovieLens 100K: a list for every user, equal to what the model ranks for
+that user alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.artifacts import Bundle
+from export.data import load_movielens, movielens_dir, temporal_split
+from export.faiss_index import build_index
+from export.model_export import export_onnx
+from export.pipeline import popular_lists
+from export.precompute import Candidates, PrecomputeConfig, offline_top_n, precompute
+from export.train import TrainConfig, train
+from orchestrator.ranking.onnx_ranker import OnnxRanker
+from orchestrator.retrieval import FaissRetriever
+from orchestrator.store.precomputed import RedisPrecomputedStore
+from orchestrator.store.sharded import ShardedBackend
+
+pytestmark = [pytest.mark.integration, pytest.mark.movielens]
+# Quality does not matter here, only that job and reference agree: train as little as possible.
+TINY = TrainConfig(
+    embedding_dim=16,
+    retrieval_epochs=1,
+    ranker_epochs=1,
+    retrieval_batch_size=2048,
+    ranker_batch_size=4096,
+    negatives_per_positive=1,
+)
+
+
+@pytest.fixture(scope="module")
+def movielens_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bundle, Path]]:
+    folder = movielens_dir()
+    if not (folder / "u.data").is_file():
+        pytest.skip(f"MovieLens 100K not found at {folder} (set RECSERVE_MOVIELENS_DIR)")
+    path = tmp_path_factory.mktemp("movielens-bundle")
+    data = load_movielens(folder)
+    models = train(data, temporal_split(data), TINY)
+    history: dict[str, list[str]] = {}
+    for u, i in zip(data.user_idx.tolist(), data.item_idx.tolist(), strict=True):
+        history.setdefault(data.user_ids[u], []).append(data.item_ids[i])
+    version = "ml100k-test"
+    bundle = Bundle(
+        path, {"model_version": version, "embedding_dim": TINY.embedding_dim}, data.user_ids, data.item_ids,
+        models.user_embeddings, models.item_embeddings, models.user_features, models.item_features,
+        history, popular_lists(data),
+    )  # fmt: skip
+    export_onnx(models.ranker, path / "ranker.onnx")
+    build_index(models.item_embeddings, data.item_ids, version, path / "item_index.faiss")
+    yield bundle, path
+
+
+class Crash(Exception):
+    pass
+
+
+async def test_precompute_writes_every_users_offline_list(sharded: ShardedBackend, movielens_bundle):
+    bundle, path = movielens_bundle
+    retriever = FaissRetriever(path / "item_index.faiss")
+    ranker = OnnxRanker(path / "ranker.onnx", bundle.model_version, intra_op_threads=2)
+
+    def crash(done: int) -> None:
+        if done >= 256:
+            raise Crash
+
+    # Two pods of an Indexed Job; pod 0 dies after its first batch and is restarted.
+    reports = []
+    for index in (0, 1):
+        cfg = PrecomputeConfig(batch_users=128, shard_index=index, shard_count=2, ttl_s=3600)
+        if index == 0:
+            with pytest.raises(Crash):
+                await precompute(sharded, bundle, retriever, ranker, cfg, progress=False, on_batch=crash)
+        reports.append(await precompute(sharded, bundle, retriever, ranker, cfg, progress=False))
+    assert reports[0].skipped_users == 256 and reports[1].skipped_users == 0
+    assert sum(r.users for r in reports) == len(bundle.user_ids) == 943
+
+    stored = await RedisPrecomputedStore(sharded).get_recs(bundle.user_ids)
+    reference = Candidates(bundle, retriever, PrecomputeConfig())
+    for row, recs in enumerate(stored):
+        assert recs is not None, f"no list for user {bundle.user_ids[row]}"
+        items, scores = offline_top_n(reference, row, ranker.run)
+        assert list(recs.items) == items
+        np.testing.assert_allclose(recs.scores, scores, rtol=1e-5, atol=1e-6)
+        assert recs.model_version == "ml100k-test" and len(items) == 50
+        assert not set(items) & set(bundle.user_history[bundle.user_ids[row]])
