@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from export import pipeline
+from export import cli_capacity, pipeline
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, artifacts_dir
 from export.data import SyntheticSpec, generate_synthetic
 from export.errors import ExportError
@@ -24,9 +24,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_all(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(
-        embedding_dim=args.dim, retrieval_epochs=args.retrieval_epochs, ranker_epochs=args.ranker_epochs
-    )
+    cfg = TrainConfig(embedding_dim=args.dim, retrieval_epochs=args.retrieval_epochs, ranker_epochs=args.ranker_epochs)
     bundle = pipeline.run_all(args.dataset, cfg, version=args.version, build_dir=Path(args.build_dir))
     print(pipeline.format_metrics(bundle.manifest["metrics"]))
     print(f"model version {bundle.model_version}; artifacts in {bundle.path}; Triton models in {MODEL_REPOSITORY}")
@@ -100,12 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--dataset", choices=pipeline.DATASETS, default="synthetic")
     metrics.add_argument("--build-dir", default=str(BUILD_DIR))
     metrics.set_defaults(func=_cmd_metrics)
+
+    cli_capacity.add_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args))
     except (ExportError, FileNotFoundError, ValueError) as exc:

@@ -49,7 +49,7 @@ def build_index(
     rng = np.random.default_rng(seed)
     if queries is None:
         queries = vectors[rng.choice(n, size=min(n, 1000), replace=False)]
-    queries = np.ascontiguousarray(queries[: 1000], dtype=np.float32)
+    queries = np.ascontiguousarray(queries[:1000], dtype=np.float32)
     k = min(100, n)
     if n < exact_threshold:
         index: faiss.Index = faiss.IndexFlatIP(dim)
@@ -76,7 +76,9 @@ def build_index(
                 break
             nprobe = min(nlist, nprobe * 2)
         if recall < recall_target:
-            raise IndexBuildError(f"expected recall@{k} >= {recall_target}, but found {recall:.4f} at nprobe={nprobe}")
+            raise IndexBuildError(
+                f"expected recall@{k} >= {recall_target}, but found {recall:.4f} at nprobe={nprobe}"
+            )
     manifest = IndexManifest(model_version, dim, "inner_product", n, factory, nprobe, round(recall, 4))
     path.parent.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(path))

@@ -85,7 +85,9 @@ def export_torchscript(ranker: Ranker, path: Path) -> Path:
     # Tracing, not scripting: forward() has no data-dependent control flow, and the parity check on
     # batch sizes 1, 7 and the max proves the traced graph generalises over the batch axis.
     example = _torch_inputs(example_inputs(ranker.embedding_dim, 4), ranker.embedding_dim)
-    with torch.no_grad():
+    # TorchScript is deprecated upstream, but Triton's LibTorch backend still serves exactly this.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(ranker, example, check_trace=False)
     traced.save(str(path))
     return path
@@ -128,7 +130,9 @@ def onnx_runner(path: Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
 
 
 def torchscript_runner(path: Path, embedding_dim: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    module = torch.jit.load(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path))
 
     def run(tensors: dict[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():

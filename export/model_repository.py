@@ -140,5 +140,7 @@ def render_profile_repository(
             version_dir = folder / str(version)
             version_dir.mkdir()
             shutil.copy(PYTHON_MODEL, version_dir / "model.py")
-            (version_dir / model.filename).symlink_to((source / model.name / str(version) / model.filename).resolve())
+            (version_dir / model.filename).symlink_to(
+                (source / model.name / str(version) / model.filename).resolve()
+            )
     return dest

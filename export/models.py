@@ -32,9 +32,7 @@ class Tower(nn.Module):
         super().__init__()
         self.id_embedding = nn.Embedding(n_ids, 64)
         self.feature_embeddings = _feature_embeddings(features, 16)
-        self.mlp = nn.Sequential(
-            nn.Linear(64 + 16 * len(features), 256), nn.ReLU(), nn.Linear(256, out_dim)
-        )
+        self.mlp = nn.Sequential(nn.Linear(64 + 16 * len(features), 256), nn.ReLU(), nn.Linear(256, out_dim))
 
     def forward(self, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.id_embedding(ids), _embed_columns(self.feature_embeddings, features)], dim=1)

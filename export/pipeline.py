@@ -15,8 +15,15 @@ import torch
 
 from export import model_repository
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, Bundle, artifacts_dir, save_bundle, write_json
-from export.data import Dataset, SyntheticSpec, generate_synthetic, load_movielens, movielens_dir, temporal_split
-from export.evaluate import default_context, evaluate
+from export.data import (
+    Dataset,
+    SyntheticSpec,
+    generate_synthetic,
+    load_movielens,
+    movielens_dir,
+    temporal_split,
+)
+from export.evaluate import ScoreFn, default_context, evaluate
 from export.faiss_index import build_index
 from export.models import Ranker
 from export.train import TrainConfig, TrainedModels, random_context, train
@@ -42,7 +49,7 @@ def prepare_dataset(name: str, build_dir: Path = BUILD_DIR, spec: SyntheticSpec 
     raise ValueError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
 
 
-def ranker_scorer(ranker: Ranker, models: TrainedModels):  # type: ignore[no-untyped-def]
+def ranker_scorer(ranker: Ranker, models: TrainedModels) -> ScoreFn:
     """Eager-torch scoring of one user's candidates, with the offline context (home, web)."""
 
     def score(user_row: int, candidates: np.ndarray) -> np.ndarray:
@@ -65,8 +72,10 @@ def popular_lists(data: Dataset, length: int = POPULAR_LIST_LENGTH) -> dict[str,
     segments = np.array([schema.user_segment(int(b)) for b in data.user_features[:, 0]])
     lists: dict[str, list[str]] = {}
     for segment in schema.SEGMENTS:
-        mask = np.ones(data.n_interactions, bool) if segment == schema.GLOBAL_SEGMENT else (
-            segments[data.user_idx] == segment
+        mask = (
+            np.ones(data.n_interactions, bool)
+            if segment == schema.GLOBAL_SEGMENT
+            else (segments[data.user_idx] == segment)
         )
         counts = np.bincount(data.item_idx[mask], minlength=data.n_items)
         if counts.sum() == 0:
@@ -76,7 +85,9 @@ def popular_lists(data: Dataset, length: int = POPULAR_LIST_LENGTH) -> dict[str,
     return lists
 
 
-def real_batches(models: TrainedModels, data: Dataset, sizes: tuple[int, ...], seed: int = 0) -> list[dict[str, np.ndarray]]:
+def real_batches(
+    models: TrainedModels, data: Dataset, sizes: tuple[int, ...], seed: int = 0
+) -> list[dict[str, np.ndarray]]:
     """Ranker inputs built from real (user, item) pairs of the data set, for the parity check."""
     rng = np.random.default_rng(seed)
     batches = []
@@ -103,20 +114,25 @@ def _weights_digest(module: torch.nn.Module) -> str:
 
 def run_all(
     dataset: str,
-    cfg: TrainConfig = TrainConfig(),
+    cfg: TrainConfig | None = None,
     version: int = 1,
     build_dir: Path = BUILD_DIR,
     repo: Path = MODEL_REPOSITORY,
     batching: BatchingSpec | None = None,
     synthetic: SyntheticSpec | None = None,
 ) -> Bundle:
+    cfg = cfg or TrainConfig()
     started = time.perf_counter()
     data = prepare_dataset(dataset, build_dir, synthetic)
     split = temporal_split(data)
-    log.info("%s: %d users, %d items, %d interactions", data.name, data.n_users, data.n_items, data.n_interactions)
+    log.info(
+        "%s: %d users, %d items, %d interactions", data.name, data.n_users, data.n_items, data.n_interactions
+    )
     models = train(data, split, cfg)
     train_seconds = time.perf_counter() - started
-    metrics = evaluate(data, split, models.user_embeddings, models.item_embeddings, ranker_scorer(models.ranker, models))
+    metrics = evaluate(
+        data, split, models.user_embeddings, models.item_embeddings, ranker_scorer(models.ranker, models)
+    )
     model_version = f"{data.name}-v{version}-{_weights_digest(models.ranker)}"
     path = artifacts_dir(dataset, build_dir)
     path.mkdir(parents=True, exist_ok=True)
@@ -140,8 +156,16 @@ def run_all(
         "train_seconds": round(train_seconds, 1),
     }
     bundle = Bundle(
-        path, manifest, data.user_ids, data.item_ids, models.user_embeddings, models.item_embeddings,
-        models.user_features, models.item_features, history, popular_lists(data),
+        path,
+        manifest,
+        data.user_ids,
+        data.item_ids,
+        models.user_embeddings,
+        models.item_embeddings,
+        models.user_features,
+        models.item_features,
+        history,
+        popular_lists(data),
     )
     torch.save(models.ranker.state_dict(), path / "ranker.pt")
     torch.save(models.two_tower.state_dict(), path / "two_tower.pt")
@@ -152,8 +176,13 @@ def run_all(
     )
     manifest["export_seconds"] = round(time.perf_counter() - export_started, 2)
     manifest["parity_max_abs_diff"] = max(r.max_abs_diff for r in parity)
-    index = build_index(models.item_embeddings, data.item_ids, model_version, path / "item_index.faiss",
-                        queries=models.user_embeddings)
+    index = build_index(
+        models.item_embeddings,
+        data.item_ids,
+        model_version,
+        path / "item_index.faiss",
+        queries=models.user_embeddings,
+    )
     manifest["index"] = asdict(index)
     save_bundle(bundle)  # the manifest is written last: a bundle is complete once it exists
     log.info("done in %.1f s: %s", time.perf_counter() - started, model_version)

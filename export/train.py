@@ -161,7 +161,11 @@ def train_ranker(
             batch = order[start : start + cfg.ranker_batch_size]
             u, i = users_t[batch], items_t[batch]
             scores = model(
-                tensors["u_emb"][u], tensors["i_emb"][i], tensors["u_feat"][u], tensors["i_feat"][i], context_t[batch]
+                tensors["u_emb"][u],
+                tensors["i_emb"][i],
+                tensors["u_feat"][u],
+                tensors["i_feat"][i],
+                context_t[batch],
             ).squeeze(1)
             loss = nn.functional.binary_cross_entropy(scores, labels_t[batch])
             optimiser.zero_grad()

@@ -71,7 +71,9 @@ def ranker_models(embedding_dim: int = 128, batching: BatchingSpec | None = None
     """The ranker, once per runtime. LibTorch names outputs by position, hence ``score__0``."""
     batching = batching or BatchingSpec()
     return (
-        ModelSpec("ranker_onnx", "onnxruntime", "model.onnx", schema.RANKER_OUTPUT.name, embedding_dim, batching),
+        ModelSpec(
+            "ranker_onnx", "onnxruntime", "model.onnx", schema.RANKER_OUTPUT.name, embedding_dim, batching
+        ),
         ModelSpec("ranker_torchscript", "torchscript", "model.pt", "score__0", embedding_dim, batching),
     )
 
@@ -132,6 +134,4 @@ def parse(text: str) -> mc.ModelConfig:
 
 def render_inputs_summary(config: mc.ModelConfig) -> dict[str, tuple[str, list[int]]]:
     """name -> (dtype, dims) of every input, for comparing a config with a model file."""
-    return {
-        tensor.name: (mc.DataType.Name(tensor.data_type), list(tensor.dims)) for tensor in config.input
-    }
+    return {tensor.name: (mc.DataType.Name(tensor.data_type), list(tensor.dims)) for tensor in config.input}

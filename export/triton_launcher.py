@@ -8,6 +8,7 @@ through shared memory).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -128,25 +129,33 @@ class TritonServer:
         check_shared_memory()
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         env = os.environ.copy()
-        env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(libs)
+        env["LD_LIBRARY_PATH"] = (
+            f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(libs)
+        )
         # The stub embeds this interpreter: put its bin first so it finds this venv's packages.
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
         # A session of its own, so that stop() reaches the Python-backend stubs too.
         self.process = subprocess.Popen(
-            self.command(binary, backends), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.command(binary, backends),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         log.close()
         self._wait_ready()
         return self
 
-    def _log_tail(self, lines: int = 25) -> str:
+    def _log_tail(self, lines: int = 5) -> str:
+        """Triton's error lines (``E<date> ...``: why a model failed to load) and the last few lines."""
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return ""
-        return "\n".join(text[-lines:])
+        errors = [line for line in text if line[:1] == "E" and line[1:5].isdigit()]
+        return "\n".join([*errors, *text[-lines:]])
 
     def _wait_ready(self) -> None:
         assert self.process is not None
@@ -155,7 +164,9 @@ class TritonServer:
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
-                raise TritonLaunchError(f"exited with code {code} before becoming ready", self.log_path, self._log_tail())
+                raise TritonLaunchError(
+                    f"exited with code {code} before becoming ready", self.log_path, self._log_tail()
+                )
             try:
                 with urllib.request.urlopen(url, timeout=1) as response:
                     if response.status == 200:
@@ -178,10 +189,8 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             os.killpg(pgid, signal.SIGKILL)
             self.process.wait()
-        try:  # stubs that outlived the server
+        with contextlib.suppress(ProcessLookupError):  # stubs that outlived the server
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: for fault-injection tests."""

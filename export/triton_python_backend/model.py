@@ -73,8 +73,10 @@ class TritonPythonModel:
 
         torch.set_num_threads(threads)
         self.module = torch.jit.load(str(model_file))
-        probe = [torch.zeros((1, *dims), dtype=getattr(torch, "float32" if d == "TYPE_FP32" else "int64"))
-                 for _, d, dims in self.inputs]
+        probe = [
+            torch.zeros((1, *dims), dtype=getattr(torch, "float32" if d == "TYPE_FP32" else "int64"))
+            for _, d, dims in self.inputs
+        ]
         try:
             with torch.no_grad():
                 self.module(*probe)

@@ -1,0 +1,126 @@
+"""A real tritonserver (the nvidia-pytriton wheel's binary) serving the cpu profile."""
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from export.errors import TritonLaunchError
+from export.model_export import eager_scores, example_inputs
+from export.model_repository import render_profile_repository
+from export.pipeline import load_ranker
+from export.triton_config import ModelSpec, ranker_models
+from export.triton_launcher import TritonServer
+from tests.conftest import Exported
+
+pytestmark = pytest.mark.integration
+
+OUTPUTS = {"ranker_onnx": "score", "ranker_torchscript": "score__0"}
+DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+
+
+def _inputs(module, tensors: dict[str, np.ndarray]) -> list:
+    inputs = []
+    for name, value in tensors.items():
+        tensor = module.InferInput(name, list(value.shape), DTYPES[value.dtype])
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
+def test_both_models_load_ready(triton: TritonServer) -> None:
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    assert client.is_server_ready()
+    for model in OUTPUTS:
+        assert client.is_model_ready(model, "1")
+
+
+@pytest.mark.parametrize("model", sorted(OUTPUTS))
+def test_grpc_and_http_match_eager_torch(triton: TritonServer, exported: Exported, model: str) -> None:
+    ranker = load_ranker(exported.bundle_path)
+    grpc = grpcclient.InferenceServerClient(triton.grpc_url)
+    http = httpclient.InferenceServerClient(triton.http_url)
+    for size in (1, 7, exported.batching.max_batch_size):
+        tensors = example_inputs(exported.bundle.dim, size, seed=size)
+        expected = eager_scores(ranker, tensors)
+        output = OUTPUTS[model]
+        via_grpc = grpc.infer(
+            model, _inputs(grpcclient, tensors), outputs=[grpcclient.InferRequestedOutput(output)]
+        )
+        via_http = http.infer(
+            model, _inputs(httpclient, tensors), outputs=[httpclient.InferRequestedOutput(output)]
+        )
+        for result in (via_grpc, via_http):
+            got = result.as_numpy(output).reshape(-1)
+            assert got.shape == expected.shape
+            assert np.max(np.abs(got - expected)) <= 1e-5
+
+
+async def test_dynamic_batching_merges_concurrent_requests(triton: TritonServer, exported: Exported) -> None:
+    client = grpcaio.InferenceServerClient(triton.grpc_url)
+    model = "ranker_onnx"
+
+    async def counts() -> tuple[int, int]:
+        stats = await client.get_inference_statistics(model, "1", as_json=True)
+        entry = stats["model_stats"][0]
+        return int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
+
+    before_inferences, before_executions = await counts()
+    tensors = example_inputs(exported.bundle.dim, 4, seed=0)
+    requests = [client.infer(model, _inputs(grpcaio, tensors)) for _ in range(48)]
+    results = await asyncio.gather(*requests)
+    await client.close()
+    client = grpcaio.InferenceServerClient(triton.grpc_url)
+    after_inferences, after_executions = await counts()
+    await client.close()
+    assert all(r.as_numpy("score").shape == (4, 1) for r in results)
+    inferences = after_inferences - before_inferences
+    executions = after_executions - before_executions
+    assert inferences == 48 * 4  # Triton counts rows (batch elements)
+    # 48 requests in flight with a 5 ms queue delay: the batcher must have merged some of them.
+    assert executions < 48
+
+
+def test_wrong_shape_is_rejected_by_name(triton: TritonServer, exported: Exported) -> None:
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    tensors = example_inputs(exported.bundle.dim, 2)
+    tensors["user_embedding"] = tensors["user_embedding"][:, :5].copy()
+    with pytest.raises(InferenceServerException, match=r"user_embedding.*\[-1,32\]|user_embedding.*shape"):
+        client.infer("ranker_onnx", _inputs(grpcclient, tensors))
+
+
+def test_wrong_dtype_is_rejected_by_name(triton: TritonServer, exported: Exported) -> None:
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    tensors = example_inputs(exported.bundle.dim, 2)
+    tensors["user_features"] = tensors["user_features"].astype(np.float32)
+    with pytest.raises(InferenceServerException, match=r"user_features.*(TYPE_INT64|INT64)"):
+        client.infer("ranker_onnx", _inputs(grpcclient, tensors))
+
+
+def test_a_config_with_a_wrong_tensor_shape_fails_to_load_by_name(exported: Exported, tmp_path: Path) -> None:
+    wrong = tuple(
+        ModelSpec(m.name, m.runtime, m.filename, m.output_name, embedding_dim=64, batching=exported.batching)
+        for m in ranker_models(32, exported.batching)
+        if m.runtime == "onnxruntime"
+    )
+    repo = render_profile_repository("cpu", tmp_path / "cpu", exported.repo, models=wrong)
+    with pytest.raises(
+        TritonLaunchError, match=r"(?s)exited.*user_embedding.*expects TYPE_FP32 dims \[64\].*\[32\]"
+    ):
+        TritonServer(repo, log_path=tmp_path / "log.txt", startup_timeout_s=60).start()
+
+
+def test_missing_model_file_fails_the_launch_by_name(exported: Exported, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(exported.repo, source)
+    models = ranker_models(32, exported.batching)
+    repo = render_profile_repository("cpu", tmp_path / "cpu", source, models=models)
+    (source / "ranker_onnx" / "1" / "model.onnx").unlink()  # the link now dangles
+    with pytest.raises(TritonLaunchError, match=r"(?s)exited.*model file .*model.onnx does not exist"):
+        TritonServer(repo, log_path=tmp_path / "log.txt", startup_timeout_s=60).start()
