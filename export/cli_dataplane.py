@@ -1,0 +1,180 @@
+"""The data-plane commands of ``python -m export``: ``load``, ``precompute``, ``plan``.
+
+``export/__main__.py`` calls ``add_commands(subparsers)``; each command's ``func`` takes the parsed
+namespace and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+
+from export.artifacts import MODEL_REPOSITORY, artifacts_dir, load_bundle
+from orchestrator.store.backend import Backend
+from orchestrator.store.cluster import ClusterBackend
+from orchestrator.store.sharded import ShardedBackend
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _add_redis_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("RECSERVE_REDIS_URLS", DEFAULT_REDIS),
+        help="comma-separated redis:// URLs (one per shard), or one node of a cluster with --cluster "
+        "(default: $RECSERVE_REDIS_URLS or %(default)s)",
+    )
+    parser.add_argument("--cluster", action="store_true", help="--redis names a Redis Cluster node")
+    parser.add_argument("--timeout-ms", type=float, default=5000.0, help="per-shard deadline of each batch")
+
+
+def _add_bundle_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="synthetic", help="bundle under build/artifacts/<dataset>")
+    parser.add_argument("--bundle", type=Path, default=None, help="artifact bundle folder (overrides --dataset)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+async def open_backend(args: argparse.Namespace) -> Backend:
+    urls = [u.strip() for u in args.redis.split(",") if u.strip()]
+    if args.cluster:
+        if len(urls) != 1:
+            raise ValueError(f"--cluster takes one seed URL, got {len(urls)}")
+        return await ClusterBackend.connect(urls[0], timeout_ms=args.timeout_ms)
+    return ShardedBackend.from_urls(urls, timeout_ms=args.timeout_ms)
+
+
+def _bundle_path(args: argparse.Namespace) -> Path:
+    return args.bundle if args.bundle is not None else artifacts_dir(args.dataset)
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
+    from export.load import LoadConfig, load
+
+    bundle = load_bundle(_bundle_path(args))
+    cfg = LoadConfig(
+        dtype=args.dtype,
+        chunk_rows=args.chunk_rows,
+        activate=not args.no_activate,
+        drop_previous=not args.keep_previous,
+        progress=not args.no_progress,
+    )
+
+    async def run() -> None:
+        backend = await open_backend(args)
+        try:
+            report = await load(backend, bundle, cfg)
+        finally:
+            await backend.aclose()
+        print(
+            f"loaded {report.version} ({cfg.dtype}) in {report.seconds:.1f} s: {report.rows} "
+            f"(resumed past {report.skipped_rows}); {report.embeddings_per_s:,.0f} embeddings/s; "
+            f"replaced {report.previous} (dropped {report.dropped_keys} keys)"
+        )
+
+    asyncio.run(run())
+    return 0
+
+
+def default_onnx_model(bundle_manifest: dict[str, object], repo: Path = MODEL_REPOSITORY) -> Path:
+    return repo / "ranker_onnx" / str(bundle_manifest.get("triton_version", 1)) / "model.onnx"
+
+
+def _cmd_precompute(args: argparse.Namespace) -> int:
+    from export.precompute import PrecomputeConfig, precompute
+    from orchestrator.ranking.onnx_ranker import OnnxRanker
+    from orchestrator.retrieval import FaissRetriever
+
+    path = _bundle_path(args)
+    bundle = load_bundle(path)
+    # Kubernetes Indexed Jobs hand each pod its index in JOB_COMPLETION_INDEX.
+    shard_index = args.shard_index if args.shard_index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", 0))
+    cfg = PrecomputeConfig(
+        top_n=args.top_n,
+        n_candidates=args.candidates,
+        batch_users=args.batch_users,
+        ttl_s=args.ttl_s,
+        shard_index=shard_index,
+        shard_count=args.shard_count,
+    )
+    cfg.validate()
+    retriever = FaissRetriever(args.index or path / "item_index.faiss")
+    ranker = OnnxRanker(args.model or default_onnx_model(bundle.manifest), bundle.model_version, args.threads)
+
+    async def run() -> None:
+        backend = await open_backend(args)
+        try:
+            report = await precompute(backend, bundle, retriever, ranker, cfg, progress=not args.no_progress)
+        finally:
+            await backend.aclose()
+        print(
+            f"shard {report.shard}: {report.users} users ({report.skipped_users} already done) in "
+            f"{report.seconds:.1f} s, {report.users_per_s:,.0f} users/s, model {report.version}"
+        )
+
+    asyncio.run(run())
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from export.plan import PlanInput, markdown_table, measure, plan, reference_rows
+
+    spec = PlanInput(args.users, args.items, args.dim, args.dtype, args.shard_memory_gb, args.max_fill)
+    spec.validate()
+    measured = measure(args.redis, args.dim, args.dtype, args.sample) if args.measure else None
+    result = plan(spec, measured["memory_usage_per_key"] if measured else None)
+    if measured:
+        result["measurement"] = measured
+    if args.reference:
+        per_dim = {d: measure(args.redis, d, "fp32", args.sample)["memory_usage_per_key"] for d in (128, 256)}
+        result["reference"] = reference_rows(args.shard_memory_gb, args.max_fill, per_dim if args.measure else None)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    for key, value in result.items():
+        if key != "reference":
+            print(f"{key:>28}: {value}")
+    if args.reference:
+        print("\n".join(markdown_table(result["reference"])))  # type: ignore[arg-type]
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    load = subparsers.add_parser("load", help="load a bundle's embeddings, features, history into Redis")
+    _add_bundle_args(load)
+    _add_redis_args(load)
+    load.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="embedding storage dtype")
+    load.add_argument("--chunk-rows", type=int, default=5000, help="rows per pipelined write and checkpoint")
+    load.add_argument("--no-activate", action="store_true", help="load beside the active version, do not switch")
+    load.add_argument("--keep-previous", action="store_true", help="do not delete the version switched away from")
+    load.set_defaults(func=_cmd_load)
+
+    pre = subparsers.add_parser("precompute", help="top-N for every user (or one shard of them) into Redis")
+    _add_bundle_args(pre)
+    _add_redis_args(pre)
+    pre.add_argument("--model", type=Path, default=None, help="ranker ONNX (default: model_repository)")
+    pre.add_argument("--index", type=Path, default=None, help="FAISS index (default: the bundle's)")
+    pre.add_argument("--top-n", type=int, default=50)
+    pre.add_argument("--candidates", type=int, default=200, help="ranked candidates per user")
+    pre.add_argument("--batch-users", type=int, default=256)
+    pre.add_argument("--ttl-s", type=int, default=7 * 86400)
+    pre.add_argument("--shard-index", type=int, default=None, help="default: $JOB_COMPLETION_INDEX or 0")
+    pre.add_argument("--shard-count", type=int, default=1)
+    pre.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads")
+    pre.set_defaults(func=_cmd_precompute)
+
+    plan = subparsers.add_parser("plan", help="memory and shards for N users x M items x D dims")
+    plan.add_argument("--users", type=int, required=True)
+    plan.add_argument("--items", type=int, required=True)
+    plan.add_argument("--dim", type=int, required=True)
+    plan.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    plan.add_argument("--shard-memory-gb", type=float, default=8.0, help="memory per shard (decimal GB)")
+    plan.add_argument("--max-fill", type=float, default=0.6, help="fraction of a shard the data may use")
+    plan.add_argument("--measure", action="store_true", help="measure bytes per embedding in a real Redis")
+    plan.add_argument("--redis", default=None, help="Redis to measure in (default: a throw-away local server)")
+    plan.add_argument("--sample", type=int, default=20_000, help="embeddings loaded to measure")
+    plan.add_argument("--reference", action="store_true", help="also print the reference table recomputed")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(func=_cmd_plan)
