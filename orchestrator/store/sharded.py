@@ -70,8 +70,12 @@ class ShardedBackend:
 
         async def run_group(name: str, indices: list[int]) -> list[Any]:
             client = self._clients[name]
+            # One MGET/MSET instead of a pipeline of GETs/SETs: one command to parse, not hundreds.
             if all(commands[i].name == "GET" for i in indices):
                 return list(await client.mget([commands[i].key for i in indices]))
+            if all(commands[i].name == "SET" and len(commands[i].args) == 1 for i in indices):
+                await client.mset({commands[i].key: commands[i].args[0] for i in indices})
+                return [True] * len(indices)
             pipe = client.pipeline(transaction=False)
             for i in indices:
                 pipe.execute_command(commands[i].name, commands[i].key, *commands[i].args)

@@ -1,0 +1,314 @@
+"""Data-plane benchmarks (``python -m export.bench_dataplane``; part of ``make bench``).
+
+Starts its own redis-server processes (never a system Redis) and measures: the Small row for real
+(1M users + 100K items x 128 loaded, INFO memory vs the table; fp32 and fp16), the load rate, batch-read
+latency for 200 ids (one pipeline/MGET per shard vs one GET at a time, on 3 shards and a 3-master
+cluster), the pre-compute rate and what it means for 100M users, and what fp16 storage does to
+ranking scores. Writes the "## Redis data plane" section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from redis.asyncio import Redis
+
+from export.artifacts import MODEL_REPOSITORY, REPO_ROOT, artifacts_dir, load_bundle
+from export.plan import PlanInput, human, measure_bytes_per_entity, plan
+from export.precompute import Candidates, PrecomputeConfig, precompute, top_n
+from export.redis_local import LocalCluster, RedisServer, cpu_count, start_cluster, start_server
+from orchestrator.ranking.onnx_ranker import OnnxRanker
+from orchestrator.retrieval import FaissRetriever
+from orchestrator.store import keys
+from orchestrator.store.backend import Backend
+from orchestrator.store.cluster import ClusterBackend
+from orchestrator.store.embeddings import RedisEmbeddingStore
+from orchestrator.store.sharded import ShardedBackend
+from orchestrator.store.versions import VersionInfo
+
+log = logging.getLogger(__name__)
+BENCHMARKS = REPO_ROOT / "docs" / "BENCHMARKS.md"
+HEADING = "## Redis data plane"
+CHUNK = 10_000
+
+
+async def _used_memory(url: str) -> int:
+    client = Redis.from_url(url)
+    try:
+        return int((await client.info("memory"))["used_memory"])
+    finally:
+        await client.aclose()
+
+
+async def load_small_row(server: RedisServer, users: int, items: int, dim: int, dtype: str) -> dict[str, float]:
+    """Load ``users`` + ``items`` random vectors through the store; rate and INFO memory."""
+    backend = ShardedBackend.from_urls([server.url], timeout_ms=30_000)
+    store = RedisEmbeddingStore(backend, VersionInfo("bench", dim, dtype))
+    rng = np.random.default_rng(0)
+    before = await _used_memory(server.url)
+    elapsed = 0.0
+    for kind, n in (("user", users), ("item", items)):
+        for lo in range(0, n, CHUNK):
+            rows = min(CHUNK, n - lo)
+            ids = [str(i) for i in range(lo, lo + rows)]
+            matrix = rng.normal(size=(rows, dim)).astype(np.float32)
+            started = time.perf_counter()
+            await store.set_batch(kind, ids, matrix)  # type: ignore[arg-type]
+            elapsed += time.perf_counter() - started
+    used = await _used_memory(server.url) - before
+    await backend.delete_matching(keys.version_pattern("bench"), 5000)
+    await backend.aclose()
+    entities = users + items
+    return {"entities": entities, "seconds": elapsed, "per_s": entities / elapsed, "used_bytes": used}
+
+
+def _percentiles(samples_ms: list[float]) -> tuple[float, float]:
+    return float(np.percentile(samples_ms, 50)), float(np.percentile(samples_ms, 99))
+
+
+async def _timed(fn: Callable[[], Awaitable[Any]], reps: int) -> list[float]:
+    await fn()  # warm the connections
+    out = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        await fn()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+async def read_latency(
+    backend: Backend, clients: list[Redis], route: Callable[[str], int], reps: int
+) -> dict[str, float]:
+    """200-id batch reads through the store vs one awaited GET per id (the naive loop)."""
+    dim, n = 128, 100_000
+    store = RedisEmbeddingStore(backend, VersionInfo("bench", dim))
+    rng = np.random.default_rng(1)
+    for lo in range(0, n, CHUNK):
+        await store.set_batch(
+            "item", [str(i) for i in range(lo, lo + CHUNK)], rng.normal(size=(CHUNK, dim)).astype(np.float32)
+        )
+    batches = [[str(i) for i in rng.choice(n, 200, replace=False)] for _ in range(reps)]
+    it = iter(batches * 2)
+
+    async def batched() -> None:
+        assert (await store.get_batch("item", next(it))).found.all()
+
+    pipelined = await _timed(batched, reps - 1)
+    one_by_one_batches = iter(batches[: max(20, reps // 10) + 1])
+
+    async def one_at_a_time() -> None:
+        for entity in next(one_by_one_batches):
+            key = keys.embedding("bench", "item", entity)
+            assert await clients[route(key)].get(key) is not None
+
+    sequential = await _timed(one_at_a_time, max(20, reps // 10))
+    p50, p99 = _percentiles(pipelined)
+    s50, s99 = _percentiles(sequential)
+    return {"p50_ms": p50, "p99_ms": p99, "seq_p50_ms": s50, "seq_p99_ms": s99, "ratio_p50": s50 / p50}
+
+
+async def sharded_latency(servers: list[RedisServer], reps: int) -> dict[str, float]:
+    backend = ShardedBackend.from_urls([s.url for s in servers], timeout_ms=1000)
+    clients = [Redis.from_url(s.url) for s in servers]
+    try:
+        ring = backend.ring
+        return await read_latency(backend, clients, lambda k: int(ring.shard_indices([k])[0]), reps)
+    finally:
+        await backend.aclose()
+        await asyncio.gather(*(c.aclose() for c in clients))
+
+
+async def cluster_latency(cluster: LocalCluster, reps: int) -> dict[str, float]:
+    backend = await ClusterBackend.connect(cluster.url, timeout_ms=1000)
+    try:
+        client = backend.client
+        return await read_latency(backend, [client], lambda _k: 0, reps)  # type: ignore[list-item]
+    finally:
+        await backend.aclose()
+
+
+def precompute_and_fp16(server: RedisServer, bundle_dir: Path, model: Path) -> dict[str, float] | None:
+    if not (bundle_dir / "manifest.json").is_file() or not model.is_file():
+        return None
+    bundle = load_bundle(bundle_dir)
+    retriever = FaissRetriever(bundle_dir / "item_index.faiss")
+    ranker = OnnxRanker(model, bundle.model_version, intra_op_threads=cpu_count())
+
+    async def run() -> float:
+        backend = ShardedBackend.from_urls([server.url], timeout_ms=30_000)
+        try:
+            report = await precompute(backend, bundle, retriever, ranker, PrecomputeConfig(), progress=False)
+        finally:
+            await backend.aclose()
+        return report.users_per_s
+
+    users_per_s = asyncio.run(run())
+
+    # fp16 storage: rank each user's candidates from fp32 vectors and from fp16-rounded ones.
+    candidates = Candidates(bundle, retriever, PrecomputeConfig())
+    rows = list(range(min(500, len(bundle.user_ids))))
+    lists = candidates.for_users(rows)
+    diffs, same_lists, overlaps = [], 0, []
+    for row, items in zip(rows, lists, strict=True):
+        request = candidates.request(row, items)
+        exact = ranker.run(request.tensors())
+        halved = request.tensors()
+        for name in ("user_embedding", "item_embedding"):
+            halved[name] = halved[name].astype(np.float16).astype(np.float32)
+        approx = ranker.run(halved)
+        diffs.append(np.abs(exact - approx))
+        a, _ = top_n(items, exact, 50)
+        b, _ = top_n(items, approx, 50)
+        same_lists += a == b
+        overlaps.append(len(set(a) & set(b)) / 50)
+    all_diffs = np.concatenate(diffs)
+    return {
+        "users": len(bundle.user_ids),
+        "users_per_s": users_per_s,
+        "fp16_max_abs_score_diff": float(all_diffs.max()),
+        "fp16_mean_abs_score_diff": float(all_diffs.mean()),
+        "fp16_identical_top50": same_lists / len(rows),
+        "fp16_mean_overlap_at_50": float(np.mean(overlaps)),
+        "fp16_users_compared": len(rows),
+        "model_version": bundle.model_version,  # type: ignore[dict-item]
+    }
+
+
+def run(
+    users: int = 1_000_000, items: int = 100_000, reps: int = 300, dataset: str = "synthetic"
+) -> tuple[dict[str, Any], list[str]]:
+    results: dict[str, Any] = {"cores": cpu_count()}
+    server = start_server()
+    try:
+        for dtype in ("fp32", "fp16"):
+            log.info("loading the Small row (%s)", dtype)
+            results[f"small_{dtype}"] = asyncio.run(load_small_row(server, users, items, 128, dtype))
+            results[f"measured_{dtype}"] = asyncio.run(measure_bytes_per_entity(server.url, 128, dtype))
+        log.info("pre-compute and fp16 score effect")
+        results["precompute"] = precompute_and_fp16(
+            server, artifacts_dir(dataset), MODEL_REPOSITORY / "ranker_onnx" / "1" / "model.onnx"
+        )
+    finally:
+        server.stop()
+    shards = [start_server() for _ in range(3)]
+    try:
+        results["sharded_read"] = asyncio.run(sharded_latency(shards, reps))
+    finally:
+        for s in shards:
+            s.stop()
+    cluster = start_cluster(3)
+    try:
+        results["cluster_read"] = asyncio.run(cluster_latency(cluster, reps))
+    finally:
+        cluster.stop()
+    return results, markdown(results, users, items)
+
+
+def markdown(r: dict[str, Any], users: int, items: int) -> list[str]:
+    raw = plan(PlanInput(users, items, 128))
+    raw_bytes = (users + items) * 128 * 4
+    f32, f16 = r["small_fp32"], r["small_fp16"]
+    m32, m16 = r["measured_fp32"], r["measured_fp16"]
+    sr, cr = r["sharded_read"], r["cluster_read"]
+    lines = [
+        HEADING,
+        "",
+        f"Command: `python -m export.bench_dataplane` (part of `make bench`). Date: {time.strftime('%Y-%m-%d')}. "
+        f"Cores: {r['cores']} (shared with other work). redis-server 7.0, one process per shard, no persistence.",
+        "",
+        "### The Small row for real",
+        "",
+        f"{users:,} users + {items:,} items x 128 loaded through `RedisEmbeddingStore.set_batch` "
+        f"({CHUNK:,} rows per call, one MSET per shard) into one local redis-server.",
+        "",
+        "| dtype | raw (table) | INFO used_memory | bytes/embedding | MEMORY USAGE/key | load rate |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| fp32 | {raw['raw']} | {human(f32['used_bytes'])} | {f32['used_bytes'] / f32['entities']:.0f} "
+        f"| {m32['memory_usage_per_key']:.0f} | {f32['per_s']:,.0f} embeddings/s |",
+        f"| fp16 | {human(raw_bytes / 2)} | {human(f16['used_bytes'])} | {f16['used_bytes'] / f16['entities']:.0f} "
+        f"| {m16['memory_usage_per_key']:.0f} | {f16['per_s']:,.0f} embeddings/s |",
+        "",
+        f"Real memory is {f32['used_bytes'] / raw_bytes:.2f}x the raw arithmetic for fp32: each 512-byte "
+        "vector becomes a 516-byte value (4-byte header) in a 640-byte jemalloc class, plus the key "
+        "(~25 bytes), its robj and the dict entry. fp16 saves "
+        f"{1 - f16['used_bytes'] / f32['used_bytes']:.0%} of real memory, not 50%: the per-key overhead stays.",
+        "",
+        "### Batch read of 200 ids",
+        "",
+        "Random 200-id batches over 100K stored items x 128 fp32; the naive loop awaits one GET per id.",
+        "",
+        "| topology | store p50 | store p99 | one GET at a time p50 | p99 | speed-up (p50) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| 3 standalone shards (ring, one MGET per shard) | {sr['p50_ms']:.2f} ms | {sr['p99_ms']:.2f} ms "
+        f"| {sr['seq_p50_ms']:.1f} ms | {sr['seq_p99_ms']:.1f} ms | {sr['ratio_p50']:.0f}x |",
+        f"| 3-master Redis Cluster (one pipeline per node) | {cr['p50_ms']:.2f} ms | {cr['p99_ms']:.2f} ms "
+        f"| {cr['seq_p50_ms']:.1f} ms | {cr['seq_p99_ms']:.1f} ms | {cr['ratio_p50']:.0f}x |",
+        "",
+    ]
+    pc = r.get("precompute")
+    if pc is None:
+        lines += ["### Pre-compute", "", "Skipped: no trained bundle (run `make export` first).", ""]
+        return lines
+    lines += [
+        "### Pre-compute",
+        "",
+        f"Model {pc['model_version']} ({pc['users']:,} users): FAISS batch search (200 candidates after "
+        "removing seen items) + one ONNX Runtime call per 256 users + pipelined writes with TTL.",
+        "",
+        f"- rate: **{pc['users_per_s']:,.0f} users/s** on {r['cores']} cores "
+        f"({pc['users_per_s'] / r['cores']:,.0f} users/s per core).",
+    ]
+    for pods in (8, 32, 128):
+        hours = 100e6 / (pc["users_per_s"] * pods) / 3600
+        lines.append(f"- 100M users on {pods} pods of {r['cores']} cores each: {hours:.1f} h")
+    lines += [
+        "",
+        "The rate scales with ranker throughput (200 candidates x 100M users = 20 billion scores); with "
+        "Triton on a T4 doing the ranking, pods become I/O-bound and the Indexed Job finishes well inside "
+        "the 7-day TTL either way.",
+        "",
+        "### fp16 storage and ranking scores",
+        "",
+        f"Over {pc['fp16_users_compared']} users x 200 candidates, ranking from fp16-rounded embeddings instead of "
+        f"fp32: max |score diff| {pc['fp16_max_abs_score_diff']:.2e}, mean {pc['fp16_mean_abs_score_diff']:.2e}; "
+        f"identical top-50 lists for {pc['fp16_identical_top50']:.0%} of users; mean overlap@50 "
+        f"{pc['fp16_mean_overlap_at_50']:.3f}.",
+        "",
+    ]
+    return lines
+
+
+def write_section(lines: list[str], path: Path = BENCHMARKS) -> None:
+    """Replace our section of docs/BENCHMARKS.md (from our heading to the next '## '), or append it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    section = "\n".join(lines).rstrip() + "\n"
+    start = text.find(HEADING + "\n")
+    if start < 0:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(HEADING))
+        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = argv if argv is not None else sys.argv[1:]
+    users = int(args[0]) if args else 1_000_000
+    results, lines = run(users=users)
+    log.info("%s", results)
+    write_section(lines)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
