@@ -60,16 +60,12 @@ class LoadReport:
 
     @property
     def embeddings_per_s(self) -> float:
-        written = sum(
-            self.rows.get(t, 0) - self.skipped_rows.get(t, 0) for t in ("user_embeddings", "item_embeddings")
-        )
+        written = sum(self.rows.get(t, 0) - self.skipped_rows.get(t, 0) for t in ("user_embeddings", "item_embeddings"))
         return written / self.seconds if self.seconds else 0.0
 
 
 class Loader:
-    def __init__(
-        self, backend: Backend, bundle: Bundle, cfg: LoadConfig, on_chunk: ChunkHook | None = None
-    ) -> None:
+    def __init__(self, backend: Backend, bundle: Bundle, cfg: LoadConfig, on_chunk: ChunkHook | None = None) -> None:
         cfg.validate()
         self.backend = backend
         self.bundle = bundle
@@ -109,9 +105,7 @@ class Loader:
             ("seen", len(history_users), seen),
         ]
         total = sum(n for _, n, _ in tables)
-        with tqdm(
-            total=total, desc=f"load {self.info.version}", unit="row", disable=not self.cfg.progress
-        ) as bar:
+        with tqdm(total=total, desc=f"load {self.info.version}", unit="row", disable=not self.cfg.progress) as bar:
             for table, n_rows, write in tables:
                 report.rows[table] = n_rows
                 report.skipped_rows[table] = await self._load_table(table, n_rows, write, bar)
@@ -167,7 +161,5 @@ class Loader:
             await store.set_popular(segment, Recommendations(tuple(items), scores, self.info.version, now))
 
 
-async def load(
-    backend: Backend, bundle: Bundle, cfg: LoadConfig, on_chunk: ChunkHook | None = None
-) -> LoadReport:
+async def load(backend: Backend, bundle: Bundle, cfg: LoadConfig, on_chunk: ChunkHook | None = None) -> LoadReport:
     return await Loader(backend, bundle, cfg, on_chunk).run()

@@ -50,9 +50,7 @@ class PrecomputeConfig:
         if not 1 <= self.top_n <= self.n_candidates:
             raise ValueError(f"top_n must be in 1..n_candidates ({self.n_candidates}), got {self.top_n}")
         if self.batch_users < 1 or self.ttl_s < 1:
-            raise ValueError(
-                f"batch_users and ttl_s must be integers >= 1, got {self.batch_users}, {self.ttl_s}"
-            )
+            raise ValueError(f"batch_users and ttl_s must be integers >= 1, got {self.batch_users}, {self.ttl_s}")
         if not 0 <= self.shard_index < self.shard_count:
             raise ValueError(
                 f"shard_index must be in 0..shard_count-1 ({self.shard_count - 1}), got {self.shard_index}"
@@ -153,9 +151,7 @@ async def precompute(
     raw = await backend.control(Command("GET", ckpt))
     done = min(int(raw), len(rows)) if raw is not None else 0
     skipped = done
-    with tqdm(
-        total=len(rows), initial=done, desc=f"precompute {shard}", unit="user", disable=not progress
-    ) as bar:
+    with tqdm(total=len(rows), initial=done, desc=f"precompute {shard}", unit="user", disable=not progress) as bar:
         while done < len(rows):
             batch = rows[done : done + cfg.batch_users]
             lists = await asyncio.to_thread(candidates.for_users, batch)
@@ -165,9 +161,7 @@ async def precompute(
             recs = {}
             for r, items, s in zip(batch, lists, scores, strict=True):
                 best, best_scores = top_n(items, s, cfg.top_n)
-                recs[bundle.user_ids[r]] = Recommendations(
-                    tuple(best), tuple(best_scores), ranker.model_version, now
-                )
+                recs[bundle.user_ids[r]] = Recommendations(tuple(best), tuple(best_scores), ranker.model_version, now)
             await store.set_recs(recs, cfg.ttl_s)
             done += len(batch)
             await backend.control(Command("SET", ckpt, (done,)))

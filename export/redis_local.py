@@ -25,9 +25,7 @@ READY_LINE = "Ready to accept connections"
 
 class RedisLaunchError(ExportError):
     def __init__(self, what: str, log_tail: str = "") -> None:
-        super().__init__(
-            f"redis-server {what}" + (f"\n--- last lines of its log ---\n{log_tail}" if log_tail else "")
-        )
+        super().__init__(f"redis-server {what}" + (f"\n--- last lines of its log ---\n{log_tail}" if log_tail else ""))
 
 
 def redis_server_binary() -> str:

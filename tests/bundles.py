@@ -10,9 +10,7 @@ from export.artifacts import Bundle
 from orchestrator import schema
 
 
-def random_bundle(
-    path: Path, n_users: int = 500, n_items: int = 400, dim: int = 8, version: str = "t-v1"
-) -> Bundle:
+def random_bundle(path: Path, n_users: int = 500, n_items: int = 400, dim: int = 8, version: str = "t-v1") -> Bundle:
     rng = np.random.default_rng(abs(hash(version)) % 2**32)
     users = [f"u{i}" for i in range(n_users)]
     items = [f"i{i}" for i in range(n_items)]

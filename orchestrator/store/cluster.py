@@ -22,9 +22,7 @@ UNCOVERED = "slots-not-covered"
 
 
 class ClusterBackend:
-    def __init__(
-        self, client: RedisCluster, timeout_ms: float = 50.0, control_timeout_s: float = 5.0
-    ) -> None:
+    def __init__(self, client: RedisCluster, timeout_ms: float = 50.0, control_timeout_s: float = 5.0) -> None:
         if timeout_ms <= 0:
             raise StoreConfigError("timeout_ms", "must be > 0", timeout_ms)
         self.client = client

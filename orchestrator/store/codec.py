@@ -55,13 +55,9 @@ class EmbeddingCodec:
         if values.dtype.kind != "f":
             raise ShapeError("embedding matrix", "a floating-point dtype", str(values.dtype))
         if not np.isfinite(values).all():
-            raise ShapeError(
-                "embedding matrix", "finite values", f"{int((~np.isfinite(values)).sum())} NaN/inf"
-            )
+            raise ShapeError("embedding matrix", "finite values", f"{int((~np.isfinite(values)).sum())} NaN/inf")
         if self.dtype == "fp16" and values.size and float(np.abs(values).max()) > FP16_MAX:
-            raise ShapeError(
-                "fp16 embeddings", f"|x| <= {FP16_MAX:g}", f"max |x| {float(np.abs(values).max()):g}"
-            )
+            raise ShapeError("fp16 embeddings", f"|x| <= {FP16_MAX:g}", f"max |x| {float(np.abs(values).max()):g}")
         payload = np.ascontiguousarray(values, dtype=DTYPES[self.dtype][1]).view(np.uint8)
         rows = np.empty((values.shape[0], self.value_bytes), dtype=np.uint8)
         rows[:, : HEADER.size] = np.frombuffer(self.header, dtype=np.uint8)
@@ -101,7 +97,5 @@ class EmbeddingCodec:
             return f"{len(value)} bytes (too short for a header)"
         magic, code, dim = HEADER.unpack(value[: HEADER.size])
         if magic != MAGIC:
-            return (
-                f"{len(value)} bytes with no embedding header (first byte 0x{magic:02x}, not 0x{MAGIC:02x})"
-            )
+            return f"{len(value)} bytes with no embedding header (first byte 0x{magic:02x}, not 0x{MAGIC:02x})"
         return f"{len(value)} bytes ({_CODE_NAMES.get(code, f'dtype code {code}')} x {dim})"

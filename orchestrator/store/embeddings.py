@@ -30,7 +30,5 @@ class RedisEmbeddingStore:
             raise ShapeError("set_batch", f"one row per id ({len(ids)} rows)", f"{len(matrix)} rows")
         values = self.codec.encode(matrix)
         names = keys.embeddings(self.version.version, kind, list(ids))
-        replies = await self.backend.execute(
-            [Command("SET", k, (v,)) for k, v in zip(names, values, strict=True)]
-        )
+        replies = await self.backend.execute([Command("SET", k, (v,)) for k, v in zip(names, values, strict=True)])
         replies.raise_if_down(f"set_batch({kind}, {len(ids)} ids)")

@@ -25,8 +25,7 @@ class CorruptValueError(StoreError):
 
     def __init__(self, key: str, expected: str, found: str) -> None:
         super().__init__(
-            f"value at {key!r}: expected {expected}, but found {found}; "
-            "reload the version with `python -m export load`"
+            f"value at {key!r}: expected {expected}, but found {found}; reload the version with `python -m export load`"
         )
         self.key = key
 
@@ -50,6 +49,4 @@ class VersionError(StoreError):
     """The version pointer or a version's metadata is missing or inconsistent."""
 
     def __init__(self, expected: str, found: str) -> None:
-        super().__init__(
-            f"expected {expected}, but found {found}; load a version with `python -m export load`"
-        )
+        super().__init__(f"expected {expected}, but found {found}; load a version with `python -m export load`")

@@ -2,7 +2,7 @@
 
 Feature rows are packed little-endian int32 strings, not hashes: the reader always wants the whole row
 as one tensor row, a batch decodes with one ``np.frombuffer``, and it is smaller (measured in
-docs/DATA_PLANE.md: about 56 vs 80 bytes per user row with 3 fields, MEMORY USAGE). Hashes would only
+docs/DATA_PLANE.md: 88 vs 120 bytes per 3-field user row by MEMORY USAGE). Hashes would only
 pay off if single fields were updated in place, which nothing here does.
 """
 
@@ -29,17 +29,13 @@ def encode_rows(kind: Kind, rows: np.ndarray) -> list[bytes]:
     if values.dtype.kind not in "iu":
         raise ShapeError(f"{kind} feature rows", "an integer dtype", str(values.dtype))
     if values.size and (values.min() < 0 or values.max() > np.iinfo(np.int32).max):
-        raise ShapeError(
-            f"{kind} feature rows", "vocabulary indices in 0..2^31-1", f"{values.min()}..{values.max()}"
-        )
+        raise ShapeError(f"{kind} feature rows", "vocabulary indices in 0..2^31-1", f"{values.min()}..{values.max()}")
     blob = np.ascontiguousarray(values, dtype=_ROW_DTYPE).tobytes()
     size = width * _ROW_DTYPE.itemsize
     return [blob[k : k + size] for k in range(0, len(blob), size)]
 
 
-def decode_rows(
-    kind: Kind, names: Sequence[str], values: Sequence[bytes | None]
-) -> tuple[np.ndarray, np.ndarray]:
+def decode_rows(kind: Kind, names: Sequence[str], values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
     """int64 [n, width] with 0 (the "unknown" index of every vocabulary) for misses, and the found mask."""
     width = WIDTHS[kind]
     size = width * _ROW_DTYPE.itemsize
@@ -48,9 +44,7 @@ def decode_rows(
     present = [v for v in values if v is not None]
     for name, value in zip(names, values, strict=True):
         if value is not None and len(value) != size:
-            raise CorruptValueError(
-                name, f"{size} bytes ({width} x int32 {kind} features)", f"{len(value)} bytes"
-            )
+            raise CorruptValueError(name, f"{size} bytes ({width} x int32 {kind} features)", f"{len(value)} bytes")
     if present:
         matrix[found] = np.frombuffer(b"".join(present), dtype=_ROW_DTYPE).reshape(-1, width)
     return matrix, found
@@ -61,9 +55,7 @@ def _text(value: bytes | str) -> str:
 
 
 class RedisFeatureStore:
-    def __init__(
-        self, backend: Backend, version: str, session_cap: int = 50, session_ttl_s: int = 7 * 86400
-    ) -> None:
+    def __init__(self, backend: Backend, version: str, session_cap: int = 50, session_ttl_s: int = 7 * 86400) -> None:
         if session_cap < 1:
             raise StoreConfigError("session_cap", "must be an integer >= 1", session_cap)
         self.backend = backend

@@ -87,3 +87,19 @@ def recs(user_id: str) -> str:
 
 def popular(segment: str) -> str:
     return f"pop:{segment}"
+
+
+# Online-path keys (orchestrator): the shared recommendation cache and the per-user generation share
+# the user's hash tag, so one pipeline to one shard reads both.
+EVENTS_STREAM = "events"
+INVALIDATION_CHANNEL = "recserve:invalidate"
+
+
+def rec_cache(user_id: str) -> str:
+    """Hash: cache-context field -> cached list. DEL of this one key drops every context: O(1)."""
+    return f"rc:{entity_tag('user', user_id)}"
+
+
+def generation(user_id: str) -> str:
+    """Counter bumped on every invalidation; a cached list stamped with an older value is stale."""
+    return f"gen:{entity_tag('user', user_id)}"

@@ -21,9 +21,7 @@ _FIELDS = ("items", "scores", "model_version", "computed_at")
 
 def encode(recs: Recommendations) -> bytes:
     if len(recs.items) != len(recs.scores):
-        raise ShapeError(
-            "recommendations", f"one score per item ({len(recs.items)})", f"{len(recs.scores)} scores"
-        )
+        raise ShapeError("recommendations", f"one score per item ({len(recs.items)})", f"{len(recs.scores)} scores")
     return orjson.dumps(
         {
             "items": list(recs.items),

@@ -52,9 +52,7 @@ class ShardedBackend:
         # No client-side retries: the per-shard deadline is the policy, and the caller's fallback is
         # faster than a reconnect loop.
         clients = {
-            shard_name(url): Redis.from_url(
-                url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=timeout_ms / 1000
-            )
+            shard_name(url): Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=timeout_ms / 1000)
             for url in urls
         }
         return cls(clients, timeout_ms, vnodes)
@@ -86,9 +84,7 @@ class ShardedBackend:
     async def control(self, command: Command) -> Any:
         try:
             async with asyncio.timeout(self.control_timeout_s):
-                return await self._clients[self.control_shard].execute_command(
-                    command.name, command.key, *command.args
-                )
+                return await self._clients[self.control_shard].execute_command(command.name, command.key, *command.args)
         except UNAVAILABLE_ERRORS:
             raise StoreUnavailable(f"{command.name} {command.key}", [self.control_shard]) from None
 

@@ -41,9 +41,7 @@ async def read_meta(backend: Backend, version: str) -> VersionInfo:
     try:
         return VersionInfo(**json.loads(raw))
     except (ValueError, TypeError) as exc:
-        raise VersionError(
-            f"version metadata JSON {{version, dim, dtype}} for {version!r}", repr(raw)
-        ) from exc
+        raise VersionError(f"version metadata JSON {{version, dim, dtype}} for {version!r}", repr(raw)) from exc
 
 
 async def active(backend: Backend) -> VersionInfo:
@@ -68,7 +66,5 @@ async def drop(backend: Backend, version: str, batch: int = 1000) -> int:
     """Delete every key of an inactive version; returns how many. Off the request path only."""
     current = await backend.control(Command("GET", keys.ACTIVE_POINTER))
     if current is not None and (current.decode() if isinstance(current, bytes) else current) == version:
-        raise VersionError(
-            f"an inactive version to drop (switch away from {version!r} first)", "the active one"
-        )
+        raise VersionError(f"an inactive version to drop (switch away from {version!r} first)", "the active one")
     return await backend.delete_matching(keys.version_pattern(version), batch)

@@ -61,12 +61,8 @@ async def check_everything_loaded(backend: Backend, bundle: Bundle, dtype: str) 
         expected = table if dtype == "fp32" else table.astype(np.float16).astype(np.float32)
         np.testing.assert_array_equal(lookup.matrix, expected)
     features = RedisFeatureStore(backend, info.version)
-    np.testing.assert_array_equal(
-        (await features.get_rows("user", bundle.user_ids)).matrix, bundle.user_features
-    )
-    np.testing.assert_array_equal(
-        (await features.get_rows("item", bundle.item_ids)).matrix, bundle.item_features
-    )
+    np.testing.assert_array_equal((await features.get_rows("user", bundle.user_ids)).matrix, bundle.user_features)
+    np.testing.assert_array_equal((await features.get_rows("item", bundle.item_ids)).matrix, bundle.item_features)
     assert await features.seen(bundle.user_ids) == [set(bundle.user_history[u]) for u in bundle.user_ids]
     popular = await RedisPrecomputedStore(backend).get_popular(schema.GLOBAL_SEGMENT)
     assert popular is not None and list(popular.items) == bundle.popular[schema.GLOBAL_SEGMENT]
@@ -110,12 +106,8 @@ async def test_loader_killed_midway_and_rerun_loads_everything_exactly_once(
 async def test_resuming_with_another_dtype_is_refused(backend: Backend, tmp_path: Path):
     bundle = random_bundle(tmp_path)
     with pytest.raises(Crash):
-        await load(
-            backend, bundle, LoadConfig(chunk_rows=CHUNK, progress=False), crash_after("user_embeddings", 1)
-        )
-    with pytest.raises(
-        VersionError, match=r"expected fp32 x 8 to resume version 't-v1' as loaded, but found fp16 x 8"
-    ):
+        await load(backend, bundle, LoadConfig(chunk_rows=CHUNK, progress=False), crash_after("user_embeddings", 1))
+    with pytest.raises(VersionError, match=r"expected fp32 x 8 to resume version 't-v1' as loaded, but found fp16 x 8"):
         await load(backend, bundle, LoadConfig(dtype="fp16", chunk_rows=CHUNK, progress=False))
 
 

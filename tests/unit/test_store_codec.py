@@ -14,12 +14,8 @@ finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    dim=st.integers(1, 64), rows=st.integers(0, 8), dtype=st.sampled_from(["fp32", "fp16"]), data=st.data()
-)
-def test_round_trip_is_exact_for_fp32_and_within_fp16_rounding(
-    dim: int, rows: int, dtype: str, data: st.DataObject
-):
+@given(dim=st.integers(1, 64), rows=st.integers(0, 8), dtype=st.sampled_from(["fp32", "fp16"]), data=st.data())
+def test_round_trip_is_exact_for_fp32_and_within_fp16_rounding(dim: int, rows: int, dtype: str, data: st.DataObject):
     matrix = data.draw(hnp.arrays(np.float32, (rows, dim), elements=finite))
     codec = EmbeddingCodec(dim, dtype)
     values = codec.encode(matrix)
@@ -57,9 +53,7 @@ def test_wrong_length_names_the_key_and_both_sizes():
 
 def test_other_dtype_or_dim_is_reported_from_the_header():
     fp16_values = EmbeddingCodec(16, "fp16").encode(np.zeros((1, 16), np.float32))
-    with pytest.raises(
-        CorruptValueError, match=r"expected 36 bytes \(fp32 x 8 .*but found 36 bytes \(fp16 x 16\)"
-    ):
+    with pytest.raises(CorruptValueError, match=r"expected 36 bytes \(fp32 x 8 .*but found 36 bytes \(fp16 x 16\)"):
         EmbeddingCodec(8, "fp32").decode(["k"], fp16_values)
 
 
@@ -95,9 +89,7 @@ def test_fp16_overflow_is_rejected_not_stored_as_inf():
 
 
 def test_codec_settings_are_validated():
-    with pytest.raises(
-        StoreConfigError, match=r"embedding dtype must be one of \['fp16', 'fp32'\], but found 'bf16'"
-    ):
+    with pytest.raises(StoreConfigError, match=r"embedding dtype must be one of \['fp16', 'fp32'\], but found 'bf16'"):
         EmbeddingCodec(8, "bf16")
     with pytest.raises(StoreConfigError, match=r"embedding dim must be an integer in 1..65535, but found 0"):
         EmbeddingCodec(0)
@@ -112,15 +104,11 @@ def test_feature_rows_round_trip_and_misses_are_unknown():
 
 
 def test_feature_rows_are_validated():
-    with pytest.raises(
-        ShapeError, match=r"item feature rows: expected shape \[n, 3\], but found shape \[1, 2\]"
-    ):
+    with pytest.raises(ShapeError, match=r"item feature rows: expected shape \[n, 3\], but found shape \[1, 2\]"):
         features.encode_rows("item", np.zeros((1, 2), np.int64))
     with pytest.raises(ShapeError, match=r"expected vocabulary indices in 0..2\^31-1, but found -1..0"):
         features.encode_rows("user", np.array([[-1, 0, 0]]))
-    with pytest.raises(
-        CorruptValueError, match=r"expected 12 bytes \(3 x int32 user features\), but found 5 bytes"
-    ):
+    with pytest.raises(CorruptValueError, match=r"expected 12 bytes \(3 x int32 user features\), but found 5 bytes"):
         features.decode_rows("user", ["k"], [b"12345"])
 
 

@@ -37,9 +37,7 @@ def test_load_is_balanced_across_shards():
 @settings(max_examples=25, deadline=None)
 @given(
     shards=st.lists(st.text("abcdefgh", min_size=1, max_size=6), min_size=1, max_size=6, unique=True),
-    ids=st.lists(
-        st.text(min_size=1, max_size=10).filter(lambda s: "{" not in s and "}" not in s), max_size=30
-    ),
+    ids=st.lists(st.text(min_size=1, max_size=10).filter(lambda s: "{" not in s and "}" not in s), max_size=30),
 )
 def test_routing_is_deterministic_and_by_hash_tag(shards: list[str], ids: list[str]):
     ring, again = HashRing(shards, vnodes=16), HashRing(list(shards), vnodes=16)
