@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from redis.asyncio import Redis
@@ -24,12 +26,14 @@ from export.artifacts import MODEL_REPOSITORY, REPO_ROOT, artifacts_dir, load_bu
 from export.plan import PlanInput, human, measure_bytes_per_entity, plan
 from export.precompute import Candidates, PrecomputeConfig, precompute, top_n
 from export.redis_local import LocalCluster, RedisServer, cpu_count, start_cluster, start_server
+from orchestrator import schema
 from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.retrieval import FaissRetriever
 from orchestrator.store import keys
 from orchestrator.store.backend import Backend
 from orchestrator.store.cluster import ClusterBackend
 from orchestrator.store.embeddings import RedisEmbeddingStore
+from orchestrator.store.features import encode_rows
 from orchestrator.store.sharded import ShardedBackend
 from orchestrator.store.versions import VersionInfo
 
@@ -67,6 +71,30 @@ async def load_small_row(server: RedisServer, users: int, items: int, dim: int, 
     await backend.aclose()
     entities = users + items
     return {"entities": entities, "seconds": elapsed, "per_s": entities / elapsed, "used_bytes": used}
+
+
+async def small_value_bytes(url: str, user_ids: list[str]) -> dict[str, float]:
+    """MEMORY USAGE of a 3-field user feature row as packed int32 vs a hash, and of stored top-50 lists."""
+    client = Redis.from_url(url)
+    try:
+        row = np.array([[3, 2, 15]])
+        packed_key, hash_key = keys.features("bench", "user", "1"), "bench-hash:{u:1}"
+        await client.set(packed_key, encode_rows("user", row)[0])
+        await client.hset(
+            hash_key, mapping={name: int(v) for (name, _), v in zip(schema.USER_FEATURES, row[0], strict=True)}
+        )
+        packed = await client.memory_usage(packed_key, samples=0)
+        hashed = await client.memory_usage(hash_key, samples=0)
+        await client.unlink(packed_key, hash_key)
+        recs = [await client.memory_usage(keys.recs(u), samples=0) for u in user_ids[:200]]
+        present = [r for r in recs if r]
+        return {
+            "feature_row_packed": float(packed or 0),
+            "feature_row_hash": float(hashed or 0),
+            "precomputed_list": float(np.mean(present)) if present else 0.0,
+        }
+    finally:
+        await client.aclose()
 
 
 def _percentiles(samples_ms: list[float]) -> tuple[float, float]:
@@ -182,9 +210,9 @@ def precompute_and_fp16(server: RedisServer, bundle_dir: Path, model: Path) -> d
 
 
 def run(
-    users: int = 1_000_000, items: int = 100_000, reps: int = 300, dataset: str = "synthetic"
+    users: int = 1_000_000, items: int = 100_000, reps: int = 300, dataset: str = "synthetic", provenance: str = ""
 ) -> tuple[dict[str, Any], list[str]]:
-    results: dict[str, Any] = {"cores": cpu_count()}
+    results: dict[str, Any] = {"cores": cpu_count(), "loadavg": os.getloadavg()[0]}
     server = start_server()
     try:
         for dtype in ("fp32", "fp16"):
@@ -192,9 +220,12 @@ def run(
             results[f"small_{dtype}"] = asyncio.run(load_small_row(server, users, items, 128, dtype))
             results[f"measured_{dtype}"] = asyncio.run(measure_bytes_per_entity(server.url, 128, dtype))
         log.info("pre-compute and fp16 score effect")
+        bundle_dir = artifacts_dir(dataset)
         results["precompute"] = precompute_and_fp16(
-            server, artifacts_dir(dataset), MODEL_REPOSITORY / "ranker_onnx" / "1" / "model.onnx"
+            server, bundle_dir, MODEL_REPOSITORY / "ranker_onnx" / "1" / "model.onnx"
         )
+        users_with_recs = load_bundle(bundle_dir).user_ids if results["precompute"] else []
+        results["small_values"] = asyncio.run(small_value_bytes(server.url, users_with_recs))
     finally:
         server.stop()
     shards = [start_server() for _ in range(3)]
@@ -208,10 +239,10 @@ def run(
         results["cluster_read"] = asyncio.run(cluster_latency(cluster, reps))
     finally:
         cluster.stop()
-    return results, markdown(results, users, items)
+    return results, markdown(results, users, items, provenance)
 
 
-def markdown(r: dict[str, Any], users: int, items: int) -> list[str]:
+def markdown(r: dict[str, Any], users: int, items: int, provenance: str = "") -> list[str]:
     raw = plan(PlanInput(users, items, 128))
     raw_bytes = (users + items) * 128 * 4
     f32, f16 = r["small_fp32"], r["small_fp16"]
@@ -220,8 +251,11 @@ def markdown(r: dict[str, Any], users: int, items: int) -> list[str]:
     lines = [
         HEADING,
         "",
-        f"Command: `python -m export.bench_dataplane` (part of `make bench`). Date: {time.strftime('%Y-%m-%d')}. "
-        f"Cores: {r['cores']} (shared with other work). redis-server 7.0, one process per shard, no persistence.",
+        provenance
+        or f"Command: `python -m export.bench_dataplane` · date: {time.strftime('%Y-%m-%d')} · cores: {r['cores']}",
+        "",
+        f"Load average at the start: {r['loadavg']:.2f} on {r['cores']} cores (the machine is shared). "
+        "redis-server 7.0, one process per shard, no persistence; every server is started by the benchmark.",
         "",
         "### The Small row for real",
         "",
@@ -239,6 +273,9 @@ def markdown(r: dict[str, Any], users: int, items: int) -> list[str]:
         "vector becomes a 516-byte value (4-byte header) in a 640-byte jemalloc class, plus the key "
         "(~25 bytes), its robj and the dict entry. fp16 saves "
         f"{1 - f16['used_bytes'] / f32['used_bytes']:.0%} of real memory, not 50%: the per-key overhead stays.",
+        "",
+        f"A 3-field user feature row is {r['small_values']['feature_row_packed']:.0f} bytes packed (int32) and "
+        f"{r['small_values']['feature_row_hash']:.0f} bytes as a hash (MEMORY USAGE): rows are stored packed.",
         "",
         "### Batch read of 200 ids",
         "",
@@ -274,6 +311,9 @@ def markdown(r: dict[str, Any], users: int, items: int) -> list[str]:
         "Triton on a T4 doing the ranking, pods become I/O-bound and the Indexed Job finishes well inside "
         "the 7-day TTL either way.",
         "",
+        f"A stored top-50 list (JSON items + scores + model_version + computed_at, with TTL) takes "
+        f"{r['small_values']['precomputed_list']:.0f} bytes (MEMORY USAGE, mean of 200 users).",
+        "",
         "### fp16 storage and ranking scores",
         "",
         f"Over {pc['fp16_users_compared']} users x 200 candidates, ranking from fp16-rounded embeddings instead of "
@@ -285,25 +325,72 @@ def markdown(r: dict[str, Any], users: int, items: int) -> list[str]:
     return lines
 
 
+class BenchContextLike(Protocol):
+    """The part of ``export.bench.BenchContext`` this section uses."""
+
+    quick: bool
+
+    def provenance(self) -> str: ...
+
+
+@dataclass
+class DataplaneSection:
+    """What ``make bench``'s runner takes from a section: markdown and figures for measurements.json."""
+
+    markdown: str
+    measurements: dict[str, dict[str, Any]]
+
+
+def run_section(ctx: BenchContextLike) -> DataplaneSection:
+    users, reps = (100_000, 100) if ctx.quick else (1_000_000, 300)
+    results, lines = run(users=users, items=users // 10, reps=reps, provenance=ctx.provenance())
+    figures: dict[str, dict[str, Any]] = {
+        "redis_bytes_per_embedding_128_fp32": {
+            "value": results["measured_fp32"]["memory_usage_per_key"],
+            "unit": "bytes of Redis memory per stored 128-d float32 embedding, key and overhead included "
+            "(MEMORY USAGE; INFO used_memory / count agrees within 1%)",
+        },
+        "redis_bytes_per_embedding_128_fp16": {
+            "value": results["measured_fp16"]["memory_usage_per_key"],
+            "unit": "bytes of Redis memory per stored 128-d float16 embedding, key and overhead included",
+        },
+    }
+    figures["redis_bytes_per_feature_row"] = {
+        "value": results["small_values"]["feature_row_packed"],
+        "unit": "bytes per feature row (3 x int32 packed + key + overhead, MEMORY USAGE)",
+    }
+    if results.get("precompute"):
+        figures["redis_bytes_per_precomputed_list"] = {
+            "value": round(results["small_values"]["precomputed_list"]),
+            "unit": "bytes per user's pre-computed top-50 (JSON items, scores, model_version, computed_at) with key "
+            "and TTL (MEMORY USAGE)",
+        }
+        figures["precompute_users_per_s_per_core"] = {
+            "value": round(results["precompute"]["users_per_s"] / results["cores"], 1),
+            "unit": "users/s per core: FAISS search + in-process ONNX ranking of 200 candidates + Redis write",
+        }
+    return DataplaneSection("\n".join(lines), figures)
+
+
 def write_section(lines: list[str], path: Path = BENCHMARKS) -> None:
-    """Replace our section of docs/BENCHMARKS.md (from our heading to the next '## '), or append it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace our marked block of docs/BENCHMARKS.md (the markers ``make bench`` uses), or append it."""
+    begin, end = "<!-- section:dataplane -->", "<!-- /section:dataplane -->"
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    section = "\n".join(lines).rstrip() + "\n"
-    start = text.find(HEADING + "\n")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
+    block = f"{begin}\n" + "\n".join(lines).strip() + f"\n{end}"
+    start, stop = text.find(begin), text.find(end)
+    text = (
+        text[:start] + block + text[stop + len(end) :] if 0 <= start < stop else text.rstrip() + "\n\n" + block + "\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Standalone: ``python -m export.bench_dataplane [USERS]`` (``make bench`` calls ``run_section``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = argv if argv is not None else sys.argv[1:]
     users = int(args[0]) if args else 1_000_000
-    results, lines = run(users=users)
+    results, lines = run(users=users, items=users // 10)
     log.info("%s", results)
     write_section(lines)
     print("\n".join(lines))

@@ -25,7 +25,8 @@ def encode(recs: Recommendations) -> bytes:
     return orjson.dumps(
         {
             "items": list(recs.items),
-            "scores": [float(s) for s in recs.scores],
+            # Six decimals: scores only order the list; full doubles would double its size in Redis.
+            "scores": [round(float(s), 6) for s in recs.scores],
             "model_version": recs.model_version,
             "computed_at": recs.computed_at,
             "extra": dict(recs.extra),
