@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from export import cli_capacity, pipeline
+from export import cli_capacity, cli_dataplane, pipeline
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, artifacts_dir
 from export.data import SyntheticSpec, generate_synthetic
 from export.errors import ExportError
@@ -64,6 +64,12 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from export import stack
+
+    return stack.run(args.dataset, args.port, use_triton=not args.no_triton)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -99,7 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--build-dir", default=str(BUILD_DIR))
     metrics.set_defaults(func=_cmd_metrics)
 
+    up = commands.add_parser("up", help="the whole local stack: Redis, Triton, load, pre-compute, orchestrator")
+    up.add_argument("--dataset", choices=pipeline.DATASETS, default="synthetic")
+    up.add_argument("--port", type=int, default=8080)
+    up.add_argument("--no-triton", action="store_true", help="rank in process with ONNX Runtime instead")
+    up.set_defaults(func=_cmd_up)
+
     cli_capacity.add_commands(commands)
+    cli_dataplane.add_commands(commands)
     return parser
 
 

@@ -28,9 +28,7 @@ class RankingRequest:
         """The ranker's named input tensors, one row per candidate (user and context broadcast)."""
         n = self.n_candidates
         if self.item_features.shape[0] != n:
-            raise ValueError(
-                f"item_features has {self.item_features.shape[0]} rows but item_embeddings has {n}"
-            )
+            raise ValueError(f"item_features has {self.item_features.shape[0]} rows but item_embeddings has {n}")
         return {
             "user_embedding": np.ascontiguousarray(
                 np.broadcast_to(self.user_embedding.astype(np.float32), (n, self.user_embedding.shape[-1]))
@@ -47,11 +45,14 @@ class RankingRequest:
 
 
 class Ranker(Protocol):
-    """Scores candidates for one user; returns float32 [n_candidates], one score per candidate."""
+    """Scores candidates for one user; returns float32 [n_candidates], one score per candidate.
+
+    ``timeout_s`` is what is left of the caller's deadline; past it the call raises RankerUnavailable.
+    """
 
     model_version: str
 
-    async def score(self, request: RankingRequest) -> np.ndarray: ...
+    async def score(self, request: RankingRequest, timeout_s: float | None = None) -> np.ndarray: ...
 
 
 class RankerUnavailable(Exception):

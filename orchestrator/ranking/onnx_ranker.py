@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from orchestrator.ranking import RankingRequest, check_scores
+from orchestrator.ranking import RankerUnavailable, RankingRequest, check_scores
 
 
 class OnnxRanker:
@@ -29,7 +29,11 @@ class OnnxRanker:
         (scores,) = self._session.run(["score"], tensors)
         return np.asarray(scores, dtype=np.float32).reshape(-1)
 
-    async def score(self, request: RankingRequest) -> np.ndarray:
+    async def score(self, request: RankingRequest, timeout_s: float | None = None) -> np.ndarray:
         # ONNX Runtime releases the GIL, so a worker thread keeps the event loop free.
-        scores = await asyncio.to_thread(self.run, request.tensors())
+        try:
+            async with asyncio.timeout(timeout_s):
+                scores = await asyncio.to_thread(self.run, request.tensors())
+        except TimeoutError as exc:
+            raise RankerUnavailable(f"onnxruntime did not answer within {timeout_s:.3f} s") from exc
         return check_scores(scores, request.n_candidates, "onnxruntime")

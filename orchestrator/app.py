@@ -1,0 +1,337 @@
+"""The online service: a thin FastAPI app over ``Recommender``. Wiring happens in the lifespan, never at
+import time; every error maps to a 4xx/503 with a message, never a 500 for a dependency fault."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import ORJSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+from orchestrator import metrics, schema
+from orchestrator.cache import LayeredCache, LocalTTLCache, listen_for_invalidations
+from orchestrator.config import Settings
+from orchestrator.events import EventRecorder
+from orchestrator.popular import PopularLists
+from orchestrator.ranking import Ranker
+from orchestrator.ranking.breaker import CircuitBreaker
+from orchestrator.ranking.onnx_ranker import OnnxRanker
+from orchestrator.ranking.triton_ranker import TritonRanker
+from orchestrator.recommender import Recommender, RequestContext
+from orchestrator.retrieval import FaissRetriever
+from orchestrator.store import versions
+from orchestrator.store.backend import Backend, Command
+from orchestrator.store.cluster import ClusterBackend
+from orchestrator.store.embeddings import RedisEmbeddingStore
+from orchestrator.store.errors import StoreUnavailable
+from orchestrator.store.features import RedisFeatureStore
+from orchestrator.store.precomputed import RedisPrecomputedStore
+from orchestrator.store.sharded import ShardedBackend
+
+log = logging.getLogger("orchestrator")
+
+ID_PATTERN = r"^[A-Za-z0-9._:@-]+$"
+ID_MAX_LENGTH = 64
+MAX_N = 100
+PageType = Literal["home", "product", "cart", "search", "category"]
+Device = Literal["web", "ios", "android", "tv"]
+UserId = Annotated[
+    str,
+    Path(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN, description="User id: 1-64 of [A-Za-z0-9._:@-]"),
+]
+
+
+@dataclass
+class Services:
+    settings: Settings
+    backend: Backend
+    pubsub: Redis
+    retriever: FaissRetriever
+    ranker: Ranker
+    popular: PopularLists
+    recommender: Recommender
+    events: EventRecorder
+    tasks: list[asyncio.Task[None]]
+
+
+async def build_services(settings: Settings) -> Services:
+    urls = settings.redis_url_list
+    backend: Backend
+    if settings.redis_mode == "cluster":
+        backend = await ClusterBackend.connect(urls[0], settings.redis_timeout_ms)
+    else:
+        backend = ShardedBackend.from_urls(urls, settings.redis_timeout_ms)
+    version = await versions.active(backend)
+    retriever = await asyncio.to_thread(FaissRetriever, settings.index_path)
+    model_version = retriever.manifest.model_version
+    if model_version != version.version:
+        log.warning("index model version %s differs from the active Redis version %s", model_version, version.version)
+    ranker: Ranker
+    if settings.triton_url:
+        breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
+        ranker = TritonRanker(
+            settings.triton_url,
+            settings.triton_model,
+            model_version,
+            max_connection_age_s=settings.triton_max_connection_age_s,
+            breaker=breaker,
+        )
+    else:
+        ranker = await asyncio.to_thread(OnnxRanker, settings.onnx_model_path, model_version)
+    # Pub/sub fans out cluster-wide, and in sharded mode every replica uses the same first shard.
+    pubsub = Redis.from_url(urls[0])
+    local = LocalTTLCache(settings.local_cache_size, settings.local_cache_ttl_s)
+    cache = LayeredCache(local, backend, pubsub, settings.redis_cache_ttl_s)
+    features = RedisFeatureStore(backend, version.version)
+    precomputed = RedisPrecomputedStore(backend)
+    popular = PopularLists(precomputed)
+    await popular.refresh()
+    recommender = Recommender(
+        settings,
+        cache,
+        RedisEmbeddingStore(backend, version),
+        features,
+        retriever,
+        ranker,
+        precomputed,
+        popular,
+        n_items=len(retriever.item_ids),
+    )
+    listening = asyncio.Event()
+    tasks = [
+        asyncio.create_task(listen_for_invalidations(pubsub, local, listening)),
+        asyncio.create_task(popular.refresh_forever(settings.popular_refresh_s)),
+    ]
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2.0):
+            await listening.wait()
+    return Services(
+        settings,
+        backend,
+        pubsub,
+        retriever,
+        ranker,
+        popular,
+        recommender,
+        EventRecorder(backend, features, cache),
+        tasks,
+    )
+
+
+async def close_services(services: Services) -> None:
+    for task in services.tasks:
+        task.cancel()
+    await asyncio.gather(*services.tasks, return_exceptions=True)
+    await services.recommender.drain()
+    if isinstance(services.ranker, TritonRanker):
+        await services.ranker.aclose()
+    await services.pubsub.aclose()
+    await services.backend.aclose()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = getattr(app.state, "settings", None) or Settings()
+    app.state.services = await build_services(settings)
+    try:
+        yield
+    finally:
+        await close_services(app.state.services)
+
+
+app = FastAPI(
+    title="recserve",
+    summary="Personalised recommendations: cache -> FAISS -> Redis features -> Triton ranking, with fallbacks.",
+    version="0.1.0",
+    lifespan=lifespan,
+    default_response_class=ORJSONResponse,
+)
+
+
+def services_of(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+# -- response and request models (for validation and the OpenAPI spec) ------------------------------
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float
+
+
+class RecommendationsResponse(BaseModel):
+    user_id: str
+    items: list[ScoredItem]
+    source: Literal["cache", "realtime", "precomputed", "popular"]
+    model_version: str
+    fallback_reason: str | None = None
+    timings_ms: dict[str, float] | None = None
+
+
+class SegmentResponse(BaseModel):
+    segment: str
+    items: list[ScoredItem]
+    source: Literal["popular"]
+    model_version: str
+
+
+class EventIn(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    user_id: str = Field(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)
+    item_id: str = Field(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)
+    type: Literal["view", "click", "add_to_cart", "purchase"]
+
+
+class EventAccepted(BaseModel):
+    status: Literal["accepted"]
+    id: str
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+# -- endpoints ----------------------------------------------------------------------------------------
+
+
+@app.get(
+    "/v1/recommendations/{user_id}",
+    response_model=None,
+    responses={200: {"model": RecommendationsResponse}, 422: {"description": "Invalid parameter"}},
+)
+async def recommendations(
+    request: Request,
+    user_id: UserId,
+    n: Annotated[int, Query(ge=1, le=MAX_N, description="How many items (1-100)")] = 20,
+    page_type: Annotated[PageType, Query(description="Page the list is shown on")] = "home",
+    device: Annotated[Device, Query(description="Client device")] = "web",
+    debug: Annotated[bool, Query(description="Add per-stage timings")] = False,
+) -> ORJSONResponse:
+    started = time.perf_counter()
+    services = services_of(request)
+    result = await services.recommender.recommend(user_id, n, RequestContext(page_type, device))
+    body: dict[str, Any] = {
+        "user_id": result.user_id,
+        "items": [{"item_id": item, "score": score} for item, score in result.items],
+        "source": result.source,
+        "model_version": result.model_version,
+    }
+    if result.fallback_reason:
+        body["fallback_reason"] = result.fallback_reason
+    if debug:
+        body["timings_ms"] = result.timings_ms | {"total": round((time.perf_counter() - started) * 1000, 3)}
+    metrics.REQUEST_LATENCY.labels("recommendations", result.source).observe(time.perf_counter() - started)
+    return ORJSONResponse(body)
+
+
+@app.post(
+    "/v1/events",
+    status_code=202,
+    response_model=EventAccepted,
+    responses={503: {"model": Problem, "description": "The event could not be stored; retry"}},
+)
+async def events(request: Request, event: EventIn) -> Any:
+    started = time.perf_counter()
+    services = services_of(request)
+    try:
+        entry = await services.events.record(event.user_id, event.item_id, event.type)
+    except StoreUnavailable as exc:
+        metrics.REQUEST_LATENCY.labels("events", "error").observe(time.perf_counter() - started)
+        return ORJSONResponse({"detail": f"event not stored: {exc}"}, status_code=503, headers={"Retry-After": "1"})
+    metrics.REQUEST_LATENCY.labels("events", "stored").observe(time.perf_counter() - started)
+    return {"status": "accepted", "id": entry}
+
+
+@app.get(
+    "/v1/segments/{segment}/recommendations",
+    response_model=None,
+    responses={
+        200: {"model": SegmentResponse},
+        304: {"description": "Not modified (If-None-Match)"},
+        404: {"model": Problem},
+    },
+)
+async def segment_recommendations(
+    request: Request,
+    segment: Annotated[str, Path(min_length=1, max_length=32, pattern=r"^[a-z0-9]+$")],
+    n: Annotated[int, Query(ge=1, le=MAX_N)] = 20,
+) -> Response:
+    started = time.perf_counter()
+    services = services_of(request)
+    if segment not in schema.SEGMENTS:
+        return ORJSONResponse(
+            {"detail": f"unknown segment {segment!r}; expected one of {list(schema.SEGMENTS)}"}, status_code=404
+        )
+    try:
+        recs = services.popular.get(segment)
+    except LookupError as exc:
+        return ORJSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+    items = list(zip(recs.items[:n], recs.scores[:n], strict=True))
+    digest = hashlib.sha256(repr((segment, recs.model_version, recs.computed_at, items)).encode()).hexdigest()[:20]
+    etag = f'"{digest}"'
+    headers = {"ETag": etag, "Cache-Control": f"public, max-age={services.settings.segment_max_age_s}"}
+    metrics.REQUEST_LATENCY.labels("segments", "popular").observe(time.perf_counter() - started)
+    if etag in {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}:
+        return Response(status_code=304, headers=headers)
+    body = {
+        "segment": segment,
+        "items": [{"item_id": item, "score": score} for item, score in items],
+        "source": "popular",
+        "model_version": recs.model_version,
+    }
+    return ORJSONResponse(body, headers=headers)
+
+
+@app.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@app.get("/readyz", response_model=None, responses={503: {"description": "Cannot serve at all"}})
+async def readyz(request: Request) -> ORJSONResponse:
+    """Ready while it can answer at all (popular lists in memory, index loaded); says what is degraded."""
+    services = services_of(request)
+    components: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(0.5):
+            await services.backend.control(Command("PING", "dp:active"))
+        components["redis"] = "ok"
+    except (StoreUnavailable, TimeoutError, OSError):
+        components["redis"] = "unreachable"
+    components["index"] = f"ok ({len(services.retriever.item_ids)} items)"
+    if isinstance(services.ranker, TritonRanker):
+        ready = await services.ranker.ready()
+        components["ranker"] = (
+            "ok (triton)" if ready else f"unreachable (triton, circuit {services.ranker.breaker.state})"
+        )
+    else:
+        components["ranker"] = "ok (in-process onnxruntime)"
+    components["popular"] = "ok" if services.popular.loaded else "not loaded"
+    degraded = sorted(name for name, state in components.items() if not state.startswith("ok"))
+    can_serve = services.popular.loaded
+    body = {
+        "status": ("degraded" if degraded else "ready") if can_serve else "unavailable",
+        "degraded": degraded,
+        "components": components,
+        "model_version": services.ranker.model_version,
+    }
+    return ORJSONResponse(body, status_code=200 if can_serve else 503)
+
+
+@app.get("/metrics")
+async def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,88 @@
+"""Service settings: typed, with units in the names, read from ``RECSERVE_*`` environment variables and
+validated at start (a bad value stops the service with the rule it broke)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSERVE_", extra="ignore")
+
+    redis_urls: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Comma-separated Redis URLs. Standalone mode: one or more shards on a hash ring. "
+        "Cluster mode: any one node of the Redis Cluster.",
+    )
+    redis_mode: Literal["sharded", "cluster"] = Field("sharded", description="Topology of redis_urls.")
+    redis_timeout_ms: float = Field(25.0, description="Per-shard deadline of one batch read.")
+    triton_url: str | None = Field(
+        None,
+        description="Triton gRPC address (host:port, or dns:///name:port for client-side round robin over a "
+        "headless Service). Unset: rank in process with ONNX Runtime.",
+    )
+    triton_model: str = Field("ranker_onnx", description="Triton model that ranks.")
+    triton_max_connection_age_s: float = Field(
+        300.0, description="Reconnect (and re-resolve DNS) this often, so new Triton pods get traffic."
+    )
+    onnx_model_path: Path = Field(
+        REPO_ROOT / "model_repository" / "ranker_onnx" / "1" / "model.onnx",
+        description="Ranker for the in-process backend (used when triton_url is unset).",
+    )
+    index_path: Path = Field(
+        REPO_ROOT / "build" / "artifacts" / "synthetic" / "item_index.faiss",
+        description="FAISS item index; its manifest sits beside it (.json).",
+    )
+    deadline_ms: float = Field(100.0, description="End-to-end budget of one recommendation request.")
+    fallback_reserve_ms: float = Field(
+        20.0, description="Part of the deadline kept for the fallback path (pre-computed, then popular)."
+    )
+    n_candidates: int = Field(200, description="Candidates retrieved from FAISS and ranked per request.")
+    max_n: int = Field(100, description="Longest list a client may ask for; the cached list has this length.")
+    local_cache_size: int = Field(100_000, description="Entries in the in-process LRU cache.")
+    local_cache_ttl_s: float = Field(
+        1.0, description="Lifetime of a local cache entry: the hard bound on cross-replica staleness."
+    )
+    redis_cache_ttl_s: int = Field(300, description="Lifetime of a shared (Redis) cache entry.")
+    segment_max_age_s: int = Field(60, description="Cache-Control max-age of the anonymous segment lists.")
+    popular_refresh_s: float = Field(60.0, description="How often popular lists are re-read from Redis.")
+    breaker_failures: int = Field(5, description="Consecutive ranker failures that open the circuit.")
+    breaker_reset_s: float = Field(2.0, description="How long an open circuit waits before probing again.")
+
+    @field_validator(
+        "redis_timeout_ms", "deadline_ms", "local_cache_ttl_s", "triton_max_connection_age_s", "breaker_reset_s"
+    )
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"must be > 0, got {value}")
+        return value
+
+    @field_validator("n_candidates", "max_n", "local_cache_size", "redis_cache_ttl_s", "breaker_failures")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be an integer >= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _budget(self) -> Settings:
+        if not 0 <= self.fallback_reserve_ms < self.deadline_ms:
+            raise ValueError(
+                f"fallback_reserve_ms must be in 0..deadline_ms ({self.deadline_ms}), got {self.fallback_reserve_ms}"
+            )
+        if self.max_n > self.n_candidates:
+            raise ValueError(f"max_n ({self.max_n}) must be <= n_candidates ({self.n_candidates})")
+        if not self.redis_url_list:
+            raise ValueError("redis_urls must name at least one Redis URL")
+        return self
+
+    @property
+    def redis_url_list(self) -> list[str]:
+        return [url.strip() for url in self.redis_urls.split(",") if url.strip()]

@@ -1,0 +1,25 @@
+"""Prometheus metrics. Names are part of the contract with the Grafana dashboard in k8s/."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+# Buckets around the 100 ms SLO: fine below it, coarse above.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+
+REQUEST_LATENCY = Histogram(
+    "recserve_request_latency_seconds", "End-to-end request latency.", ["endpoint", "source"], buckets=LATENCY_BUCKETS_S
+)
+STAGE_LATENCY = Histogram(
+    "recserve_stage_latency_seconds", "Latency of one stage of the request flow.", ["stage"], buckets=LATENCY_BUCKETS_S
+)
+CACHE_HITS = Counter("recserve_cache_hits_total", "Cache hits per layer.", ["layer"])
+CACHE_MISSES = Counter("recserve_cache_misses_total", "Cache misses per layer.", ["layer"])
+FALLBACKS = Counter("recserve_fallbacks_total", "Answers not computed in real time, by reason.", ["reason"])
+RANKER_ERRORS = Counter("recserve_ranker_errors_total", "Ranker calls that failed or timed out.")
+SINGLE_FLIGHT_JOINS = Counter("recserve_single_flight_joins_total", "Requests that joined an in-flight computation.")
+MISSING_FEATURES = Counter(
+    "recserve_missing_features_total", "Rows whose features or embeddings were missing and defaulted.", ["kind"]
+)
+EVENTS = Counter("recserve_events_total", "Accepted events by type.", ["type"])
+INVALIDATIONS = Counter("recserve_invalidations_total", "Local cache evictions by cause.", ["cause"])

@@ -1,0 +1,107 @@
+"""Ranking on Triton over gRPC (``tritonclient`` aio), within what is left of the request deadline.
+
+Balancing: with ``dns:///triton-headless:8001`` the gRPC channel resolves every Triton pod and spreads
+calls round robin; re-creating the channel every ``max_connection_age_s`` re-resolves DNS, so pods
+added by the autoscaler get traffic instead of idling behind long-lived connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+from orchestrator import metrics
+from orchestrator.ranking import RankerUnavailable, RankingRequest, check_scores
+from orchestrator.ranking.breaker import CircuitBreaker
+
+_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+
+
+def channel_args(url: str) -> list[tuple[str, object]]:
+    args: list[tuple[str, object]] = [
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.max_receive_message_length", 64 << 20),
+    ]
+    if url.startswith("dns:"):
+        args.append(("grpc.lb_policy_name", "round_robin"))
+    return args
+
+
+class TritonRanker:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        model_version: str,
+        output: str = "score",
+        max_connection_age_s: float = 300.0,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.url = url
+        self.model = model
+        self.model_version = model_version
+        self.output = output
+        self.max_connection_age_s = max_connection_age_s
+        self.breaker = breaker or CircuitBreaker(failures=5, reset_s=2.0)
+        self._client: grpcaio.InferenceServerClient | None = None
+        self._client_born = 0.0
+        self._retired: set[asyncio.Task[None]] = set()
+
+    def _current_client(self) -> grpcaio.InferenceServerClient:
+        now = time.monotonic()
+        if self._client is None or now - self._client_born > self.max_connection_age_s:
+            old = self._client
+            self._client = grpcaio.InferenceServerClient(self.url, channel_args=channel_args(self.url))
+            self._client_born = now
+            if old is not None:
+                # Let calls in flight on the old channel finish before closing it.
+                task = asyncio.ensure_future(self._close_later(old))
+                self._retired.add(task)
+                task.add_done_callback(self._retired.discard)
+        return self._client
+
+    @staticmethod
+    async def _close_later(client: grpcaio.InferenceServerClient, grace_s: float = 5.0) -> None:
+        await asyncio.sleep(grace_s)
+        await client.close()
+
+    async def score(self, request: RankingRequest, timeout_s: float | None = None) -> np.ndarray:
+        if not self.breaker.allow():
+            raise RankerUnavailable(f"Triton at {self.url}: circuit open after repeated failures")
+        inputs = []
+        for name, value in request.tensors().items():
+            tensor = grpcaio.InferInput(name, list(value.shape), _DTYPES[value.dtype])
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        try:
+            result = await self._current_client().infer(
+                self.model,
+                inputs,
+                outputs=[grpcaio.InferRequestedOutput(self.output)],
+                client_timeout=timeout_s,
+            )
+        except (TimeoutError, InferenceServerException, OSError) as exc:
+            self.breaker.record_failure()
+            metrics.RANKER_ERRORS.inc()
+            raise RankerUnavailable(f"Triton at {self.url}: {exc}") from exc
+        self.breaker.record_success()
+        return check_scores(result.as_numpy(self.output), request.n_candidates, "triton")
+
+    async def ready(self, timeout_s: float = 0.5) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return bool(await self._current_client().is_model_ready(self.model))
+        except (InferenceServerException, OSError, TimeoutError):
+            return False
+
+    async def aclose(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()

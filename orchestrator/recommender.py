@@ -1,0 +1,274 @@
+"""The request flow, in the order of the diagram in DESIGN.md:
+
+    cache (local -> Redis)
+      miss -> single-flight per (user, context):
+        user embedding + features + seen set (Redis, concurrently)
+        -> FAISS candidates (off the event loop) -> candidate embeddings + features (Redis, per shard)
+        -> ranking (Triton over gRPC, within what is left of the deadline)
+        -> exclude seen/purchased -> top N -> cache write
+      deadline missed or a part down -> pre-computed list (Redis) -> popular list for the segment (memory)
+
+Fallbacks catch the declared dependency errors only (timeouts, ``StoreUnavailable``,
+``RankerUnavailable``); anything else is a bug and propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from orchestrator import metrics, schema
+from orchestrator.cache import UNKNOWN_GENERATION, CachedList, RecommendationCache
+from orchestrator.config import Settings
+from orchestrator.popular import PopularLists
+from orchestrator.ranking import Ranker, RankerUnavailable, RankingRequest
+from orchestrator.retrieval import Retriever
+from orchestrator.singleflight import SingleFlight
+from orchestrator.store import EmbeddingStore, FeatureStore, PrecomputedStore
+from orchestrator.store.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+DEPENDENCY_ERRORS = (TimeoutError, StoreUnavailable, RankerUnavailable)
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """The allow-listed context of a request: the only fields that change the ranking (and the cache key)."""
+
+    page_type: str = "home"
+    device: str = "web"
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.page_type}|{self.device}"
+
+    def features(self) -> np.ndarray:
+        return np.asarray(
+            [
+                schema.context_index(schema.PAGE_TYPES, self.page_type),
+                schema.context_index(schema.DEVICES, self.device),
+            ],
+            dtype=np.int64,
+        )
+
+
+@dataclass
+class Recommendation:
+    user_id: str
+    items: list[tuple[str, float]]
+    source: str  # cache | realtime | precomputed | popular
+    model_version: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    fallback_reason: str | None = None
+
+
+class UnknownUser(Exception):
+    """No embedding for this user: nothing to personalise with."""
+
+
+class StageTimer:
+    def __init__(self) -> None:
+        self.timings_ms: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            self.timings_ms[name] = round(elapsed * 1000, 3)
+            metrics.STAGE_LATENCY.labels(name).observe(elapsed)
+
+
+@dataclass
+class Computed:
+    value: CachedList
+    timings_ms: dict[str, float]
+
+
+class Recommender:
+    def __init__(
+        self,
+        settings: Settings,
+        cache: RecommendationCache,
+        embeddings: EmbeddingStore,
+        features: FeatureStore,
+        retriever: Retriever,
+        ranker: Ranker,
+        precomputed: PrecomputedStore,
+        popular: PopularLists,
+        n_items: int,
+    ) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.embeddings = embeddings
+        self.features = features
+        self.retriever = retriever
+        self.ranker = ranker
+        self.precomputed = precomputed
+        self.popular = popular
+        self.n_items = n_items
+        self.single_flight: SingleFlight[Computed] = SingleFlight()
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def model_version(self) -> str:
+        return self.ranker.model_version
+
+    async def recommend(self, user_id: str, n: int, context: RequestContext) -> Recommendation:
+        started = time.perf_counter()
+        deadline = started + self.settings.deadline_ms / 1000
+        realtime_budget_s = (self.settings.deadline_ms - self.settings.fallback_reserve_ms) / 1000
+        timer = StageTimer()
+        with timer.stage("cache"):
+            try:
+                async with asyncio.timeout(realtime_budget_s):
+                    lookup = await self.cache.get(user_id, context.cache_key)
+            except DEPENDENCY_ERRORS:
+                lookup = None
+        if lookup is not None and lookup.value is not None:
+            return self._answer(user_id, lookup.value, n, "cache", timer.timings_ms)
+        generation = lookup.generation if lookup is not None else UNKNOWN_GENERATION
+        remaining_s = realtime_budget_s - (time.perf_counter() - started)
+        try:
+            async with asyncio.timeout(max(remaining_s, 0.0)):
+                computed, joined = await self.single_flight.do(
+                    f"{user_id}|{context.cache_key}",
+                    lambda: self._compute(user_id, context, generation, started + realtime_budget_s),
+                )
+        except UnknownUser:
+            return await self._fallback(user_id, n, "unknown_user", deadline, timer, try_precomputed=False)
+        except DEPENDENCY_ERRORS as exc:
+            return await self._fallback(user_id, n, _reason(exc), deadline, timer)
+        if joined:
+            metrics.SINGLE_FLIGHT_JOINS.inc()
+        timer.timings_ms.update(computed.timings_ms)
+        return self._answer(user_id, computed.value, n, "realtime", timer.timings_ms)
+
+    async def _compute(
+        self, user_id: str, context: RequestContext, generation: int, realtime_deadline: float
+    ) -> Computed:
+        timer = StageTimer()
+        with timer.stage("user_features"):
+            user_vectors, user_rows, seen_sets = await asyncio.gather(
+                self.embeddings.get_batch("user", [user_id]),
+                self.features.get_rows("user", [user_id]),
+                self.features.seen([user_id]),
+            )
+        if user_vectors.unavailable[0] or seen_sets[0] is None:
+            raise StoreUnavailable(f"user {user_id}", user_vectors.down or ("seen",))
+        if not user_vectors.found[0]:
+            raise UnknownUser(user_id)
+        if not user_rows.found[0]:
+            metrics.MISSING_FEATURES.labels("user").inc()  # defaulted to the "unknown" index 0
+        seen = seen_sets[0]
+
+        with timer.stage("retrieval"):
+            k = min(self.n_items, self.settings.n_candidates + len(seen))
+            found_ids, _ = await self.retriever.search(user_vectors.matrix[:1], k)
+            candidates = [i for i in found_ids[0] if i not in seen][: self.settings.n_candidates]
+
+        with timer.stage("item_features"):
+            item_vectors, item_rows = await asyncio.gather(
+                self.embeddings.get_batch("item", candidates), self.features.get_rows("item", candidates)
+            )
+        usable = item_vectors.found
+        if not usable.all():
+            metrics.MISSING_FEATURES.labels("item_embedding").inc(int((~usable).sum()))
+        if not item_rows.found[usable].all():
+            metrics.MISSING_FEATURES.labels("item").inc(int((~item_rows.found[usable]).sum()))
+        kept = [c for c, ok in zip(candidates, usable.tolist(), strict=True) if ok]
+        if not kept:
+            raise StoreUnavailable("candidate embeddings", item_vectors.down or ("no candidate found",))
+
+        with timer.stage("ranking"):
+            request = RankingRequest(
+                user_embedding=user_vectors.matrix[0],
+                user_features=user_rows.matrix[0],
+                item_embeddings=item_vectors.matrix[usable],
+                item_features=item_rows.matrix[usable],
+                context_features=context.features(),
+            )
+            timeout_s = realtime_deadline - time.perf_counter()
+            if timeout_s <= 0:
+                raise TimeoutError("no time left to rank")
+            scores = await self.ranker.score(request, timeout_s=timeout_s)
+
+        order = np.argsort(-scores, kind="stable")[: self.settings.max_n]
+        value = CachedList(
+            tuple(kept[i] for i in order), tuple(float(scores[i]) for i in order), self.model_version, generation
+        )
+        self._in_background(self.cache.set(user_id, context.cache_key, value))
+        return Computed(value, timer.timings_ms)
+
+    async def _fallback(
+        self,
+        user_id: str,
+        n: int,
+        reason: str,
+        deadline: float,
+        timer: StageTimer,
+        try_precomputed: bool = True,
+    ) -> Recommendation:
+        metrics.FALLBACKS.labels(reason).inc()
+        seen: set[str] = set()
+        if try_precomputed:
+            with timer.stage("precomputed"):
+                try:
+                    async with asyncio.timeout(max(deadline - time.perf_counter(), 0.0)):
+                        (stored,), (seen_now,) = await asyncio.gather(
+                            self.precomputed.get_recs([user_id]), self.features.seen([user_id])
+                        )
+                except DEPENDENCY_ERRORS:
+                    stored, seen_now = None, None
+            seen = seen_now or set()
+            if stored is not None:
+                # Purchases since the list was computed must not come back.
+                items = [(i, s) for i, s in zip(stored.items, stored.scores, strict=True) if i not in seen]
+                if items:
+                    return Recommendation(
+                        user_id, items[:n], "precomputed", stored.model_version, timer.timings_ms, reason
+                    )
+        popular = self.popular.get(schema.GLOBAL_SEGMENT)
+        items = [(i, s) for i, s in zip(popular.items, popular.scores, strict=True) if i not in seen]
+        return Recommendation(user_id, items[:n], "popular", popular.model_version, timer.timings_ms, reason)
+
+    def _answer(
+        self, user_id: str, value: CachedList, n: int, source: str, timings: dict[str, float]
+    ) -> Recommendation:
+        items = list(zip(value.items[:n], value.scores[:n], strict=True))
+        return Recommendation(user_id, items, source, value.model_version, timings)
+
+    def _in_background(self, coroutine: object) -> None:
+        """Cache writes do not hold up the answer; failures are logged, never raised to the client."""
+
+        async def guarded() -> None:
+            try:
+                await coroutine  # type: ignore[misc]
+            except DEPENDENCY_ERRORS as exc:
+                log.debug("cache write skipped: %s", exc)
+
+        task = asyncio.ensure_future(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background cache writes (shutdown, tests)."""
+        if self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "deadline"
+    if isinstance(exc, RankerUnavailable):
+        return "ranker_unavailable"
+    return "store_unavailable"
