@@ -238,6 +238,14 @@ async def recommendations(
     return ORJSONResponse(body)
 
 
+@app.get("/v1/recommendations/", include_in_schema=False)
+@app.get("/v1/recommendations", include_in_schema=False)
+async def recommendations_without_user() -> ORJSONResponse:
+    # Without this route an empty user id would be a bare 404; say what is wrong instead.
+    detail = [{"type": "missing", "loc": ["path", "user_id"], "msg": "user_id must not be empty"}]
+    return ORJSONResponse({"detail": detail}, status_code=422)
+
+
 @app.post(
     "/v1/events",
     status_code=202,

@@ -5,8 +5,10 @@ into the repository's own build/ or model_repository/."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,3 +91,66 @@ def triton(exported: Exported, tmp_path_factory: pytest.TempPathFactory) -> Iter
     server.start()
     yield server
     server.stop()
+
+
+@dataclass
+class Stack:
+    """A private redis-server loaded with the small exported model (+ pre-computed lists)."""
+
+    redis: Any
+    exported: Exported
+    onnx_path: Path
+
+    def env(self, triton_url: str | None, **overrides: str) -> dict[str, str]:
+        env = {
+            "RECSERVE_REDIS_URLS": self.redis.url,
+            "RECSERVE_INDEX_PATH": str(self.exported.bundle_path / "item_index.faiss"),
+            "RECSERVE_ONNX_MODEL_PATH": str(self.onnx_path),
+            # Generous for a shared 2-core CI machine; the deadline tests set their own.
+            "RECSERVE_DEADLINE_MS": "1000",
+            "RECSERVE_FALLBACK_RESERVE_MS": "200",
+            "RECSERVE_REDIS_TIMEOUT_MS": "200",
+        }
+        if triton_url:
+            env["RECSERVE_TRITON_URL"] = triton_url
+        return env | overrides
+
+
+@pytest.fixture(scope="session")
+def stack(exported: Exported) -> Iterator[Stack]:
+    import asyncio
+
+    from export.redis_local import start_server
+    from export.stack import load_and_precompute
+
+    server = start_server()
+    onnx_path = exported.repo / "ranker_onnx" / "1" / "model.onnx"
+    asyncio.run(load_and_precompute(server.url, exported.bundle, onnx_path, progress=False))
+    yield Stack(server, exported, onnx_path)
+    server.stop()
+
+
+@contextmanager
+def running_orchestrator(env: dict[str, str], log_path: Path) -> Iterator[Any]:
+    from export.stack import start_orchestrator
+    from export.triton_launcher import free_port
+
+    orchestrator = start_orchestrator(env, free_port(), log_path=log_path)
+    try:
+        yield orchestrator
+    finally:
+        orchestrator.stop()
+
+
+@pytest.fixture(scope="session")
+def app_url(stack: Stack, triton: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The orchestrator over HTTP, ranking on the real Triton."""
+    with running_orchestrator(stack.env(triton.grpc_url), tmp_path_factory.mktemp("app") / "app.log") as app:
+        yield app.url
+
+
+@pytest.fixture(scope="session")
+def second_app_url(stack: Stack, triton: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second replica on the same Redis (for cross-replica invalidation)."""
+    with running_orchestrator(stack.env(triton.grpc_url), tmp_path_factory.mktemp("app2") / "app.log") as app:
+        yield app.url

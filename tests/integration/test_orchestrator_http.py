@@ -1,0 +1,173 @@
+"""The orchestrator over real HTTP, on a real Redis and a real Triton (both started by the fixtures)."""
+
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from export.model_repository import render_profile_repository
+from export.precompute import Candidates, PrecomputeConfig, offline_top_n
+from export.triton_config import ranker_models
+from export.triton_launcher import TritonServer
+from orchestrator.ranking.onnx_ranker import OnnxRanker
+from orchestrator.retrieval import FaissRetriever
+from tests.conftest import Stack, running_orchestrator
+
+pytestmark = pytest.mark.integration
+
+
+def get(url: str, **params: object) -> dict:
+    response = httpx.get(url, params=params, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def recs(base: str, user: str, **params: object) -> dict:
+    return get(f"{base}/v1/recommendations/{user}", **params)
+
+
+def test_known_user_gets_realtime_then_cache(app_url: str) -> None:
+    first = recs(app_url, "11", n=10)
+    second = recs(app_url, "11", n=10)
+    assert first["source"] == "realtime" and second["source"] == "cache"
+    assert first["items"] == second["items"] and len(first["items"]) == 10
+    assert first["model_version"] == second["model_version"]
+
+
+def test_served_top_n_equals_the_offline_top_n(app_url: str, stack: Stack) -> None:
+    bundle = stack.exported.bundle
+    retriever = FaissRetriever(bundle.path / "item_index.faiss")
+    candidates = Candidates(bundle, retriever, PrecomputeConfig())
+    score = OnnxRanker(stack.onnx_path, bundle.model_version).run
+    for user in ("3", "17", "42"):
+        served = recs(app_url, user, n=20, page_type="home", device="web")
+        offline_items, offline_scores = offline_top_n(candidates, bundle.user_ids.index(user), score)
+        assert [i["item_id"] for i in served["items"]] == offline_items[:20]
+        np.testing.assert_allclose([i["score"] for i in served["items"]], offline_scores[:20], atol=1e-5)
+
+
+def test_unknown_user_gets_popular(app_url: str, stack: Stack) -> None:
+    body = recs(app_url, "not-a-user", n=5)
+    assert body["source"] == "popular"
+    assert [i["item_id"] for i in body["items"]] == stack.exported.bundle.popular["global"][:5]
+
+
+def test_purchase_is_excluded_from_the_next_answer(app_url: str) -> None:
+    before = recs(app_url, "23", n=10)
+    bought = before["items"][0]["item_id"]
+    response = httpx.post(
+        f"{app_url}/v1/events", json={"user_id": "23", "item_id": bought, "type": "purchase"}, timeout=10
+    )
+    assert response.status_code == 202 and response.json()["status"] == "accepted"
+    after = recs(app_url, "23", n=10)
+    assert after["source"] == "realtime"  # invalidated, so recomputed
+    assert bought not in [i["item_id"] for i in after["items"]]
+
+
+def test_an_event_on_one_replica_invalidates_the_other_within_a_second(app_url: str, second_app_url: str) -> None:
+    user = "31"
+    cached = recs(second_app_url, user, n=10)
+    assert recs(second_app_url, user, n=10)["source"] == "cache"
+    bought = cached["items"][0]["item_id"]
+    httpx.post(f"{app_url}/v1/events", json={"user_id": user, "item_id": bought, "type": "purchase"}, timeout=10)
+    started = time.monotonic()
+    while True:  # poll the other replica until it stops serving the old list
+        items = [i["item_id"] for i in recs(second_app_url, user, n=10)["items"]]
+        if bought not in items:
+            break
+        assert time.monotonic() - started < 1.0, "replica B served the pre-purchase list for over 1 s"
+    assert time.monotonic() - started < 1.0
+
+
+def test_segment_lists_are_cdn_cacheable(app_url: str) -> None:
+    url = f"{app_url}/v1/segments/global/recommendations"
+    first = httpx.get(url, params={"n": 5}, timeout=10)
+    assert first.status_code == 200 and first.json()["source"] == "popular"
+    assert first.headers["cache-control"].startswith("public, max-age=")
+    etag = first.headers["etag"]
+    again = httpx.get(url, params={"n": 5}, headers={"If-None-Match": etag}, timeout=10)
+    assert again.status_code == 304 and again.headers["etag"] == etag
+    missing = httpx.get(f"{app_url}/v1/segments/teenagers/recommendations", timeout=10)
+    assert missing.status_code == 404 and "unknown segment 'teenagers'" in missing.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        ("/v1/recommendations/7", {"n": 0}, "n"),
+        ("/v1/recommendations/7", {"n": 101}, "n"),
+        ("/v1/recommendations/7", {"page_type": "moon"}, "page_type"),
+        ("/v1/recommendations/7", {"device": "fridge"}, "device"),
+        ("/v1/recommendations/", {}, "user_id"),
+        ("/v1/recommendations/" + "x" * 65, {}, "user_id"),
+        ("/v1/recommendations/a%20b", {}, "user_id"),
+        ("/v1/recommendations/%7Bu%3A1%7D", {}, "user_id"),
+    ],
+)
+def test_bad_query_input_is_a_422_naming_the_field(app_url: str, path: str, params: dict, field: str) -> None:
+    response = httpx.get(app_url + path, params=params, timeout=10)
+    assert response.status_code == 422, response.text
+    assert field in [str(part) for part in response.json()["detail"][0]["loc"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"user_id": "1", "item_id": "2", "type": "buy"}, "type"),
+        ({"user_id": "", "item_id": "2", "type": "view"}, "user_id"),
+        ({"user_id": "1", "type": "view"}, "item_id"),
+        ({"user_id": "1", "item_id": "2", "type": "view", "extra": 1}, "extra"),
+    ],
+)
+def test_bad_events_are_a_422_naming_the_field(app_url: str, body: dict, field: str) -> None:
+    response = httpx.post(f"{app_url}/v1/events", json=body, timeout=10)
+    assert response.status_code == 422
+    assert field in [str(part) for part in response.json()["detail"][0]["loc"]]
+
+
+def test_malformed_json_is_a_422(app_url: str) -> None:
+    response = httpx.post(
+        f"{app_url}/v1/events", content=b'{"user_id": ', headers={"content-type": "application/json"}, timeout=10
+    )
+    assert response.status_code == 422 and response.json()["detail"][0]["type"] == "json_invalid"
+
+
+def test_debug_adds_per_stage_timings(app_url: str) -> None:
+    body = recs(app_url, "44", n=5, debug="true")
+    assert body["source"] == "realtime"
+    assert {"cache", "user_features", "retrieval", "item_features", "ranking", "total"} <= set(body["timings_ms"])
+
+
+def test_metrics_are_exported(app_url: str) -> None:
+    recs(app_url, "45", n=5)
+    text = httpx.get(f"{app_url}/metrics", timeout=10).text
+    for name in (
+        "recserve_request_latency_seconds_bucket",
+        "recserve_stage_latency_seconds_bucket",
+        "recserve_cache_misses_total",
+    ):
+        assert name in text
+
+
+def test_with_triton_stopped_answers_are_precomputed_and_readyz_says_degraded(stack: Stack, tmp_path: Path) -> None:
+    models = ranker_models(stack.exported.bundle.dim, stack.exported.batching)
+    repo = render_profile_repository("cpu", tmp_path / "cpu", stack.exported.repo, models=models)
+    triton = TritonServer(repo, log_path=tmp_path / "triton.log").start()
+    env = stack.env(triton.grpc_url, RECSERVE_DEADLINE_MS="300", RECSERVE_FALLBACK_RESERVE_MS="100")
+    try:
+        with running_orchestrator(env, tmp_path / "app.log") as app:
+            assert recs(app.url, "51", n=5)["source"] == "realtime"
+            assert get(f"{app.url}/readyz")["components"]["ranker"] == "ok (triton)"
+            triton.kill()
+            started = time.perf_counter()
+            body = recs(app.url, "52", n=5)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            assert body["source"] == "precomputed" and len(body["items"]) == 5
+            assert elapsed_ms < 300 + 150  # the deadline, plus HTTP and scheduling slack on a busy machine
+            ready = httpx.get(f"{app.url}/readyz", timeout=10)
+            assert ready.status_code == 200
+            assert ready.json()["status"] == "degraded" and "ranker" in ready.json()["degraded"]
+    finally:
+        triton.stop()
