@@ -1,0 +1,163 @@
+"""The benchmark machinery, not its speed: section blocks, measurements.json, percentiles and ratios."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from export.bench import (
+    BenchContext,
+    Machine,
+    Measured,
+    SectionResult,
+    format_ratio,
+    markdown_table,
+    median,
+    percentile,
+    ratio,
+    replace_section,
+    replace_section_text,
+    run_sections,
+    update_measurements,
+)
+from export.bench_batching import LoadResult, Sweep, recommend, windowed_rates
+
+
+def test_replace_section_appends_a_missing_section_with_markers(tmp_path: Path) -> None:
+    path = tmp_path / "B.md"
+    replace_section(path, "ranker", "## Ranker\n\nfast")
+    assert path.read_text() == "<!-- section:ranker -->\n## Ranker\n\nfast\n<!-- /section:ranker -->\n"
+    replace_section(path, "batching", "## Batching")
+    text = path.read_text()
+    assert text.index("section:ranker") < text.index("section:batching")
+    assert text.endswith("<!-- /section:batching -->\n")
+
+
+def test_replace_section_replaces_only_its_own_block(tmp_path: Path) -> None:
+    path = tmp_path / "B.md"
+    for name in ("a", "b", "c"):
+        replace_section(path, name, f"old {name}")
+    replace_section(path, "b", "new b\nsecond line")
+    text = path.read_text()
+    assert "old b" not in text
+    assert "<!-- section:b -->\nnew b\nsecond line\n<!-- /section:b -->" in text
+    assert "old a" in text and "old c" in text
+    assert text.index("old a") < text.index("new b") < text.index("old c")  # order kept
+    replace_section(path, "b", "new b\nsecond line")
+    assert path.read_text() == text  # idempotent
+
+
+def test_text_outside_the_markers_is_kept() -> None:
+    text = "intro by hand\n\n<!-- section:x -->\nold\n<!-- /section:x -->\n\nfooter\n"
+    assert (
+        replace_section_text(text, "x", "new")
+        == "intro by hand\n\n<!-- section:x -->\nnew\n<!-- /section:x -->\n\nfooter\n"
+    )
+
+
+def test_the_header_goes_first_and_replaces_a_bare_title() -> None:
+    text = "# Benchmarks\n\n<!-- section:dataplane -->\nredis\n<!-- /section:dataplane -->\n"
+    out = replace_section_text(text, "header", "# Benchmarks\n\nabout")
+    assert out.startswith("<!-- section:header -->\n# Benchmarks\n\nabout\n<!-- /section:header -->\n\n")
+    assert out.count("# Benchmarks") == 1
+    assert "redis" in out
+
+
+def test_an_unclosed_section_is_reported_not_overwritten() -> None:
+    with pytest.raises(ValueError, match=r"section 'x' opens with <!-- section:x --> but has no closing"):
+        replace_section_text("<!-- section:x -->\nhalf", "x", "new")
+
+
+def test_section_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="section name must match"):
+        replace_section_text("", "bad name -->", "x")
+
+
+def test_percentile_median_and_ratio() -> None:
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert median(values) == pytest.approx(50.5)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([7.0], 99) == 7.0
+    assert ratio(30.0, 10.0) == 3.0
+    assert format_ratio(ratio(1.0, 3.0)) == "0.33x"
+
+
+def test_percentile_and_ratio_refuse_what_would_be_a_silent_wrong_figure() -> None:
+    with pytest.raises(ValueError, match="empty sample"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match=r"q must lie in 0..100, got 101"):
+        percentile([1.0], 101)
+    with pytest.raises(ValueError, match=r"positive denominator, got 0.0 \(numerator 5.0\)"):
+        ratio(5.0, 0.0)
+
+
+def test_markdown_table_checks_its_shape() -> None:
+    assert markdown_table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---:|\n| 1 | 2 |"
+    with pytest.raises(ValueError, match="a row has 1 cells but the header has 2"):
+        markdown_table(["a", "b"], [[1]])
+
+
+def test_windowed_rates_count_completions_per_window() -> None:
+    completions = (0.1, 0.2, 0.6, 0.7, 0.8, 1.4)
+    assert windowed_rates(completions, 1.5, 0.5, weight=200) == [800.0, 1200.0, 400.0]
+
+
+def test_update_measurements_sets_measured_keys_and_keeps_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    path.write_text(
+        json.dumps(
+            {
+                "about": "kept",
+                "measurements": {
+                    "measured": {"value": 1, "unit": "u", "source": "guess", "provisional": True},
+                    "untouched": {"value": 2, "unit": "v", "source": "guess", "provisional": True},
+                },
+            }
+        )
+    )
+    update_measurements(path, {"measured": Measured(42.0, "rows/s"), "new": Measured(3.0, "x")}, "cmd (date)")
+    raw = json.loads(path.read_text())
+    assert raw["about"] == "kept"
+    assert raw["measurements"]["measured"] == {"value": 42.0, "unit": "rows/s", "source": "cmd (date)"}
+    assert raw["measurements"]["untouched"]["provisional"] is True
+    assert raw["measurements"]["new"]["source"] == "cmd (date)"
+
+
+def test_run_sections_writes_what_ran_and_keeps_a_failed_sections_block(tmp_path: Path) -> None:
+    md, measurements = tmp_path / "B.md", tmp_path / "m.json"
+    replace_section(md, "b", "old b")
+    ctx = BenchContext("python -m export bench --only a b", "2026-01-01", Machine(2, "test CPU"), work_dir=tmp_path)
+
+    def boom(ctx: BenchContext) -> SectionResult:
+        raise RuntimeError("broken")
+
+    sections = {"a": lambda c: SectionResult(f"## A\n\n{c.provenance()}", {"k": Measured(1.0, "u")}), "b": boom}
+    assert run_sections(["a", "b"], ctx, md, measurements, sections) == ["b"]
+    text = md.read_text()
+    assert text.startswith("<!-- section:header -->")
+    assert "Command: `python -m export bench --only a b`" in text and "2 cores (test CPU)" in text
+    assert "old b" in text
+    assert json.loads(measurements.read_text())["measurements"]["k"]["source"] == ctx.source()
+
+
+def _load(rows_per_s: float, p50_ms: float, concurrency: int) -> LoadResult:
+    n = 20
+    return LoadResult(
+        concurrency,
+        200,
+        1.0,
+        latencies_s=(p50_ms / 1000,) * n,
+        completions_s=tuple(i / n for i in range(n)) if rows_per_s else (),
+        inferences=0,
+        executions=0,
+    )
+
+
+def test_recommend_takes_the_smallest_delay_that_ties_the_best_throughput() -> None:
+    # Every setting completes 20 requests x 200 rows per second: a tie, so the smallest delay wins.
+    results: Sweep = {d: {c: _load(4000, p50_ms=5 + d, concurrency=c) for c in (1, 8, 16, 32)} for d in (0, 1, 5, 10)}
+    chosen = recommend(results)
+    assert chosen.delay_ms == 0
+    assert "5.0 ms at 0 ms" in chosen.why and "15.0 ms at 10 ms" in chosen.why
