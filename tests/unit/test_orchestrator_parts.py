@@ -1,0 +1,168 @@
+"""Unit tests of the orchestrator's parts: cache, single-flight, breaker, settings. No services."""
+
+import asyncio
+
+import pytest
+from pydantic import ValidationError
+
+from orchestrator.cache import CachedList, LocalTTLCache
+from orchestrator.config import Settings
+from orchestrator.ranking.breaker import CircuitBreaker
+from orchestrator.singleflight import SingleFlight
+
+
+def _value(tag: str, generation: int = 0) -> CachedList:
+    return CachedList((tag,), (1.0,), "v1", generation)
+
+
+def test_cached_list_round_trips() -> None:
+    value = CachedList(("1", "2"), (0.5, 0.25), "v7", 3)
+    assert CachedList.decode(value.encode()) == value
+
+
+def test_local_cache_is_a_bounded_lru() -> None:
+    cache = LocalTTLCache(max_entries=2, ttl_s=60)
+    cache.set("u1", "home|web", _value("a"))
+    cache.set("u2", "home|web", _value("b"))
+    assert cache.get("u1", "home|web") == _value("a")  # touch u1: u2 is now least recent
+    cache.set("u3", "home|web", _value("c"))
+    assert cache.get("u2", "home|web") is None
+    assert cache.get("u1", "home|web") is not None and len(cache) == 2
+
+
+def test_local_cache_entries_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("orchestrator.cache.time.monotonic", lambda: now[0])
+    cache = LocalTTLCache(max_entries=10, ttl_s=1.0)
+    cache.set("u", "ctx", _value("a"))
+    now[0] += 0.9
+    assert cache.get("u", "ctx") is not None
+    now[0] += 0.2
+    assert cache.get("u", "ctx") is None and len(cache) == 0
+
+
+def test_evicting_a_user_drops_every_context_and_nobody_else() -> None:
+    cache = LocalTTLCache(max_entries=10, ttl_s=60)
+    cache.set("u", "home|web", _value("a"))
+    cache.set("u", "cart|ios", _value("b"))
+    cache.set("v", "home|web", _value("c"))
+    assert cache.evict_user("u") == 2
+    assert cache.get("u", "home|web") is None and cache.get("u", "cart|ios") is None
+    assert cache.get("v", "home|web") == _value("c")
+
+
+async def test_single_flight_runs_the_work_once_for_concurrent_callers() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    release = asyncio.Event()
+    calls = 0
+
+    async def work() -> int:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return 42
+
+    waiters = [asyncio.ensure_future(flight.do("k", work)) for _ in range(5)]
+    await asyncio.sleep(0)  # let every waiter reach the flight
+    assert flight.in_flight == 1
+    release.set()
+    results = await asyncio.gather(*waiters)
+    assert calls == 1
+    assert [r for r, _ in results] == [42] * 5
+    assert sorted(joined for _, joined in results) == [False, True, True, True, True]
+    assert flight.in_flight == 0
+
+
+async def test_single_flight_gives_every_waiter_the_error() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    release = asyncio.Event()
+
+    async def work() -> int:
+        await release.wait()
+        raise ConnectionError("shard down")
+
+    waiters = [asyncio.ensure_future(flight.do("k", work)) for _ in range(3)]
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+
+
+async def test_a_waiters_deadline_does_not_cancel_the_shared_work() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    release = asyncio.Event()
+
+    async def work() -> int:
+        await release.wait()
+        return 7
+
+    impatient = asyncio.ensure_future(flight.do("k", work))
+    patient = asyncio.ensure_future(flight.do("k", work))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    release.set()
+    assert (await patient)[0] == 7
+    with pytest.raises(asyncio.CancelledError):
+        await impatient
+
+
+def test_breaker_opens_after_consecutive_failures_and_probes_once() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failures=3, reset_s=2.0, clock=lambda: now[0])
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record_failure()
+    assert breaker.state == "closed"
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 2.5
+    assert breaker.state == "half-open"
+    assert breaker.allow() and not breaker.allow()  # one probe at a time
+    breaker.record_failure()
+    assert breaker.state == "open"
+    now[0] = 5.0
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.allow()
+
+
+def test_breaker_rejects_a_bad_threshold() -> None:
+    with pytest.raises(ValueError, match="failures must be an integer >= 1, got 0"):
+        CircuitBreaker(failures=0, reset_s=1.0)
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSERVE_DEADLINE_MS", "80")
+    monkeypatch.setenv("RECSERVE_REDIS_URLS", "redis://a:1/0, redis://b:2/0")
+    settings = Settings()
+    assert settings.deadline_ms == 80.0
+    assert settings.redis_url_list == ["redis://a:1/0", "redis://b:2/0"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RECSERVE_DEADLINE_MS": "0"}, "must be > 0, got 0.0"),
+        ({"RECSERVE_FALLBACK_RESERVE_MS": "150"}, r"fallback_reserve_ms must be in 0..deadline_ms \(100.0\)"),
+        ({"RECSERVE_MAX_N": "300"}, r"max_n \(300\) must be <= n_candidates \(200\)"),
+        ({"RECSERVE_REDIS_MODE": "ring"}, "redis_mode"),
+        ({"RECSERVE_REDIS_URLS": " , "}, "redis_urls must name at least one Redis URL"),
+    ],
+)
+def test_bad_settings_stop_the_service_with_the_rule(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+def test_api_vocabularies_match_the_schema() -> None:
+    from typing import get_args
+
+    from orchestrator import schema
+    from orchestrator.app import Device, PageType
+
+    assert set(get_args(PageType)) == set(schema.PAGE_TYPES[1:])
+    assert set(get_args(Device)) == set(schema.DEVICES[1:])

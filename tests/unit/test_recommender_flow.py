@@ -1,0 +1,212 @@
+"""The request flow with in-process fakes of our own Protocols (no patched library internals)."""
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pytest
+
+from orchestrator import schema
+from orchestrator.cache import CachedList, CacheLookup
+from orchestrator.config import Settings
+from orchestrator.popular import PopularLists
+from orchestrator.ranking import RankerUnavailable, RankingRequest
+from orchestrator.recommender import Recommender, RequestContext
+from orchestrator.store import Lookup, Recommendations, SessionEvent
+from orchestrator.store.errors import StoreUnavailable
+
+DIM = 4
+ITEMS = [str(i) for i in range(1, 11)]
+
+
+class FakeEmbeddings:
+    def __init__(self, down: bool = False) -> None:
+        rng = np.random.default_rng(0)
+        self.vectors = {f"user:{u}": rng.normal(size=DIM).astype(np.float32) for u in ("1", "2")}
+        self.vectors |= {f"item:{i}": rng.normal(size=DIM).astype(np.float32) for i in ITEMS}
+        self.down = down
+
+    async def get_batch(self, kind: str, ids: Sequence[str]) -> Lookup:
+        n = len(ids)
+        if self.down:
+            return Lookup(np.full((n, DIM), np.nan, np.float32), np.zeros(n, bool), np.ones(n, bool), ("shard-0",))
+        rows = [self.vectors.get(f"{kind}:{i}") for i in ids]
+        found = np.array([r is not None for r in rows], dtype=bool)
+        matrix = np.stack([r if r is not None else np.full(DIM, np.nan, np.float32) for r in rows])
+        return Lookup(matrix, found, np.zeros(n, bool))
+
+    async def set_batch(self, kind: str, ids: Sequence[str], matrix: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+class FakeFeatures:
+    def __init__(self, seen: set[str] | None = None) -> None:
+        self._seen = seen or set()
+
+    async def get_rows(self, kind: str, ids: Sequence[str]) -> Lookup:
+        width = len(schema.USER_FEATURES if kind == "user" else schema.ITEM_FEATURES)
+        n = len(ids)
+        return Lookup(np.ones((n, width), np.int64), np.ones(n, bool), np.zeros(n, bool))
+
+    async def set_rows(self, kind: str, ids: Sequence[str], rows: np.ndarray) -> None: ...
+
+    async def recent_events(self, user_id: str, limit: int) -> list[SessionEvent]:
+        return []
+
+    async def add_event(self, user_id: str, event: SessionEvent) -> None: ...
+
+    async def seen(self, user_ids: Sequence[str]) -> list[set[str] | None]:
+        return [set(self._seen) for _ in user_ids]
+
+    async def add_seen(self, seen: Mapping[str, Sequence[str]]) -> None: ...
+
+
+class FakeRetriever:
+    async def search(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        return [ITEMS[:k]], np.zeros((1, k), np.float32)
+
+
+class FakeRanker:
+    """Scores by reverse retrieval order; or waits on ``gate`` forever; or fails."""
+
+    model_version = "v-test"
+
+    def __init__(self, gate: asyncio.Event | None = None, error: BaseException | None = None) -> None:
+        self.gate = gate
+        self.error = error
+        self.calls = 0
+
+    async def score(self, request: RankingRequest, timeout_s: float | None = None) -> np.ndarray:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        return np.arange(request.n_candidates, dtype=np.float32)
+
+
+class FakePrecomputed:
+    def __init__(self, lists: dict[str, Recommendations]) -> None:
+        self.lists = lists
+
+    async def get_recs(self, user_ids: Sequence[str]) -> list[Recommendations | None]:
+        return [self.lists.get(u) for u in user_ids]
+
+    async def set_recs(self, recs: Mapping[str, Recommendations], ttl_s: int) -> None: ...
+
+    async def get_popular(self, segment: str) -> Recommendations | None:
+        if segment == schema.GLOBAL_SEGMENT:
+            return Recommendations(("9", "8", "7"), (3.0, 2.0, 1.0), "v-pop", 0.0)
+        return None
+
+    async def set_popular(self, segment: str, recs: Recommendations) -> None: ...
+
+
+class FakeCache:
+    def __init__(self) -> None:
+        self.stored: dict[tuple[str, str], CachedList] = {}
+
+    async def get(self, user_id: str, context_key: str) -> CacheLookup:
+        value = self.stored.get((user_id, context_key))
+        return CacheLookup(value, "local" if value else None, 0)
+
+    async def set(self, user_id: str, context_key: str, value: CachedList) -> None:
+        self.stored[(user_id, context_key)] = value
+
+    async def invalidate(self, user_id: str) -> None:
+        self.stored = {k: v for k, v in self.stored.items() if k[0] != user_id}
+
+
+PRECOMPUTED = {"1": Recommendations(("5", "6", "7"), (0.9, 0.8, 0.7), "v-old", 0.0)}
+
+
+async def make(
+    ranker: FakeRanker, embeddings: FakeEmbeddings | None = None, seen: set[str] | None = None
+) -> Recommender:
+    precomputed = FakePrecomputed(PRECOMPUTED)
+    popular = PopularLists(precomputed)
+    await popular.refresh()
+    settings = Settings(deadline_ms=50, fallback_reserve_ms=20, n_candidates=8, max_n=5)
+    return Recommender(
+        settings,
+        FakeCache(),
+        embeddings or FakeEmbeddings(),
+        FakeFeatures(seen),
+        FakeRetriever(),
+        ranker,
+        precomputed,
+        popular,
+        n_items=len(ITEMS),
+    )
+
+
+async def test_realtime_ranks_then_serves_from_cache() -> None:
+    ranker = FakeRanker()
+    recommender = await make(ranker, seen={"1"})
+    first = await recommender.recommend("1", 3, RequestContext())
+    await recommender.drain()
+    second = await recommender.recommend("1", 3, RequestContext())
+    assert first.source == "realtime" and second.source == "cache"
+    # candidates 2..9 (seen "1" dropped, 8 candidates), best = last by the fake's scores
+    assert [i for i, _ in first.items] == ["9", "8", "7"]
+    assert first.items == second.items and ranker.calls == 1
+
+
+async def test_a_ranker_past_the_deadline_falls_back_to_precomputed_in_time() -> None:
+    recommender = await make(FakeRanker(gate=asyncio.Event()))  # never released
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    answer = await recommender.recommend("1", 3, RequestContext())
+    assert answer.source == "precomputed" and answer.fallback_reason == "deadline"
+    assert [i for i, _ in answer.items] == ["5", "6", "7"]
+    assert loop.time() - started < 0.05 + 0.02  # the 50 ms deadline, plus scheduling
+
+
+async def test_an_unavailable_ranker_falls_back_and_says_why() -> None:
+    recommender = await make(FakeRanker(error=RankerUnavailable("triton down")))
+    answer = await recommender.recommend("1", 3, RequestContext())
+    assert answer.source == "precomputed" and answer.fallback_reason == "ranker_unavailable"
+
+
+async def test_precomputed_fallback_drops_items_bought_since() -> None:
+    recommender = await make(FakeRanker(error=RankerUnavailable("down")), seen={"5"})
+    answer = await recommender.recommend("1", 3, RequestContext())
+    assert [i for i, _ in answer.items] == ["6", "7"]
+
+
+async def test_a_dead_shard_degrades_to_popular_for_a_user_without_a_precomputed_list() -> None:
+    recommender = await make(FakeRanker(), embeddings=FakeEmbeddings(down=True))
+    answer = await recommender.recommend("2", 3, RequestContext())
+    assert answer.source == "popular" and answer.fallback_reason == "store_unavailable"
+    assert [i for i, _ in answer.items] == ["9", "8", "7"]
+
+
+async def test_unknown_user_gets_popular() -> None:
+    answer = await (await make(FakeRanker())).recommend("stranger", 2, RequestContext())
+    assert answer.source == "popular" and answer.fallback_reason == "unknown_user"
+
+
+async def test_a_bug_is_not_swallowed_by_the_fallback() -> None:
+    recommender = await make(FakeRanker(error=ValueError("shape bug")))
+    with pytest.raises(ValueError, match="shape bug"):
+        await recommender.recommend("1", 3, RequestContext())
+
+
+async def test_concurrent_misses_for_one_user_rank_once() -> None:
+    gate = asyncio.Event()
+    ranker = FakeRanker(gate=gate)
+    recommender = await make(ranker)
+    recommender.settings = Settings(deadline_ms=5000, fallback_reserve_ms=20, n_candidates=8, max_n=5)
+    requests = [asyncio.ensure_future(recommender.recommend("1", 3, RequestContext())) for _ in range(10)]
+    while ranker.calls == 0:  # wait until the leader is inside the ranker
+        await asyncio.sleep(0)
+    gate.set()
+    answers = await asyncio.gather(*requests)
+    assert ranker.calls == 1
+    assert {a.source for a in answers} == {"realtime"}
+
+
+async def test_store_errors_are_declared_dependency_errors() -> None:
+    assert issubclass(StoreUnavailable, Exception)
+    recommender = await make(FakeRanker(error=StoreUnavailable("x", ["s0"])))
+    assert (await recommender.recommend("1", 1, RequestContext())).source == "precomputed"
