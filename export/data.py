@@ -254,9 +254,7 @@ def generate_synthetic(folder: Path, spec: SyntheticSpec = SyntheticSpec()) -> P
         for i in range(spec.n_items):
             flags = ["0"] * N_GENRE_FLAGS
             flags[int(item_genre[i])] = "1"
-            out.write(
-                f"{i + 1}|Item {i + 1} ({item_year[i]})|01-Jan-{item_year[i]}||http://x|{'|'.join(flags)}\n"
-            )
+            out.write(f"{i + 1}|Item {i + 1} ({item_year[i]})|01-Jan-{item_year[i]}||http://x|{'|'.join(flags)}\n")
     return folder
 
 

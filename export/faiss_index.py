@@ -76,9 +76,7 @@ def build_index(
                 break
             nprobe = min(nlist, nprobe * 2)
         if recall < recall_target:
-            raise IndexBuildError(
-                f"expected recall@{k} >= {recall_target}, but found {recall:.4f} at nprobe={nprobe}"
-            )
+            raise IndexBuildError(f"expected recall@{k} >= {recall_target}, but found {recall:.4f} at nprobe={nprobe}")
     manifest = IndexManifest(model_version, dim, "inner_product", n, factory, nprobe, round(recall, 4))
     path.parent.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(path))

@@ -29,9 +29,7 @@ CPU_REPOSITORY = BUILD_DIR / "triton" / "cpu"
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -140,7 +138,5 @@ def render_profile_repository(
             version_dir = folder / str(version)
             version_dir.mkdir()
             shutil.copy(PYTHON_MODEL, version_dir / "model.py")
-            (version_dir / model.filename).symlink_to(
-                (source / model.name / str(version) / model.filename).resolve()
-            )
+            (version_dir / model.filename).symlink_to((source / model.name / str(version) / model.filename).resolve())
     return dest

@@ -125,9 +125,7 @@ def run_all(
     started = time.perf_counter()
     data = prepare_dataset(dataset, build_dir, synthetic)
     split = temporal_split(data)
-    log.info(
-        "%s: %d users, %d items, %d interactions", data.name, data.n_users, data.n_items, data.n_interactions
-    )
+    log.info("%s: %d users, %d items, %d interactions", data.name, data.n_users, data.n_items, data.n_interactions)
     models = train(data, split, cfg)
     train_seconds = time.perf_counter() - started
     metrics = evaluate(

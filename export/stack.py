@@ -140,7 +140,7 @@ def run(dataset: str, port: int, use_triton: bool = True) -> int:
             triton.start()
             stack.callback(triton.stop)
             env["RECSERVE_TRITON_URL"] = triton.grpc_url
-            print(f"[up] Triton ready: gRPC {triton.grpc_url}, HTTP {triton.http_url} (log {triton.log_path})", flush=True)
+            print(f"[up] Triton ready: gRPC {triton.grpc_url} (log {triton.log_path})", flush=True)
         print("[up] loading the store and pre-computing recommendations", flush=True)
         asyncio.run(load_and_precompute(redis_url, bundle, onnx_path))
         orchestrator = start_orchestrator(env, port)

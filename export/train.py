@@ -133,9 +133,7 @@ def train_ranker(
     nearest = np.argsort(-(user_table @ item_table.T), axis=1)[:, :200]
     neg_items[hard] = nearest[neg_users[hard], rng.integers(0, nearest.shape[1], size=int(hard.sum()))]
     seen = set(zip(pos_users.tolist(), pos_items.tolist(), strict=True))
-    keep = np.fromiter(
-        ((u, i) not in seen for u, i in zip(neg_users.tolist(), neg_items.tolist(), strict=True)), bool
-    )
+    keep = np.fromiter(((u, i) not in seen for u, i in zip(neg_users.tolist(), neg_items.tolist(), strict=True)), bool)
     users = np.concatenate([pos_users, neg_users[keep]])
     items = np.concatenate([pos_items, neg_items[keep]])
     labels = np.concatenate([np.ones(len(pos_users)), np.zeros(int(keep.sum()))]).astype(np.float32)

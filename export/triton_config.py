@@ -47,9 +47,7 @@ class BatchingSpec:
                 f"got {list(self.preferred_batch_sizes)}"
             )
         if self.max_queue_delay_microseconds < 0:
-            raise ValueError(
-                f"max_queue_delay_microseconds must be >= 0, got {self.max_queue_delay_microseconds}"
-            )
+            raise ValueError(f"max_queue_delay_microseconds must be >= 0, got {self.max_queue_delay_microseconds}")
 
 
 @dataclass(frozen=True)
@@ -71,9 +69,7 @@ def ranker_models(embedding_dim: int = 128, batching: BatchingSpec | None = None
     """The ranker, once per runtime. LibTorch names outputs by position, hence ``score__0``."""
     batching = batching or BatchingSpec()
     return (
-        ModelSpec(
-            "ranker_onnx", "onnxruntime", "model.onnx", schema.RANKER_OUTPUT.name, embedding_dim, batching
-        ),
+        ModelSpec("ranker_onnx", "onnxruntime", "model.onnx", schema.RANKER_OUTPUT.name, embedding_dim, batching),
         ModelSpec("ranker_torchscript", "torchscript", "model.pt", "score__0", embedding_dim, batching),
     )
 

@@ -129,9 +129,7 @@ class TritonServer:
         check_shared_memory()
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         env = os.environ.copy()
-        env["LD_LIBRARY_PATH"] = (
-            f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(libs)
-        )
+        env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(libs)
         # The stub embeds this interpreter: put its bin first so it finds this venv's packages.
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,9 +173,7 @@ class TritonServer:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise TritonLaunchError(
-            f"was not ready after {self.startup_timeout_s:.0f} s", self.log_path, self._log_tail()
-        )
+        raise TritonLaunchError(f"was not ready after {self.startup_timeout_s:.0f} s", self.log_path, self._log_tail())
 
     def stop(self, grace_s: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -48,9 +48,7 @@ def test_a_missing_model_file_is_named(exported: Exported, tmp_path: Path) -> No
     shutil.copytree(exported.repo, repo)
     (repo / "ranker_torchscript" / "1" / "model.pt").unlink()
     models = ranker_models(32, exported.batching)
-    with pytest.raises(
-        ModelRepositoryError, match=r"ranker_torchscript.*model file .*model.pt, but found no file"
-    ):
+    with pytest.raises(ModelRepositoryError, match=r"ranker_torchscript.*model file .*model.pt, but found no file"):
         check_repository(repo, models)
     with pytest.raises(ModelRepositoryError, match="ranker_torchscript"):
         render_profile_repository("cpu", tmp_path / "cpu", repo, models=models)

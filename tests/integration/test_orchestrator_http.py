@@ -18,13 +18,13 @@ from tests.conftest import Stack, running_orchestrator
 pytestmark = pytest.mark.integration
 
 
-def get(url: str, **params: object) -> dict:
+def get(url: str, **params: str | int) -> dict:
     response = httpx.get(url, params=params, timeout=10)
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def recs(base: str, user: str, **params: object) -> dict:
+def recs(base: str, user: str, **params: str | int) -> dict:
     return get(f"{base}/v1/recommendations/{user}", **params)
 
 

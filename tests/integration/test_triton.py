@@ -50,12 +50,8 @@ def test_grpc_and_http_match_eager_torch(triton: TritonServer, exported: Exporte
         tensors = example_inputs(exported.bundle.dim, size, seed=size)
         expected = eager_scores(ranker, tensors)
         output = OUTPUTS[model]
-        via_grpc = grpc.infer(
-            model, _inputs(grpcclient, tensors), outputs=[grpcclient.InferRequestedOutput(output)]
-        )
-        via_http = http.infer(
-            model, _inputs(httpclient, tensors), outputs=[httpclient.InferRequestedOutput(output)]
-        )
+        via_grpc = grpc.infer(model, _inputs(grpcclient, tensors), outputs=[grpcclient.InferRequestedOutput(output)])
+        via_http = http.infer(model, _inputs(httpclient, tensors), outputs=[httpclient.InferRequestedOutput(output)])
         for result in (via_grpc, via_http):
             got = result.as_numpy(output).reshape(-1)
             assert got.shape == expected.shape
@@ -110,9 +106,7 @@ def test_a_config_with_a_wrong_tensor_shape_fails_to_load_by_name(exported: Expo
         if m.runtime == "onnxruntime"
     )
     repo = render_profile_repository("cpu", tmp_path / "cpu", exported.repo, models=wrong)
-    with pytest.raises(
-        TritonLaunchError, match=r"(?s)exited.*user_embedding.*expects TYPE_FP32 dims \[64\].*\[32\]"
-    ):
+    with pytest.raises(TritonLaunchError, match=r"(?s)exited.*user_embedding.*expects TYPE_FP32 dims \[64\].*\[32\]"):
         TritonServer(repo, log_path=tmp_path / "log.txt", startup_timeout_s=60).start()
 
 

@@ -84,9 +84,7 @@ def test_missing_file_is_named(tiny_folder: Path, tmp_path: Path) -> None:
         ("u.item", "1|x|y\n", r"u.item:1: expected 24 '\|'-separated fields, but found 3"),
     ],
 )
-def test_corrupt_lines_are_named(
-    tiny_folder: Path, tmp_path: Path, file: str, line: str, message: str
-) -> None:
+def test_corrupt_lines_are_named(tiny_folder: Path, tmp_path: Path, file: str, line: str, message: str) -> None:
     folder = _copy(tiny_folder, tmp_path / "d")
     original = (folder / file).read_text(encoding="latin-1").splitlines(keepends=True)
     (folder / file).write_text(line + "".join(original[1:]), encoding="latin-1")
@@ -97,9 +95,7 @@ def test_corrupt_lines_are_named(
 def test_an_empty_interactions_file_is_reported(tiny_folder: Path, tmp_path: Path) -> None:
     folder = _copy(tiny_folder, tmp_path / "d")
     (folder / "u.data").write_bytes(b"")
-    with pytest.raises(
-        DataFileError, match=r"u.data: expected at least one interaction, but found an empty file"
-    ):
+    with pytest.raises(DataFileError, match=r"u.data: expected at least one interaction, but found an empty file"):
         load_movielens(folder)
 
 

@@ -42,9 +42,7 @@ def test_ivf_hnsw_index_reaches_the_recall_target(tmp_path: Path) -> None:
 
 
 def test_bad_embeddings_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(
-        IndexBuildError, match=r"expected item_embeddings of shape \[3, dim\], but found \[2, 4\]"
-    ):
+    with pytest.raises(IndexBuildError, match=r"expected item_embeddings of shape \[3, dim\], but found \[2, 4\]"):
         build_index(np.zeros((2, 4), np.float32), ["a", "b", "c"], "v", tmp_path / "x.faiss")
     bad = np.ones((2, 4), np.float32)
     bad[0, 0] = np.nan

@@ -75,9 +75,11 @@ class FakeRanker:
         self.gate = gate
         self.error = error
         self.calls = 0
+        self.entered = asyncio.Event()
 
     async def score(self, request: RankingRequest, timeout_s: float | None = None) -> np.ndarray:
         self.calls += 1
+        self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.error is not None:
@@ -198,8 +200,7 @@ async def test_concurrent_misses_for_one_user_rank_once() -> None:
     recommender = await make(ranker)
     recommender.settings = Settings(deadline_ms=5000, fallback_reserve_ms=20, n_candidates=8, max_n=5)
     requests = [asyncio.ensure_future(recommender.recommend("1", 3, RequestContext())) for _ in range(10)]
-    while ranker.calls == 0:  # wait until the leader is inside the ranker
-        await asyncio.sleep(0)
+    await ranker.entered.wait()  # the leader is inside the ranker; the others must be waiting on it
     gate.set()
     answers = await asyncio.gather(*requests)
     assert ranker.calls == 1
