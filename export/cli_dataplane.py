@@ -10,14 +10,30 @@ import argparse
 import asyncio
 import json
 import os
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from export.artifacts import MODEL_REPOSITORY, artifacts_dir, load_bundle
+from export.errors import ExportError
 from orchestrator.store.backend import Backend
 from orchestrator.store.cluster import ClusterBackend
+from orchestrator.store.errors import StoreError
 from orchestrator.store.sharded import ShardedBackend
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+T = TypeVar("T")
+
+
+class DataPlaneError(ExportError):
+    """A data-plane failure, surfaced through the CLI's one error handler."""
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except StoreError as exc:
+        raise DataPlaneError(str(exc)) from exc
 
 
 def _add_redis_args(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +90,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
             f"replaced {report.previous} (dropped {report.dropped_keys} keys)"
         )
 
-    asyncio.run(run())
+    _run(run())
     return 0
 
 
@@ -114,7 +130,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
             f"{report.seconds:.1f} s, {report.users_per_s:,.0f} users/s, model {report.version}"
         )
 
-    asyncio.run(run())
+    _run(run())
     return 0
 
 

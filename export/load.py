@@ -125,7 +125,8 @@ class Loader:
             if existing != self.info:
                 raise VersionError(
                     f"{existing.dtype} x {existing.dim} to resume version {self.info.version!r} as loaded",
-                    f"{self.info.dtype} x {self.info.dim}; drop it or load another version",
+                    f"{self.info.dtype} x {self.info.dim}",
+                    "load it with the same --dtype, or under another model version",
                 )
             return
         await versions.write_meta(self.backend, self.info)

@@ -48,5 +48,5 @@ class StoreUnavailable(StoreError):
 class VersionError(StoreError):
     """The version pointer or a version's metadata is missing or inconsistent."""
 
-    def __init__(self, expected: str, found: str) -> None:
-        super().__init__(f"expected {expected}, but found {found}; load a version with `python -m export load`")
+    def __init__(self, expected: str, found: str, fix: str = "load a version with `python -m export load`") -> None:
+        super().__init__(f"expected {expected}, but found {found}; {fix}")

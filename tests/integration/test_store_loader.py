@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from export.artifacts import Bundle
+from export.artifacts import Bundle, save_bundle
+from export.cli_dataplane import DataPlaneError, add_commands
 from export.load import LoadConfig, load
 from orchestrator import schema
 from orchestrator.store import Kind, keys, versions
@@ -19,6 +21,7 @@ from orchestrator.store.features import RedisFeatureStore
 from orchestrator.store.precomputed import RedisPrecomputedStore
 from orchestrator.store.sharded import ShardedBackend
 from tests.bundles import random_bundle
+from tests.redis_harness import flush
 
 pytestmark = pytest.mark.integration
 CHUNK = 100
@@ -120,3 +123,16 @@ async def test_loading_a_new_version_switches_and_drops_the_old(backend: Backend
     assert second.dropped_keys == 2 * (50 + 20) + 1 + 5  # vectors, feature rows, metadata, checkpoints
     assert not [k for k in await all_keys(backend) if k.startswith(keys.version_prefix("a-v1"))]
     assert (await versions.active(backend)).version == "a-v2"
+
+
+def test_cli_load_then_a_conflicting_reload_fails_with_an_export_error(shard_servers, tmp_path: Path):
+    flush(shard_servers)
+    save_bundle(random_bundle(tmp_path, 50, 20, version="cli-v1"))
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    common = ["--bundle", str(tmp_path), "--redis", ",".join(s.url for s in shard_servers), "--no-progress"]
+    args = parser.parse_args(["load", *common])
+    assert args.func(args) == 0
+    conflicting = parser.parse_args(["load", *common, "--dtype", "fp16"])
+    with pytest.raises(DataPlaneError, match=r"expected fp32 x 8 to resume version 'cli-v1' .* another model version"):
+        conflicting.func(conflicting)
