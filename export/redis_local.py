@@ -21,6 +21,11 @@ from pathlib import Path
 from export.errors import ExportError
 
 READY_LINE = "Ready to accept connections"
+CLUSTER_NODE_ARGS = (
+    "--cluster-enabled", "yes",
+    "--cluster-node-timeout", "2000",
+    "--cluster-require-full-coverage", "no",
+)  # fmt: skip
 
 
 class RedisLaunchError(ExportError):
@@ -140,7 +145,9 @@ def start_cluster(masters: int = 3, timeout_s: float = 30.0) -> LocalCluster:
     nodes: list[RedisServer] = []
     try:
         for _ in range(masters):
-            nodes.append(start_server("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"))
+            # Partial coverage: when a master dies, the others keep serving their slots (the data plane
+            # falls back per key) instead of the whole cluster refusing reads.
+            nodes.append(start_server(*CLUSTER_NODE_ARGS))
         create = subprocess.run(
             [
                 "redis-cli",

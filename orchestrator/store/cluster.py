@@ -1,8 +1,12 @@
 """Redis Cluster through redis-py's cluster client: hash slots instead of our ring.
 
-A batch is split by the node that owns each key's slot and sent as one pipeline per node (the cluster
-pipeline follows MOVED/ASK during resharding), nodes concurrently, each under ``timeout_ms``. No
-multi-key command ever spans slots: every command names one key.
+A batch is split by the node that owns each key's slot (redis-py's slot map) and sent as one plain
+pipeline per node, nodes concurrently, each under ``timeout_ms``. Plain per-node connections keep a dead
+node's failure inside its own group: redis-py's cluster pipeline reacts to one node's connection error
+by resetting the client, which stalls the healthy nodes' groups too (measured: a batch lost every key).
+Commands answered MOVED/ASK (resharding) are retried once through the cluster pipeline, which follows
+the redirect and refreshes the slot map. No multi-key command ever spans slots: every command names one
+key.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from orchestrator.store.backend import UNAVAILABLE_ERRORS, Command, Replies, gather_groups
 from orchestrator.store.errors import StoreConfigError, StoreUnavailable
@@ -28,6 +35,7 @@ class ClusterBackend:
         self.client = client
         self.timeout_s = timeout_ms / 1000.0
         self.control_timeout_s = control_timeout_s
+        self._node_clients: dict[str, Redis] = {}
 
     @classmethod
     async def connect(cls, url: str, timeout_ms: float = 50.0) -> ClusterBackend:
@@ -35,6 +43,19 @@ class ClusterBackend:
         client = RedisCluster.from_url(url, socket_connect_timeout=max(timeout_ms / 1000, 0.5))
         await client.initialize()
         return cls(client, timeout_ms)
+
+    def _node_client(self, name: str) -> Redis:
+        client = self._node_clients.get(name)
+        if client is None:
+            node = self.client.get_node(node_name=name)
+            if node is None:
+                raise redis_errors.SlotNotCoveredError(f"node {name} left the cluster")
+            # No retries: the per-node deadline is the policy (as for standalone shards).
+            client = Redis(
+                host=node.host, port=int(node.port), retry=Retry(NoBackoff(), 0), socket_connect_timeout=self.timeout_s
+            )
+            self._node_clients[name] = client
+        return client
 
     def node_name(self, key: str) -> str:
         try:
@@ -51,10 +72,24 @@ class ClusterBackend:
         async def run_group(name: str, indices: list[int]) -> list[Any]:
             if name == UNCOVERED:
                 raise redis_errors.SlotNotCoveredError("no node serves these slots")
-            pipe = self.client.pipeline()
+            pipe = self._node_client(name).pipeline(transaction=False)
             for i in indices:
                 pipe.execute_command(commands[i].name, commands[i].key, *commands[i].args)
-            return list(await pipe.execute())
+            replies = list(await pipe.execute(raise_on_error=False))
+            redirected = [
+                k for k, r in enumerate(replies) if isinstance(r, (redis_errors.MovedError, redis_errors.AskError))
+            ]
+            if redirected:
+                retry = self.client.pipeline()
+                for k in redirected:
+                    command = commands[indices[k]]
+                    retry.execute_command(command.name, command.key, *command.args)
+                for k, reply in zip(redirected, await retry.execute(), strict=True):
+                    replies[k] = reply
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply  # CLUSTERDOWN/TRYAGAIN count as unavailable; anything else is a bug
+            return replies
 
         return await gather_groups(groups, len(commands), run_group, self.timeout_s)
 
@@ -87,4 +122,5 @@ class ClusterBackend:
         return sum(await pipe.execute())
 
     async def aclose(self) -> None:
+        await asyncio.gather(*(c.aclose() for c in self._node_clients.values()))
         await self.client.aclose()

@@ -1,4 +1,5 @@
-"""A shard that dies or hangs mid-run costs only its own keys, within the deadline, without raising."""
+"""A shard or cluster node that dies or hangs mid-run costs only its own keys, within the deadline,
+without raising."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from orchestrator.store import keys
+from orchestrator.store.cluster import ClusterBackend
 from orchestrator.store.embeddings import RedisEmbeddingStore
 from orchestrator.store.errors import StoreUnavailable
 from orchestrator.store.sharded import ShardedBackend, shard_name
 from orchestrator.store.versions import VersionInfo
-from tests.redis_harness import RedisServer, require_redis, start_servers
+from tests.redis_harness import LocalCluster, RedisServer, require_redis, start_cluster, start_servers
 
 pytestmark = pytest.mark.integration
 DEADLINE_MS = 300.0
@@ -71,6 +74,36 @@ async def test_a_failed_shard_reports_its_keys_unavailable_and_the_rest_come_bac
 
 
 def store_keys(store: RedisEmbeddingStore) -> list[str]:
-    from orchestrator.store import keys
-
     return keys.embeddings(store.version.version, "item", IDS)
+
+
+@pytest.fixture
+def doomed_cluster() -> Iterator[LocalCluster]:
+    require_redis()
+    cluster = start_cluster(3)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.parametrize("failure", ["killed", "hung"])
+async def test_a_failed_cluster_node_costs_only_its_own_slots(doomed_cluster: LocalCluster, failure: str):
+    backend = await ClusterBackend.connect(doomed_cluster.url, timeout_ms=DEADLINE_MS)
+    store = RedisEmbeddingStore(backend, VersionInfo("v1", 8))
+    matrix = np.arange(200 * 8, dtype=np.float32).reshape(200, 8)
+    await store.set_batch("item", IDS, matrix)
+    victim = doomed_cluster.nodes[2]
+    on_victim = np.asarray([backend.node_name(k) == victim.address for k in store_keys(store)])
+    assert 0 < on_victim.sum() < 200
+
+    victim.kill() if failure == "killed" else victim.pause()
+    for _ in range(3):  # stays contained on every batch, not only the first
+        started = time.perf_counter()
+        lookup = await store.get_batch("item", IDS)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        assert lookup.down == (victim.address,)
+        assert lookup.unavailable.tolist() == on_victim.tolist()
+        np.testing.assert_array_equal(lookup.matrix[~on_victim], matrix[~on_victim])
+        assert elapsed_ms < DEADLINE_MS + 250, f"took {elapsed_ms:.0f} ms with a {DEADLINE_MS:.0f} ms deadline"
+    if failure == "hung":
+        victim.resume()
+    await backend.aclose()
