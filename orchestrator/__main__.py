@@ -15,7 +15,8 @@ def main() -> None:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
     uvicorn.run(
-        "orchestrator.app:app",
+        "orchestrator.app:create_app",
+        factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,

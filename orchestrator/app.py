@@ -13,16 +13,18 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Header, Path, Query, Request
 from fastapi.responses import ORJSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from orchestrator import metrics, schema
-from orchestrator.cache import LayeredCache, LocalTTLCache, listen_for_invalidations
+from orchestrator.cache import LayeredCache, LocalTTLCache, NoCache, RecommendationCache, listen_for_invalidations
 from orchestrator.config import Settings
 from orchestrator.events import EventRecorder
+from orchestrator.guards import AdmissionControl, BodySizeLimit, RateLimiter, api_key_matches
+from orchestrator.naive import OneByOneBackend
 from orchestrator.popular import PopularLists
 from orchestrator.ranking import Ranker
 from orchestrator.ranking.breaker import CircuitBreaker
@@ -62,6 +64,7 @@ class Services:
     popular: PopularLists
     recommender: Recommender
     events: EventRecorder
+    event_limiter: RateLimiter
     tasks: list[asyncio.Task[None]]
 
 
@@ -77,6 +80,8 @@ async def build_services(settings: Settings) -> Services:
     model_version = retriever.manifest.model_version
     if model_version != version.version:
         log.warning("index model version %s differs from the active Redis version %s", model_version, version.version)
+    # Ablation: the naive design reads the store one GET at a time.
+    reads: Backend = OneByOneBackend(backend) if settings.store_reads == "one_by_one" else backend
     ranker: Ranker
     if settings.triton_url:
         breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
@@ -91,22 +96,25 @@ async def build_services(settings: Settings) -> Services:
         ranker = await asyncio.to_thread(OnnxRanker, settings.onnx_model_path, model_version)
     # Pub/sub fans out cluster-wide, and in sharded mode every replica uses the same first shard.
     pubsub = Redis.from_url(urls[0])
-    local = LocalTTLCache(settings.local_cache_size, settings.local_cache_ttl_s)
-    cache = LayeredCache(local, backend, pubsub, settings.redis_cache_ttl_s)
-    features = RedisFeatureStore(backend, version.version)
+    local = LocalTTLCache(settings.local_cache_size if settings.local_cache_enabled else 0, settings.local_cache_ttl_s)
+    cache: RecommendationCache = (
+        LayeredCache(local, backend, pubsub, settings.redis_cache_ttl_s) if settings.cache_enabled else NoCache()
+    )
+    features = RedisFeatureStore(reads, version.version)
     precomputed = RedisPrecomputedStore(backend)
     popular = PopularLists(precomputed)
     await popular.refresh()
     recommender = Recommender(
         settings,
         cache,
-        RedisEmbeddingStore(backend, version),
+        RedisEmbeddingStore(reads, version),
         features,
         retriever,
         ranker,
         precomputed,
         popular,
         n_items=len(retriever.item_ids),
+        single_flight=settings.single_flight_enabled,
     )
     listening = asyncio.Event()
     tasks = [
@@ -124,7 +132,8 @@ async def build_services(settings: Settings) -> Services:
         ranker,
         popular,
         recommender,
-        EventRecorder(backend, features, cache),
+        EventRecorder(backend, RedisFeatureStore(backend, version.version), cache),
+        RateLimiter(settings.events_rate_per_s, settings.events_burst),
         tasks,
     )
 
@@ -142,21 +151,31 @@ async def close_services(services: Services) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = getattr(app.state, "settings", None) or Settings()
-    app.state.services = await build_services(settings)
+    app.state.services = await build_services(app.state.settings)
     try:
         yield
     finally:
         await close_services(app.state.services)
 
 
-app = FastAPI(
-    title="recserve",
-    summary="Personalised recommendations: cache -> FAISS -> Redis features -> Triton ranking, with fallbacks.",
-    version="0.1.0",
-    lifespan=lifespan,
-    default_response_class=ORJSONResponse,
-)
+router = APIRouter(default_response_class=ORJSONResponse)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app (uvicorn factory). Settings are read here, at server start, never at import."""
+    app = FastAPI(
+        title="recserve",
+        summary="Personalised recommendations: cache -> FAISS -> Redis features -> Triton ranking, with fallbacks.",
+        version="0.1.0",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    app.state.settings = settings or Settings()
+    app.include_router(router)
+    # Outermost first: shed load before reading any body, then cap the body.
+    app.add_middleware(BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
+    app.add_middleware(AdmissionControl, max_in_flight=app.state.settings.max_in_flight)
+    return app
 
 
 def services_of(request: Request) -> Services:
@@ -208,7 +227,7 @@ class Problem(BaseModel):
 # -- endpoints ----------------------------------------------------------------------------------------
 
 
-@app.get(
+@router.get(
     "/v1/recommendations/{user_id}",
     response_model=None,
     responses={200: {"model": RecommendationsResponse}, 422: {"description": "Invalid parameter"}},
@@ -238,23 +257,44 @@ async def recommendations(
     return ORJSONResponse(body)
 
 
-@app.get("/v1/recommendations/", include_in_schema=False)
-@app.get("/v1/recommendations", include_in_schema=False)
+@router.get("/v1/recommendations/", include_in_schema=False)
+@router.get("/v1/recommendations", include_in_schema=False)
 async def recommendations_without_user() -> ORJSONResponse:
     # Without this route an empty user id would be a bare 404; say what is wrong instead.
     detail = [{"type": "missing", "loc": ["path", "user_id"], "msg": "user_id must not be empty"}]
     return ORJSONResponse({"detail": detail}, status_code=422)
 
 
-@app.post(
+@router.post(
     "/v1/events",
     status_code=202,
     response_model=EventAccepted,
-    responses={503: {"model": Problem, "description": "The event could not be stored; retry"}},
+    responses={
+        401: {"model": Problem, "description": "Missing or wrong X-API-Key"},
+        429: {"model": Problem, "description": "Too many events from this client"},
+        503: {"model": Problem, "description": "The event could not be stored; retry"},
+    },
 )
-async def events(request: Request, event: EventIn) -> Any:
+async def events(
+    request: Request,
+    event: EventIn,
+    x_api_key: Annotated[str | None, Header(description="Required when the service has an API key")] = None,
+) -> Any:
     started = time.perf_counter()
     services = services_of(request)
+    expected = services.settings.api_key.get_secret_value() if services.settings.api_key else None
+    if not api_key_matches(expected, x_api_key):
+        metrics.REJECTED_WRITES.labels("auth").inc()
+        return ORJSONResponse({"detail": "missing or invalid X-API-Key header"}, status_code=401)
+    client = x_api_key or (request.client.host if request.client else "unknown")
+    wait_s = services.event_limiter.acquire(client)
+    if wait_s > 0:
+        metrics.REJECTED_WRITES.labels("rate_limit").inc()
+        return ORJSONResponse(
+            {"detail": f"rate limit of {services.settings.events_rate_per_s:g} events/s exceeded"},
+            status_code=429,
+            headers={"Retry-After": str(max(1, round(wait_s)))},
+        )
     try:
         entry = await services.events.record(event.user_id, event.item_id, event.type)
     except StoreUnavailable as exc:
@@ -264,7 +304,7 @@ async def events(request: Request, event: EventIn) -> Any:
     return {"status": "accepted", "id": entry}
 
 
-@app.get(
+@router.get(
     "/v1/segments/{segment}/recommendations",
     response_model=None,
     responses={
@@ -304,12 +344,12 @@ async def segment_recommendations(
     return ORJSONResponse(body, headers=headers)
 
 
-@app.get("/healthz")
+@router.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@app.get("/readyz", response_model=None, responses={503: {"description": "Cannot serve at all"}})
+@router.get("/readyz", response_model=None, responses={503: {"description": "Cannot serve at all"}})
 async def readyz(request: Request) -> ORJSONResponse:
     """Ready while it can answer at all (popular lists in memory, index loaded); says what is degraded."""
     services = services_of(request)
@@ -340,6 +380,6 @@ async def readyz(request: Request) -> ORJSONResponse:
     return ORJSONResponse(body, status_code=200 if can_serve else 503)
 
 
-@app.get("/metrics")
+@router.get("/metrics")
 async def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

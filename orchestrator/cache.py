@@ -184,3 +184,17 @@ async def listen_for_invalidations(pubsub: Redis, local: LocalTTLCache, ready: a
             # Anything cached meanwhile expires within the local TTL: the bound holds while we retry.
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
+
+
+class NoCache:
+    """The cache switched off (the naive design and the no-cache ablation): every request computes."""
+
+    async def get(self, user_id: str, context_key: str) -> CacheLookup:
+        metrics.CACHE_MISSES.labels("none").inc()
+        return CacheLookup(None, None, UNKNOWN_GENERATION)
+
+    async def set(self, user_id: str, context_key: str, value: CachedList) -> None:
+        return None
+
+    async def invalidate(self, user_id: str) -> None:
+        return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,9 +54,26 @@ class Settings(BaseSettings):
     popular_refresh_s: float = Field(60.0, description="How often popular lists are re-read from Redis.")
     breaker_failures: int = Field(5, description="Consecutive ranker failures that open the circuit.")
     breaker_reset_s: float = Field(2.0, description="How long an open circuit waits before probing again.")
+    max_in_flight: int = Field(256, description="Requests inside the service at once; beyond it: 503 + Retry-After.")
+    max_body_bytes: int = Field(4096, description="Largest request body accepted (413 beyond it).")
+    api_key: SecretStr | None = Field(None, description="If set, writes (POST /v1/events) need this X-API-Key.")
+    events_rate_per_s: float = Field(50.0, description="Sustained events per second per client (429 beyond it).")
+    events_burst: int = Field(100, description="Events a client may send in a burst above the sustained rate.")
+    # Switches for ablation benchmarks (loadtest/): each turns one piece of the design off.
+    cache_enabled: bool = Field(True, description="Ablation: false computes every request (no cache at all).")
+    local_cache_enabled: bool = Field(True, description="Ablation: false drops the in-process cache layer.")
+    single_flight_enabled: bool = Field(True, description="Ablation: false lets concurrent misses all compute.")
+    store_reads: Literal["pipelined", "one_by_one"] = Field(
+        "pipelined", description="Ablation: one_by_one issues one Redis GET at a time (the naive design)."
+    )
 
     @field_validator(
-        "redis_timeout_ms", "deadline_ms", "local_cache_ttl_s", "triton_max_connection_age_s", "breaker_reset_s"
+        "redis_timeout_ms",
+        "deadline_ms",
+        "local_cache_ttl_s",
+        "triton_max_connection_age_s",
+        "breaker_reset_s",
+        "events_rate_per_s",
     )
     @classmethod
     def _positive(cls, value: float) -> float:
@@ -64,7 +81,16 @@ class Settings(BaseSettings):
             raise ValueError(f"must be > 0, got {value}")
         return value
 
-    @field_validator("n_candidates", "max_n", "local_cache_size", "redis_cache_ttl_s", "breaker_failures")
+    @field_validator(
+        "n_candidates",
+        "max_n",
+        "local_cache_size",
+        "redis_cache_ttl_s",
+        "breaker_failures",
+        "max_in_flight",
+        "max_body_bytes",
+        "events_burst",
+    )
     @classmethod
     def _at_least_one(cls, value: int) -> int:
         if value < 1:

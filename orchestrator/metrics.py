@@ -23,3 +23,5 @@ MISSING_FEATURES = Counter(
 )
 EVENTS = Counter("recserve_events_total", "Accepted events by type.", ["type"])
 INVALIDATIONS = Counter("recserve_invalidations_total", "Local cache evictions by cause.", ["cause"])
+SHED = Counter("recserve_shed_total", "Requests refused with 503 because too many were in flight.")
+REJECTED_WRITES = Counter("recserve_rejected_writes_total", "Write requests refused, by reason.", ["reason"])

@@ -106,6 +106,7 @@ class Recommender:
         precomputed: PrecomputedStore,
         popular: PopularLists,
         n_items: int,
+        single_flight: bool = True,
     ) -> None:
         self.settings = settings
         self.cache = cache
@@ -116,7 +117,7 @@ class Recommender:
         self.precomputed = precomputed
         self.popular = popular
         self.n_items = n_items
-        self.single_flight: SingleFlight[Computed] = SingleFlight()
+        self.single_flight: SingleFlight[Computed] | None = SingleFlight() if single_flight else None
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -140,10 +141,11 @@ class Recommender:
         remaining_s = realtime_budget_s - (time.perf_counter() - started)
         try:
             async with asyncio.timeout(max(remaining_s, 0.0)):
-                computed, joined = await self.single_flight.do(
-                    f"{user_id}|{context.cache_key}",
-                    lambda: self._compute(user_id, context, generation, started + realtime_budget_s),
-                )
+                work = lambda: self._compute(user_id, context, generation, started + realtime_budget_s)  # noqa: E731
+                if self.single_flight is None:
+                    computed, joined = await work(), False
+                else:
+                    computed, joined = await self.single_flight.do(f"{user_id}|{context.cache_key}", work)
         except UnknownUser:
             return await self._fallback(user_id, n, "unknown_user", deadline, timer, try_precomputed=False)
         except DEPENDENCY_ERRORS as exc:

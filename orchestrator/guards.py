@@ -1,0 +1,137 @@
+"""Protection at the edge: a bound on requests in flight (shed load at once with 503 + Retry-After rather
+than queue without bound), a request-body size limit, an API key and per-client rate limits for writes."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+
+from orchestrator import metrics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Probes and scrapes must answer even when the service is saturated.
+UNGUARDED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+async def send_json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = orjson.dumps({"detail": detail})
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AdmissionControl:
+    """At most ``max_in_flight`` requests inside the app; the next one gets 503 immediately."""
+
+    def __init__(self, app: ASGIApp, max_in_flight: int, retry_after_s: int = 1) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNGUARDED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            metrics.SHED.inc()
+            await send_json(
+                send,
+                503,
+                f"overloaded: {self.in_flight} requests in flight (limit {self.max_in_flight}); retry later",
+                {"Retry-After": str(self.retry_after_s)},
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class BodySizeLimit:
+    """Refuse bodies over ``max_bytes`` with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await send_json(send, 413, f"request body of {int(value)} bytes exceeds the limit of {self.max_bytes}")
+                return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyTooLarge(self.max_bytes)
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except BodyTooLarge as exc:
+            await send_json(send, 413, str(exc.detail))
+
+
+class BodyTooLarge(HTTPException):
+    """An HTTPException, so that FastAPI's body parsing answers 413 instead of a generic 400."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(status_code=413, detail=f"request body exceeds the limit of {max_bytes} bytes")
+
+
+def api_key_matches(expected: str | None, presented: str | None) -> bool:
+    if expected is None:
+        return True
+    return presented is not None and hmac.compare_digest(expected.encode(), presented.encode())
+
+
+class RateLimiter:
+    """Token bucket per client; remembers at most ``max_clients`` (least recently seen are forgotten)."""
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        max_clients: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.max_clients = max_clients
+        self.clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def acquire(self, client: str) -> float:
+        """0 if allowed; else the seconds to wait before a token is available."""
+        now = self.clock()
+        tokens, last = self._buckets.pop(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate_per_s)
+        wait_s = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait_s = (1.0 - tokens) / self.rate_per_s
+        self._buckets[client] = (tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return wait_s
