@@ -112,6 +112,15 @@ class Machine:
         return f"{self.cores} cores ({self.cpu_model})"
 
 
+def load_average() -> str:
+    """The 1-minute load average over the core count: how busy the shared machine was."""
+    try:
+        one_minute = os.getloadavg()[0]
+    except OSError:
+        return "unknown"
+    return f"{one_minute:.2f}/{Machine.detect().cores}"
+
+
 @dataclass(frozen=True)
 class BenchContext:
     """What every section needs: the exact command, when and where it ran, and how long to run."""

@@ -25,6 +25,7 @@ from export.bench import (
     SectionResult,
     format_rate,
     format_ratio,
+    load_average,
     markdown_table,
     median,
     percentile,
@@ -34,8 +35,10 @@ from export.bench_batching import (
     MODEL,
     ROWS_PER_REQUEST,
     LoadResult,
+    Point,
     embedding_dim,
     no_batching,
+    noise,
     ranker_server,
     run_load,
     windowed_rates,
@@ -187,7 +190,8 @@ def run_section(ctx: BenchContext) -> SectionResult:
     onnx_path = MODEL_REPOSITORY / MODEL / "1" / "model.onnx"
     quick = ctx.quick
     latency_budget_s = 0.3 if quick else 1.5
-    point_s, warmup_s, rounds = (1.0, 0.3, 1) if quick else (3.0, 0.5, 2)
+    point_s, warmup_s, rounds = (1.0, 0.3, 1) if quick else (2.0, 0.5, 3)
+    load_before = load_average()
 
     log.info("ranker: ONNX Runtime latency by batch size (1 intra-op thread)")
     latency = latency_by_batch(onnx_session(onnx_path, 1), dim, latency_budget_s)
@@ -227,15 +231,10 @@ def run_section(ctx: BenchContext) -> SectionResult:
                         r.p99_ms,
                     )
     measure_s = time.perf_counter() - started
-    return summarize(ctx, latency, triton, in_process, in_process_configs, point_s, warmup_s, rounds, measure_s)
-
-
-def _rate(results: list[LoadResult]) -> float:
-    return median([r.median_rows_per_s for r in results])
-
-
-def _p99(results: list[LoadResult]) -> float:
-    return median([r.p99_ms for r in results])
+    loads = f"1-minute load average {load_before} at the start, {load_average()} at the end"
+    return summarize(
+        ctx, latency, triton, in_process, in_process_configs, (point_s, warmup_s, rounds), measure_s, loads
+    )
 
 
 def summarize(
@@ -244,13 +243,15 @@ def summarize(
     triton: dict[str, dict[int, list[LoadResult]]],
     in_process: dict[str, list[float]],
     in_process_configs: dict[str, tuple[str, Any, int]],
-    point_s: float,
-    warmup_s: float,
-    rounds: int,
+    timing: tuple[float, float, int],
     measure_s: float,
+    loads: str,
 ) -> SectionResult:
+    point_s, warmup_s, rounds = timing
     export, bundle = export_table()
-    rate = {key: {c: _rate(rs) for c, rs in by_clients.items()} for key, by_clients in triton.items()}
+    points = {key: {c: Point.of(rs) for c, rs in by_clients.items()} for key, by_clients in triton.items()}
+    rate = {key: {c: p.rows_per_s for c, p in by_clients.items()} for key, by_clients in points.items()}
+    measured_noise = noise([p for by_clients in points.values() for p in by_clients.values()])
     ip_rate = {key: median(rates) for key, rates in in_process.items()}
     best_ip = max(ip_rate, key=lambda k: ip_rate[k])
     best_variant = max(rate, key=lambda k: rate[k][HOP_CLIENTS])
@@ -270,8 +271,10 @@ def summarize(
     for v in VARIANTS:
         cells: list[object] = [v.label]
         for c in CLIENTS:
-            execs = median([r.rows_per_execution for r in triton[v.key][c]])
-            cells.append(f"{format_rate(rate[v.key][c])} · p99 {_p99(triton[v.key][c]):.1f} ms · {execs:.0f}")
+            point = points[v.key][c]
+            cells.append(
+                f"{format_rate(point.rows_per_s)} · p99 {point.p99_ms:.1f} ms · {point.rows_per_execution:.0f}"
+            )
         triton_rows.append(cells)
     triton_table = markdown_table(["server", *(f"{c} client{'s' if c > 1 else ''}" for c in CLIENTS)], triton_rows)
     ratio_rows = [
@@ -315,7 +318,8 @@ def summarize(
             f"closed-loop clients on one gRPC aio channel, {ROWS_PER_REQUEST} rows per request. Each point: "
             f"{warmup_s:g} s warm-up, {point_s:g} s measured, {rounds} round(s) with every configuration "
             f"measured in turn; figures are medians over rounds of the median rows/s over 0.5 s windows. "
-            f"Measuring took {measure_s:.0f} s. Cell: rows/s · p99 · mean rows per model execution.",
+            f"Measuring took {measure_s:.0f} s; {loads}. Run-to-run noise: the median spread of rows/s between "
+            f"rounds of the same point is {measured_noise:.0%}. Cell: rows/s · p99 · mean rows per model execution.",
             "",
             triton_table,
             "",
@@ -335,6 +339,11 @@ def summarize(
             "### The server hop: Triton against in-process ONNX Runtime on the same cores",
             "",
             ip_table,
+            "",
+            f"Two in-process threads give {format_ratio(ratio(ip_rate['2x1'], ip_rate['1x1']))} the rows/s of one "
+            f"and one session with 2 intra-op threads {format_ratio(ratio(ip_rate['1x2'], ip_rate['1x1']))}: the "
+            "second core is far from free on this shared machine, so the fair in-process reference is the best "
+            "of the three, which the ratio below uses.",
             "",
             f"**Triton at {HOP_CLIENTS} clients x {ROWS_PER_REQUEST} rows reaches {format_ratio(hop_shipped)} "
             f"({hop_shipped:.0%}) of the best in-process rows/s** with the shipped config, "

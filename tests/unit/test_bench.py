@@ -22,7 +22,7 @@ from export.bench import (
     run_sections,
     update_measurements,
 )
-from export.bench_batching import LoadResult, Sweep, recommend, windowed_rates
+from export.bench_batching import LoadResult, Point, Sweep, noise, recommend, windowed_rates
 
 
 def test_replace_section_appends_a_missing_section_with_markers(tmp_path: Path) -> None:
@@ -142,22 +142,40 @@ def test_run_sections_writes_what_ran_and_keeps_a_failed_sections_block(tmp_path
     assert json.loads(measurements.read_text())["measurements"]["k"]["source"] == ctx.source()
 
 
-def _load(rows_per_s: float, p50_ms: float, concurrency: int) -> LoadResult:
-    n = 20
-    return LoadResult(
-        concurrency,
-        200,
-        1.0,
-        latencies_s=(p50_ms / 1000,) * n,
-        completions_s=tuple(i / n for i in range(n)) if rows_per_s else (),
-        inferences=0,
-        executions=0,
-    )
+def _run(rows_per_s: float, p99_ms: float) -> LoadResult:
+    """A 1 s run whose completions are spread evenly: ``rows_per_s / 200`` requests of 200 rows."""
+    n = int(rows_per_s / 200)
+    return LoadResult(8, 200, 1.0, (p99_ms / 1000,) * n, tuple(i / n for i in range(n)), n * 200, n)
+
+
+def test_a_point_takes_medians_over_rounds_and_reports_their_spread() -> None:
+    point = Point.of([_run(4000, 10), _run(6000, 30), _run(5000, 20)])
+    assert point.rows_per_s == pytest.approx(5000)
+    assert point.p99_ms == pytest.approx(20)
+    assert point.rows_per_execution == 200
+    assert point.spread == pytest.approx(0.4)  # (6000 - 4000) / 5000
+    assert noise([point, Point.of([_run(4000, 10)])]) == pytest.approx(0.4)  # one round: no spread to count
+
+
+def _point(rows_per_s: float, p50_ms: float) -> Point:
+    return Point(rows_per_s, p50_ms, p50_ms * 2, 200, 0.02, 3)
 
 
 def test_recommend_takes_the_smallest_delay_that_ties_the_best_throughput() -> None:
-    # Every setting completes 20 requests x 200 rows per second: a tie, so the smallest delay wins.
-    results: Sweep = {d: {c: _load(4000, p50_ms=5 + d, concurrency=c) for c in (1, 8, 16, 32)} for d in (0, 1, 5, 10)}
+    # 10 ms is 3% faster under load: a tie, so the smallest delay wins and its latency cost is named.
+    results: Sweep = {
+        d: {c: _point(50_000 * (1.03 if d == 10 and c >= 8 else 1.0), 5 + d) for c in (1, 8, 16, 32)}
+        for d in (0, 1, 5, 10)
+    }
+    results[None] = {c: _point(25_000, 5) for c in (1, 8, 16, 32)}
     chosen = recommend(results)
     assert chosen.delay_ms == 0
     assert "5.0 ms at 0 ms" in chosen.why and "15.0 ms at 10 ms" in chosen.why
+    assert "2.00x the rows/s" in chosen.why
+
+
+def test_recommend_takes_a_longer_delay_when_it_clearly_pays() -> None:
+    results: Sweep = {
+        d: {c: _point(50_000 * (1.5 if d >= 5 and c >= 8 else 1.0), 5 + d) for c in (1, 8, 32)} for d in (0, 1, 5, 10)
+    }
+    assert recommend(results).delay_ms == 5
