@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -136,7 +137,9 @@ def run(dataset: str, port: int, use_triton: bool = True) -> int:
             "RECSERVE_ONNX_MODEL_PATH": str(onnx_path),
         }
         if use_triton:
-            triton = TritonServer(render_profile_repository("cpu", embedding_dim=bundle.dim))
+            # Model control and the repository/shared-memory APIs stay closed to anyone without this key.
+            admin_key = secrets.token_urlsafe(16)
+            triton = TritonServer(render_profile_repository("cpu", embedding_dim=bundle.dim), admin_key=admin_key)
             triton.start()
             stack.callback(triton.stop)
             env["RECSERVE_TRITON_URL"] = triton.grpc_url

@@ -118,3 +118,17 @@ def test_missing_model_file_fails_the_launch_by_name(exported: Exported, tmp_pat
     (source / "ranker_onnx" / "1" / "model.onnx").unlink()  # the link now dangles
     with pytest.raises(TritonLaunchError, match=r"(?s)exited.*model file .*model.onnx does not exist"):
         TritonServer(repo, log_path=tmp_path / "log.txt", startup_timeout_s=60).start()
+
+
+def test_admin_apis_are_closed_without_the_key(exported: Exported, tmp_path: Path) -> None:
+    models = ranker_models(32, exported.batching)
+    repo = render_profile_repository("cpu", tmp_path / "cpu", exported.repo, models=models)
+    with TritonServer(repo, log_path=tmp_path / "log.txt", admin_key="s3cret") as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        with pytest.raises(InferenceServerException, match=r"(?i)restricted|unauthori|forbidden|permission"):
+            client.get_model_repository_index()
+        index = client.get_model_repository_index(headers={"admin-key": "s3cret"})
+        assert {m["name"] for m in index} == {"ranker_onnx", "ranker_torchscript"}
+        with pytest.raises(InferenceServerException):
+            client.unload_model("ranker_onnx", headers={"admin-key": "s3cret"})  # model control is off for all
+        assert client.is_model_ready("ranker_onnx")  # inference stays open
