@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
@@ -19,7 +21,19 @@ from orchestrator import metrics
 from orchestrator.ranking import RankerUnavailable, RankingRequest, check_scores
 from orchestrator.ranking.breaker import CircuitBreaker
 
-_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+TRITON_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+InputT = TypeVar("InputT")
+
+
+def infer_inputs(tensors: dict[str, np.ndarray], input_class: Callable[[str, list[int], str], InputT]) -> list[InputT]:
+    """Named numpy tensors as Triton inputs; ``input_class`` is the InferInput of the client flavour
+    (grpc, grpc.aio or http)."""
+    inputs = []
+    for name, value in tensors.items():
+        tensor = input_class(name, list(value.shape), TRITON_DTYPES[value.dtype])
+        tensor.set_data_from_numpy(value)  # type: ignore[attr-defined]
+        inputs.append(tensor)
+    return inputs
 
 
 def channel_args(url: str) -> list[tuple[str, object]]:
@@ -73,11 +87,7 @@ class TritonRanker:
     async def score(self, request: RankingRequest, timeout_s: float | None = None) -> np.ndarray:
         if not self.breaker.allow():
             raise RankerUnavailable(f"Triton at {self.url}: circuit open after repeated failures")
-        inputs = []
-        for name, value in request.tensors().items():
-            tensor = grpcaio.InferInput(name, list(value.shape), _DTYPES[value.dtype])
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
+        inputs = infer_inputs(request.tensors(), grpcaio.InferInput)
         try:
             result = await self._current_client().infer(
                 self.model,

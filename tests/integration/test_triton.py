@@ -17,21 +17,16 @@ from export.model_repository import render_profile_repository
 from export.pipeline import load_ranker
 from export.triton_config import ModelSpec, ranker_models
 from export.triton_launcher import TritonServer
+from orchestrator.ranking.triton_ranker import infer_inputs
 from tests.conftest import Exported
 
 pytestmark = pytest.mark.integration
 
 OUTPUTS = {"ranker_onnx": "score", "ranker_torchscript": "score__0"}
-DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 
 
 def _inputs(module, tensors: dict[str, np.ndarray]) -> list:
-    inputs = []
-    for name, value in tensors.items():
-        tensor = module.InferInput(name, list(value.shape), DTYPES[value.dtype])
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return inputs
+    return infer_inputs(tensors, module.InferInput)
 
 
 def test_both_models_load_ready(triton: TritonServer) -> None:
