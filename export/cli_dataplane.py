@@ -43,7 +43,12 @@ def _add_redis_args(parser: argparse.ArgumentParser) -> None:
         help="comma-separated redis:// URLs (one per shard), or one node of a cluster with --cluster "
         "(default: $RECSERVE_REDIS_URLS or %(default)s)",
     )
-    parser.add_argument("--cluster", action="store_true", help="--redis names a Redis Cluster node")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        default=os.environ.get("RECSERVE_REDIS_MODE") == "cluster",
+        help="--redis names a Redis Cluster node (default: true when $RECSERVE_REDIS_MODE is cluster)",
+    )
     parser.add_argument("--timeout-ms", type=float, default=5000.0, help="per-shard deadline of each batch")
 
 

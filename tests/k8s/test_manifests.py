@@ -402,7 +402,7 @@ def test_orchestrator_deployment(objects: list[Obj]) -> None:
     generated = find_generated(objects, "ConfigMap", "recserve-config")["metadata"]["name"]
     assert {"configMapRef": {"name": generated}} in c["envFrom"]
     assert env_value(c, "REDIS_APP_PASSWORD") == {"secretKeyRef": {"name": "redis-auth", "key": "app-password"}}
-    assert "$(REDIS_APP_PASSWORD)@redis-cluster." in env_value(c, "RECSERVE_REDIS_URL")
+    assert "$(REDIS_APP_PASSWORD)@redis-cluster." in env_value(c, "RECSERVE_REDIS_URLS")
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     assert config(objects)["RECSERVE_INDEX_PATH"].startswith("/artifacts/")
 
@@ -598,3 +598,22 @@ def test_online_image_has_no_torch_and_jobs_image_has_the_export_extra() -> None
     assert ".[export" not in online and "pip install -c constraints.txt ." in online
     assert "orchestrator.app:app" in online
     assert '".[export]"' in _dockerfile("jobs")
+
+
+# Variables the offline CLI reads itself (not orchestrator settings).
+CLI_ONLY_VARIABLES = {"RECSERVE_DATASET", "RECSERVE_MOVIELENS_DIR"}
+
+
+def test_every_recserve_variable_is_a_setting_the_code_reads(objects: list[Obj]) -> None:
+    """The manifests and the Settings class must not drift apart: a misspelt variable is silently ignored."""
+    from orchestrator.config import Settings
+
+    known = {f"RECSERVE_{name.upper()}" for name in Settings.model_fields} | CLI_ONLY_VARIABLES
+    named = set(config(objects))
+    for workload in workloads(objects):
+        for c in containers(pod_template(workload)):
+            named |= {e["name"] for e in c.get("env", [])}
+    recserve = {name for name in named if name.startswith("RECSERVE_")}
+    assert recserve, "no RECSERVE_* settings found in the manifests"
+    assert recserve <= known, f"unknown settings: {sorted(recserve - known)}"
+    assert config(objects)["RECSERVE_REDIS_MODE"] == "cluster"
