@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from export import cli_capacity, cli_dataplane, pipeline
+from export import bench, cli_capacity, cli_dataplane, pipeline
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, artifacts_dir
 from export.data import SyntheticSpec, generate_synthetic
 from export.errors import ExportError
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_capacity.add_commands(commands)
     cli_dataplane.add_commands(commands)
+    bench.add_commands(commands)
     return parser
 
 
