@@ -33,7 +33,7 @@ IMAGES_DIR = REPO_ROOT / "docs" / "img"
 BENCH_DIR = BUILD_DIR / "bench"
 BASE_COMMAND = "python -m export bench"
 HEADER = "header"
-SECTION_ORDER: tuple[str, ...] = ("ranker", "batching", "dataplane")
+SECTION_ORDER: tuple[str, ...] = ("ranker", "batching", "dataplane", "service")
 _NAME = re.compile(r"^[a-z0-9_-]+$")
 
 
@@ -272,6 +272,7 @@ SECTIONS: dict[str, Section] = {
     "ranker": _module_section("export.bench_ranker"),
     "batching": _module_section("export.bench_batching"),
     "dataplane": _dataplane_section,
+    "service": _module_section("export.bench_service"),
 }
 
 
