@@ -486,11 +486,11 @@ def markdown(
             "",
             f"What batching buys on this CPU: at 0 ms delay and {HIGH_CONCURRENCY}+ clients the batcher already merges "
             f"{merged:.0f} rows per execution (median), because requests queue while the single instance is busy, "
-            "so a longer delay has little left to merge. Model time per row barely depends on the batch: "
-            f"in-process ONNX Runtime takes {row_cost_us[small]:.1f} µs per row at {small} rows and "
-            f"{row_cost_us[large]:.1f} µs at {large} rows ({row_cost_us[large] / row_cost_us[small] - 1:+.0%}), so "
-            "what merging saves is the Python backend's per-execution overhead (gRPC to the stub through shared "
-            "memory, Python around the model), not compute. On a GPU one execution of 1024 rows costs about what "
+            "so a longer delay has little left to merge. Model time per row: in-process ONNX Runtime takes "
+            f"{row_cost_us[small]:.1f} µs per row at {small} rows and {row_cost_us[large]:.1f} µs at {large} rows "
+            f"({row_cost_us[large] / row_cost_us[small] - 1:+.0%}): on the CPU the model's work grows with the rows, "
+            "so merging saves at most that, plus the Python backend's per-execution overhead (the hop to the stub "
+            "through shared memory, Python around the model). On a GPU one execution of 1024 rows costs about what "
             "one of 200 does (launch- and transfer-bound): that is where the reference design's 5-10x comes "
             "from, and why the `gpu-t4` profile keeps 5 ms. ",
             "The 2 cores are shared by Triton, the load generator and other work: read differences smaller "
