@@ -24,7 +24,6 @@ from export import triton_config
 from export.artifacts import MODEL_REPOSITORY
 from export.bench import (
     BenchContext,
-    Measured,
     SectionResult,
     format_rate,
     load_average,
@@ -416,14 +415,10 @@ def run_section(ctx: BenchContext) -> SectionResult:
     row_cost = onnx_row_cost_us(dim)
     image = plot(results, ctx.images_dir / "batching.png", f"{MODEL}, cpu profile, {ctx.machine.describe()}")
     chosen = recommend(results)
-    measurements = {
-        "triton_cpu_recommended_max_queue_delay_ms": Measured(
-            float(chosen.delay_ms), "ms of max_queue_delay for the cpu profile (the batching section's recommendation)"
-        )
-    }
     loads = f"1-minute load average {load_before} at the start, {load_average()} at the end"
     text = markdown(ctx, results, (point_s, warmup_s, rounds), sweep_s, loads, image, chosen, row_cost)
-    return SectionResult(text, measurements)
+    # No measurements.json entry: the capacity plan reads per-unit rates (all > 0), not settings.
+    return SectionResult(text)
 
 
 def markdown(
