@@ -13,6 +13,7 @@ help:
 	@echo "make test     install, then ruff + mypy + pytest (what CI runs)"
 	@echo "make export   train + export + FAISS index (DATASET=synthetic|movielens)"
 	@echo "make bench    run the benchmarks and rewrite docs/BENCHMARKS.md"
+	@echo "make loadtest side-by-side locust load runs (naive, full, ablations, ceiling) + plots"
 
 venv: $(STAMP)
 
@@ -50,6 +51,10 @@ export: venv
 
 bench: venv system-deps
 	$(PY) -m export bench
+
+# ~15 min on 2 cores: starts its own Redis + Tritons; results under build/loadtest/, figures in docs/.
+loadtest: venv system-deps
+	$(PY) -m loadtest
 
 up: venv system-deps
 	$(PY) -m export up --dataset $(DATASET)

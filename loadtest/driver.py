@@ -1,0 +1,298 @@
+"""The side-by-side load run: one stack (Redis, two Tritons, the same data), then each scenario in turn:
+its own orchestrator process (or the ceiling app), headless locust stepping the load up, results kept
+under build/loadtest/<scenario>/.
+
+Scenarios differ only in RECSERVE_* switches and in which Triton ranks (dynamic batching on, as shipped,
+or off: no preferred sizes, 0 queue delay). Each one starts with an empty shared cache, so none inherits
+the lists another computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, Bundle, load_bundle
+
+LOADTEST_DIR = BUILD_DIR / "loadtest"
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+
+# Users of 10 requests/s each: offered load = 10 x users.
+COMPUTE_STEPS = (2, 5, 10, 20, 30, 40, 60, 80, 100, 130)
+HIT_STEPS = (10, 20, 40, 60, 80, 100, 130, 160, 200)
+FIXED_USERS = 5  # the fixed load at which every scenario's p99 is compared: 50 requests/s
+# A running service has a warm cache: scenarios with a cache first run this many steps at WARM_USERS
+# (not measured), so that the hot keys are cached before the load steps up.
+WARM_STEPS = 3
+WARM_USERS = 3
+RATE_PER_USER = 10.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    batching: bool = True  # which Triton ranks: dynamic batching on (shipped) or off
+    user_class: str = "ShopperUser"
+    steps: tuple[int, ...] = COMPUTE_STEPS
+    ceiling: bool = False
+
+    @property
+    def cached(self) -> bool:
+        return not self.ceiling and self.env.get("RECSERVE_CACHE_ENABLED", "true") != "false"
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "naive",
+            "the classic design run straight: no cache, no single-flight, one Redis GET per key, "
+            "Triton with dynamic batching off",
+            {
+                "RECSERVE_CACHE_ENABLED": "false",
+                "RECSERVE_SINGLE_FLIGHT_ENABLED": "false",
+                "RECSERVE_STORE_READS": "one_by_one",
+                # The classic design has no deadline fallback: let it compute every answer, so that its
+                # latency is its own and not the fallback's.
+                "RECSERVE_DEADLINE_MS": "2000",
+                "RECSERVE_FALLBACK_RESERVE_MS": "200",
+            },
+            batching=False,
+        ),
+        Scenario("full", "the system as shipped"),
+        Scenario("no_cache", "full, without any cache (every request computed)", {"RECSERVE_CACHE_ENABLED": "false"}),
+        Scenario("no_batching", "full, ranking on a Triton with dynamic batching off", batching=False),
+        Scenario(
+            "no_local_cache", "full, without the in-process cache layer", {"RECSERVE_LOCAL_CACHE_ENABLED": "false"}
+        ),
+        Scenario(
+            "no_single_flight",
+            "full, letting concurrent misses of one key all compute",
+            {"RECSERVE_SINGLE_FLIGHT_ENABLED": "false"},
+        ),
+        Scenario(
+            "cache_hit",
+            "full, one context per user: after the first pass every answer is a cache hit",
+            user_class="CacheHitUser",
+            steps=HIT_STEPS,
+        ),
+        Scenario(
+            "ceiling",
+            "a one-route FastAPI app returning a fixed body, same server settings, same requests as cache_hit",
+            user_class="CacheHitUser",
+            steps=HIT_STEPS,
+            ceiling=True,
+        ),
+    )
+}
+DEFAULT_ORDER = (
+    "ceiling",
+    "cache_hit",
+    "naive",
+    "full",
+    "no_cache",
+    "no_batching",
+    "no_local_cache",
+    "no_single_flight",
+)
+HEADLINE = ("naive", "full")
+
+
+@dataclass
+class Stack:
+    bundle: Bundle
+    redis_url: str
+    redis_pid: int
+    triton: dict[bool, Any]  # batching on/off -> TritonServer
+    onnx_path: Path
+
+
+@dataclass
+class RunOptions:
+    step_s: float = 10.0
+    warmup_s: float = 2.5
+    out_dir: Path = LOADTEST_DIR
+    quick: bool = False
+
+
+def log(message: str) -> None:
+    print(f"[loadtest {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@contextmanager
+def local_stack(dataset: str) -> Iterator[Stack]:
+    """Redis, Triton with batching on (as shipped) and off, the bundle loaded and pre-computed."""
+    from export.model_repository import render_profile_repository
+    from export.redis_local import start_server
+    from export.stack import ensure_artifacts, load_and_precompute
+    from export.triton_config import BatchingSpec
+    from export.triton_launcher import TritonServer
+
+    bundle = load_bundle(ensure_artifacts(dataset))
+    onnx_path = MODEL_REPOSITORY / "ranker_onnx" / str(bundle.manifest.get("triton_version", 1)) / "model.onnx"
+    with ExitStack() as stack:
+        redis = start_server()
+        stack.callback(redis.stop)
+        log(f"redis-server at {redis.url}")
+        tritons: dict[bool, Any] = {}
+        specs = {True: BatchingSpec(), False: BatchingSpec(preferred_batch_sizes=(), max_queue_delay_microseconds=0)}
+        for batching, spec in specs.items():
+            label = "batching_on" if batching else "batching_off"
+            repo = render_profile_repository(
+                "cpu", LOADTEST_DIR / "triton" / label, embedding_dim=bundle.dim, batching=spec
+            )
+            server = TritonServer(repo, log_path=LOADTEST_DIR / "triton" / f"{label}.log").start()
+            stack.callback(server.stop)
+            tritons[batching] = server
+            log(f"Triton ({label.replace('_', ' ')}) at {server.grpc_url}")
+        log("loading the store and pre-computing every user's list")
+        asyncio.run(load_and_precompute(redis.url, bundle, onnx_path, progress=False))
+        yield Stack(bundle, redis.url, redis.process.pid, tritons, onnx_path)
+
+
+def flush_cache(redis_url: str) -> int:
+    """Drop every cached list so that each scenario starts cold (the benchmark's reset, never a request path)."""
+    from redis import Redis
+
+    from orchestrator.store import keys
+
+    prefix = keys.rec_cache("0").split("{", 1)[0]
+    client = Redis.from_url(redis_url)
+    try:
+        doomed = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(doomed), 1000):
+            client.delete(*doomed[start : start + 1000])
+        return len(doomed)
+    finally:
+        client.close()
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_ceiling(port: int, log_path: Path, timeout_s: float = 30.0) -> Server:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "loadtest.ceiling", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
+    server = Server(process, f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the ceiling app exited with code {process.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/readyz", timeout=1):
+                return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"the ceiling app was not ready after {timeout_s:.0f} s; see {log_path}")
+
+
+def orchestrator_env(stack: Stack, scenario: Scenario) -> dict[str, str]:
+    return {
+        "RECSERVE_REDIS_URLS": stack.redis_url,
+        "RECSERVE_INDEX_PATH": str(stack.bundle.path / "item_index.faiss"),
+        "RECSERVE_ONNX_MODEL_PATH": str(stack.onnx_path),
+        "RECSERVE_TRITON_URL": stack.triton[scenario.batching].grpc_url,
+        # One locust process sends every event from 127.0.0.1: the per-client limit would throttle the test.
+        "RECSERVE_EVENTS_RATE_PER_S": "1000000",
+        "RECSERVE_EVENTS_BURST": "1000000",
+        **scenario.env,
+    }
+
+
+def run_locust(
+    scenario: Scenario, url: str, folder: Path, steps: tuple[int, ...], options: RunOptions, cpu_pids: dict[str, int]
+) -> dict[str, Any]:
+    """Headless locust, one process (the machine has too few cores for --processes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    warm = (WARM_USERS,) * WARM_STEPS if scenario.cached else ()
+    fixed_steps = len(warm) + (steps.index(FIXED_USERS) + 1 if FIXED_USERS in steps else 1)
+    steps = warm + steps
+    env = {
+        **os.environ,
+        "LOADTEST_STEPS": ",".join(str(s) for s in steps),
+        "LOADTEST_STEP_S": str(options.step_s),
+        "LOADTEST_WARMUP_S": str(options.warmup_s),
+        "LOADTEST_FIXED_STEPS": str(fixed_steps),
+        "LOADTEST_WARM_STEPS": str(len(warm)),
+        "LOADTEST_RATE_PER_USER": str(RATE_PER_USER),
+        "LOADTEST_OUT": str(folder / "steps.json"),
+        "LOADTEST_CPU_PIDS": ",".join(f"{name}={pid}" for name, pid in cpu_pids.items()),
+    }
+    command = [
+        sys.executable, "-m", "locust",
+        "-f", str(LOCUSTFILE),
+        "--headless", "--only-summary",
+        "--host", url,
+        "--csv", str(folder / "locust"),
+        "--html", str(folder / "report.html"),
+        "--json-file", str(folder / "locust"),
+        "--loglevel", "WARNING",
+        scenario.user_class,
+    ]  # fmt: skip
+    started = time.monotonic()
+    with (folder / "locust.log").open("w") as out:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert process.stdout is not None
+        for line in process.stdout:
+            out.write(line)
+            if line.startswith("[loadtest]"):
+                log(f"  {scenario.name}: {line.removeprefix('[loadtest] ').rstrip()}")
+        process.wait()
+    if process.returncode not in (0, 1):  # 1: some requests failed, which the figures report
+        raise RuntimeError(f"locust exited with code {process.returncode}; see {folder / 'locust.log'}")
+    result: dict[str, Any] = json.loads((folder / "steps.json").read_text())
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def run_scenario(stack: Stack, scenario: Scenario, label: str, options: RunOptions) -> dict[str, Any]:
+    from export.stack import start_orchestrator
+    from export.triton_launcher import free_port
+
+    folder = options.out_dir / label
+    steps = scenario.steps[:4] if options.quick else scenario.steps
+    flushed = flush_cache(stack.redis_url)
+    server: Any
+    if scenario.ceiling:
+        server = start_ceiling(free_port(), folder / "server.log")
+        pids = {"server": server.process.pid}
+    else:
+        env = orchestrator_env(stack, scenario)
+        server = start_orchestrator(env, free_port(), log_path=folder / "server.log")
+        triton = stack.triton[scenario.batching]
+        pids = {"server": server.process.pid, "redis": stack.redis_pid, "triton": triton.process.pid}
+    log(f"{label}: {scenario.description} (flushed {flushed} cached lists)")
+    try:
+        result = run_locust(scenario, server.url, folder, steps, options, pids)
+    finally:
+        server.stop()
+    return {"scenario": scenario.name, "label": label, "description": scenario.description, **result}

@@ -1,0 +1,489 @@
+"""The figures of a load run, as ratios: docs/BENCHMARKS.md sections ``loadtest`` and ``ablations``,
+docs/img/loadtest_*.png and the orchestrator keys of docs/measurements.json (through ``export.bench``,
+the one writer of those files)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from export.bench import (
+    BENCHMARKS_PATH,
+    IMAGES_DIR,
+    MEASUREMENTS_PATH,
+    Measured,
+    format_rate,
+    markdown_table,
+    replace_section,
+    update_measurements,
+)
+from loadtest.driver import FIXED_USERS, RATE_PER_USER, SCENARIOS
+from loadtest.plots import first_runs, requests_per_cpu_s
+from loadtest.results import MAX_FALLBACK_SHARE, best_step, measured, step_at
+
+REFERENCE_RPS_PER_CORE = 50_000 / (20 * 8)  # the reference design: 50K QPS on 20 servers x 8 cores
+FIXED_RPS = FIXED_USERS * RATE_PER_USER
+
+
+def _by_label(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {run["label"]: run for run in results["runs"]}
+
+
+def efficiency(run: dict[str, Any], component: str = "server", max_fallback: float = 1.0) -> float | None:
+    """Requests per CPU-second of ``component`` at the step where it was highest (fixed costs such as
+    the /metrics scrape weigh least at high load), among steps with at most ``max_fallback`` fallbacks."""
+    rates = [
+        r
+        for s in measured(run["steps"])
+        if s["fallback_share"] <= max_fallback
+        for r in [requests_per_cpu_s(s, component)]
+        if r is not None
+    ]
+    return max(rates) if rates else None
+
+
+def summary_of(run: dict[str, Any]) -> dict[str, Any]:
+    best = best_step(run["steps"])
+    fixed = step_at(run["steps"], FIXED_RPS)
+    computed = [
+        s for s in measured(run["steps"]) if s["fallback_share"] < MAX_FALLBACK_SHARE and s["failure_share"] < 0.01
+    ]
+    personalised = sum(best["sources"].values()) if best else 0
+    return {
+        "max_rps_slo": float(best["achieved_rps"]) if best else 0.0,
+        "best": best,
+        "p99_fixed_ms": fixed.get("p99_ms") if fixed else None,
+        "fixed": fixed,
+        "max_rps_computed": max((float(s["achieved_rps"]) for s in computed), default=0.0),
+        "server_rps_per_cpu_s": efficiency(run),
+        "hit_share_best": best["sources"].get("cache", 0) / personalised if best and personalised else None,
+        "steps_run": len(run["steps"]),
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b <= 0:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.1f} ms" if value is not None else "n/a"
+
+
+def _rate(value: float | None) -> str:
+    return format_rate(value) if value else "none"
+
+
+def _spread(a: float | None, b: float | None) -> str:
+    if a is None or b is None or (a + b) <= 0:
+        return "n/a"
+    return f"{abs(a - b) / ((a + b) / 2):.0%}"
+
+
+def _provenance(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    return (
+        f"Command: `{results['command']}` · date: {results['date']} · machine: {machine['cores']} cores "
+        f"({machine['cpu_model']}) · whole run {results['wall_s'] / 60:.1f} min"
+    )
+
+
+def loadtest_markdown(results: dict[str, Any], images: list[str], plan_text: str) -> str:
+    runs = _by_label(results)
+    s = {label: summary_of(run) for label, run in runs.items()}
+    naive, full = s.get("naive"), s.get("full")
+    skew = next((run.get("skew") for run in results["runs"] if run.get("skew")), "")
+    lines = [
+        "## Load test: the full system against the naive design (locust)",
+        "",
+        _provenance(results),
+        "",
+        "**CPU figures are not GPU figures**, and here the whole stack (orchestrator, Redis, Triton on the cpu "
+        "profile) and the load generator (one locust process) share the same 2 cores, with other work on the "
+        "machine: wall-clock throughput is capped by locust and by neighbours, not only by the service. "
+        "Requests per server CPU-second (from /proc, locust excluded) is the figure that carries over to a pod.",
+        "",
+        f"Traffic (`loadtest/locustfile.py`, `ShopperUser`): users drawn by {skew}; 80% personalised lists "
+        "(page type home 40 / product 30 / category 15 / search 10 / cart 5, device web 45 / ios 25 / android 25 / "
+        "tv 5), 10% anonymous segment lists, 10% events (view 60 / click 25 / add_to_cart 10 / purchase 5; a "
+        "purchase invalidates the user's cached lists). Step load: each locust user offers 10 requests/s; "
+        f"{results['step_s']:g} s per step, the first {results['warmup_s']:g} s of each not measured; the "
+        "cache is emptied before each scenario. A step meets the service level when p99 over all its requests "
+        "< 100 ms with < 1% failures and < 1% fallback answers (pre-computed/popular).",
+        "",
+    ]
+    if naive and full:
+        naive_best = naive["max_rps_slo"]
+        lines += [
+            "### Headline",
+            "",
+            markdown_table(
+                ["", "naive", "full", "full / naive"],
+                [
+                    [
+                        "highest throughput at p99 < 100 ms",
+                        f"{_rate(naive_best)} req/s",
+                        f"{_rate(full['max_rps_slo'])} req/s",
+                        _ratio(full["max_rps_slo"], naive_best) if naive_best else "naive meets it at no load",
+                    ],
+                    [
+                        f"p99 at a fixed {FIXED_RPS:g} req/s",
+                        _ms(naive["p99_fixed_ms"]),
+                        _ms(full["p99_fixed_ms"]),
+                        _ratio(naive["p99_fixed_ms"], full["p99_fixed_ms"]) + " lower",
+                    ],
+                    [
+                        "highest throughput with every answer computed (any p99)",
+                        f"{_rate(naive['max_rps_computed'])} req/s",
+                        f"{_rate(full['max_rps_computed'])} req/s",
+                        _ratio(full["max_rps_computed"], naive["max_rps_computed"]),
+                    ],
+                    [
+                        "requests per server CPU-second (best step)",
+                        _rate(naive["server_rps_per_cpu_s"]),
+                        _rate(full["server_rps_per_cpu_s"]),
+                        _ratio(full["server_rps_per_cpu_s"], naive["server_rps_per_cpu_s"]),
+                    ],
+                ],
+            ),
+            "",
+        ]
+        lines += headline_notes(naive, full)
+    lines += ceiling_lines(s)
+    lines += reference_mix_lines(results, s)
+    lines += reproducibility_lines(s)
+    lines += [
+        "### Plots",
+        "",
+        *[f"![{Path(p).stem}](img/{Path(p).name})" for p in images],
+        "",
+        "### Extrapolation to 100M users at 50K QPS",
+        "",
+        "`python -m export capacity` with the per-core figures measured here (docs/measurements.json: "
+        "`orchestrator_rps_per_core_cache_hit` from `cache_hit`, `orchestrator_rps_per_core_cache_miss` and "
+        "`orchestrator_p99_ms_cache_miss` from `no_cache`), 90% cache hits, 60% CPU target:",
+        "",
+        "```",
+        plan_text,
+        "```",
+        "",
+        "Per-core figures are per server CPU-second on this machine's cores; a pod with a dedicated core and "
+        "its Redis/Triton elsewhere does about that many requests per core, so the orchestrator line scales "
+        "linearly. The Triton line rests on a T4 speed-up that no one measured here (marked provisional).",
+        "",
+        "Every run's raw figures: `build/loadtest/results.json`; per scenario locust's HTML report, CSVs and "
+        "per-step JSON under `build/loadtest/<scenario>/`.",
+    ]
+    return "\n".join(lines)
+
+
+def headline_notes(naive: dict[str, Any], full: dict[str, Any]) -> list[str]:
+    lines = []
+    if naive["max_rps_slo"] > 0 and full["max_rps_slo"] > 0:
+        ratio = full["max_rps_slo"] / naive["max_rps_slo"]
+        verdict = "meets" if ratio >= 5 else "does not meet"
+        lines.append(f"**Full / naive at p99 < 100 ms: {ratio:.1f}x**, which {verdict} the 5x target.")
+    elif naive["max_rps_slo"] == 0:
+        fixed = naive["fixed"]
+        lines.append(
+            "**The naive design meets p99 < 100 ms at no load level on this machine** (p99 "
+            f"{_ms(fixed.get('p99_ms') if fixed else None)} already at {FIXED_RPS:g} req/s): one Redis GET per key "
+            "is ~400 sequential round trips per request (200 candidates x embedding + features), so one request "
+            "alone costs most of the budget; the ratio of highest throughputs at the objective is unbounded. The "
+            "finite comparisons are the rows below it: throughput with every answer computed and requests per "
+            "server CPU-second."
+        )
+    if full["max_rps_slo"] == 0:
+        lines.append("**The full system met the objective at no step in this run**: see the steps table below.")
+    return [*lines, ""]
+
+
+def ceiling_lines(s: dict[str, dict[str, Any]]) -> list[str]:
+    hit, ceiling = s.get("cache_hit"), s.get("ceiling")
+    if not hit or not ceiling:
+        return []
+    per_cpu = (
+        hit["server_rps_per_cpu_s"] / ceiling["server_rps_per_cpu_s"]
+        if hit["server_rps_per_cpu_s"] and ceiling["server_rps_per_cpu_s"]
+        else None
+    )
+    wall = hit["max_rps_slo"] / ceiling["max_rps_slo"] if ceiling["max_rps_slo"] else None
+    verdict = "meets" if per_cpu is not None and per_cpu >= 0.6 else "does not meet"
+    return [
+        "### The cache-hit path against the framework's ceiling",
+        "",
+        "`ceiling`: `loadtest/ceiling.py`, one FastAPI route returning a fixed body of the same size, served "
+        "as the orchestrator is (uvicorn, uvloop, httptools, 1 worker, no access log); `cache_hit`: the full "
+        "system with one context per user, so that after the first pass every answer comes from the cache; "
+        "both driven by the same locust user class and URLs.",
+        "",
+        markdown_table(
+            ["", "cache_hit", "ceiling", "fraction of the ceiling"],
+            [
+                [
+                    "requests per server CPU-second (best step)",
+                    _rate(hit["server_rps_per_cpu_s"]),
+                    _rate(ceiling["server_rps_per_cpu_s"]),
+                    f"{per_cpu:.0%}" if per_cpu is not None else "n/a",
+                ],
+                [
+                    "highest throughput at p99 < 100 ms (wall clock)",
+                    f"{_rate(hit['max_rps_slo'])} req/s",
+                    f"{_rate(ceiling['max_rps_slo'])} req/s",
+                    f"{wall:.0%}" if wall is not None else "n/a",
+                ],
+            ],
+        ),
+        "",
+        f"**Per server CPU-second the cache-hit path reaches "
+        f"{f'{per_cpu:.0%}' if per_cpu is not None else 'n/a'} of the ceiling**, which {verdict} the 60% target. "
+        "The wall-clock row is bounded by locust, not the servers: one locust process on a shared core "
+        "saturates first, so both columns measure mostly the load generator (see the CPU columns of the steps "
+        "table).",
+        "",
+    ]
+
+
+def reference_mix_lines(results: dict[str, Any], s: dict[str, dict[str, Any]]) -> list[str]:
+    full = s.get("full")
+    if not full or not full["best"]:
+        return []
+    best = full["best"]
+    cores = results["machine"]["cores"]
+    per_core = float(best["achieved_rps"]) / cores
+    target = 3 * REFERENCE_RPS_PER_CORE
+    hit = full["hit_share_best"]
+    server = requests_per_cpu_s(best)
+    stack_cpu = sum(float(v) for v in best.get("cpu_s", {}).values())
+    stack_per_core = best["requests"] / stack_cpu if stack_cpu > 0 else None
+    verdict = "meets" if per_core >= target else "does not meet"
+    return [
+        "### The reference design's traffic mix on this machine",
+        "",
+        f"At the full system's best step ({best['users']} users, offered {best['offered_rps']:g} req/s), "
+        f"{hit:.0%} of personalised answers came from the cache (the reference design assumes 90%). "
+        if hit is not None
+        else "",
+        markdown_table(
+            ["per core", "req/s", "against the reference's 312 req/s per core"],
+            [
+                [
+                    "whole machine (2 cores: stack + locust)",
+                    _rate(per_core),
+                    f"{per_core / REFERENCE_RPS_PER_CORE:.2f}x",
+                ],
+                [
+                    "stack CPU only (orchestrator + Redis + Triton CPU-seconds)",
+                    _rate(stack_per_core),
+                    _ratio(stack_per_core, REFERENCE_RPS_PER_CORE),
+                ],
+                ["orchestrator CPU only", _rate(server), _ratio(server, REFERENCE_RPS_PER_CORE)],
+            ],
+        ),
+        "",
+        f"The whole-machine figure {verdict} the target of 3x (936 req/s per core). "
+        + (
+            "Locust needs about a core of its own for this rate, and the machine is shared; the stack-CPU rows "
+            "say what the service itself costs."
+            if per_core < target
+            else ""
+        ),
+        "",
+    ]
+
+
+def reproducibility_lines(s: dict[str, dict[str, Any]]) -> list[str]:
+    pairs = [(name, s.get(name), s.get(f"{name}_run2")) for name in ("naive", "full")]
+    rows = []
+    for name, first, second in pairs:
+        if not first or not second:
+            continue
+        rows += [
+            [
+                f"{name}: highest throughput at p99 < 100 ms",
+                _rate(first["max_rps_slo"]),
+                _rate(second["max_rps_slo"]),
+                _spread(first["max_rps_slo"], second["max_rps_slo"]),
+            ],
+            [
+                f"{name}: p99 at {FIXED_RPS:g} req/s",
+                _ms(first["p99_fixed_ms"]),
+                _ms(second["p99_fixed_ms"]),
+                _spread(first["p99_fixed_ms"], second["p99_fixed_ms"]),
+            ],
+            [
+                f"{name}: requests per server CPU-second",
+                _rate(first["server_rps_per_cpu_s"]),
+                _rate(second["server_rps_per_cpu_s"]),
+                _spread(first["server_rps_per_cpu_s"], second["server_rps_per_cpu_s"]),
+            ],
+        ]
+    if not rows:
+        return []
+    return [
+        "### Reproducibility",
+        "",
+        "The headline pair ran a second time at the end of the same command (same stack, cache emptied "
+        "first). Spread = |run 1 - run 2| / mean.",
+        "",
+        markdown_table(["figure", "run 1", "run 2", "spread"], rows),
+        "",
+        "Treat differences smaller than the largest spread above as noise: the machine is shared, and a "
+        "step load moves in steps of 50-200 req/s, so the highest passing step can move by one step.",
+        "",
+    ]
+
+
+def ablations_markdown(results: dict[str, Any]) -> str:
+    summaries = {run["label"]: summary_of(run) for run in first_runs(results)}
+    full = summaries.get("full")
+    rows = []
+    for label, summary in summaries.items():
+        best = summary["best"]
+        rows.append(
+            [
+                f"`{label}`",
+                SCENARIOS[label].description,
+                f"{_rate(summary['max_rps_slo'])}",
+                _ratio(summary["max_rps_slo"], full["max_rps_slo"]) if full else "n/a",
+                _ms(summary["p99_fixed_ms"]),
+                _rate(summary["server_rps_per_cpu_s"]),
+                f"{summary['hit_share_best']:.0%}" if summary["hit_share_best"] is not None else "-",
+                f"{best['fallback_share']:.1%}" if best else "-",
+            ]
+        )
+    step_rows = []
+    for run in results["runs"]:
+        for step in measured(run["steps"]):
+            cores = step.get("cpu_cores", {})
+            step_rows.append(
+                [
+                    run["label"],
+                    step["users"],
+                    f"{step['offered_rps']:g}",
+                    f"{step['achieved_rps']:g}",
+                    _ms(step.get("p50_ms")),
+                    _ms(step.get("p99_ms")),
+                    f"{step['fallback_share']:.1%}",
+                    f"{step['failure_share']:.1%}",
+                    " / ".join(f"{cores.get(c, 0):.2f}" for c in ("server", "redis", "triton")),
+                    "yes" if step["slo_ok"] else "no",
+                ]
+            )
+    return "\n".join(
+        [
+            "## Ablations: one piece of the design off at a time",
+            "",
+            _provenance(results),
+            "",
+            "Same stack, same data, same run as the load-test section; each scenario is the full system with one "
+            "switch flipped (`RECSERVE_*`, orchestrator/config.py) or ranking on a second Triton with dynamic "
+            "batching off (no preferred sizes, `max_queue_delay` 0). Ratios are to `full` from the same run.",
+            "",
+            markdown_table(
+                [
+                    "scenario",
+                    "what it is",
+                    "req/s at p99 < 100 ms",
+                    "/ full",
+                    f"p99 at {FIXED_RPS:g} req/s",
+                    "req per server CPU-s",
+                    "from cache (best step)",
+                    "fallbacks (best step)",
+                ],
+                rows,
+                align="llrrrrrr",
+            ),
+            "",
+            "Dynamic batching on Triton in isolation (concurrency 1..64, `max_queue_delay` 0/1/5/10 ms) is the "
+            "`batching` section (`export/bench_batching.py`): on the CPU it gains little, which is why "
+            "`no_batching` is close to `full` here.",
+            "",
+            "<details><summary>Every step of every run</summary>",
+            "",
+            markdown_table(
+                [
+                    "run",
+                    "users",
+                    "offered",
+                    "achieved",
+                    "p50",
+                    "p99",
+                    "fallbacks",
+                    "failures",
+                    "cores: server / redis / triton",
+                    "meets SLO",
+                ],
+                step_rows,
+                align="lrrrrrrrrl",
+            ),
+            "",
+            "</details>",
+        ]
+    )
+
+
+def measurements(results: dict[str, Any]) -> dict[str, Measured]:
+    found: dict[str, Measured] = {}
+    runs = {run["label"]: run for run in first_runs(results)}
+    if "cache_hit" in runs and (value := efficiency(runs["cache_hit"], max_fallback=MAX_FALLBACK_SHARE)):
+        found["orchestrator_rps_per_core_cache_hit"] = Measured(
+            round(value), "requests per CPU-second of the orchestrator process (1 uvicorn worker), all cache hits"
+        )
+    if "no_cache" in runs:
+        run = runs["no_cache"]
+        if value := efficiency(run, max_fallback=0.05):
+            found["orchestrator_rps_per_core_cache_miss"] = Measured(
+                round(value),
+                "requests per CPU-second of the orchestrator process, every request computed (FAISS + Redis + "
+                "Triton call; Triton's and Redis's CPU not included)",
+            )
+        summary = summary_of(run)
+        step = summary["best"] or summary["fixed"]
+        if step and "p99_ms" in step:
+            found["orchestrator_p99_ms_cache_miss"] = Measured(
+                float(step["p99_ms"]),
+                f"ms p99 of the cache-miss path at {step['achieved_rps']:g} req/s (no_cache scenario, whole stack "
+                "and load generator on 2 cores, Triton cpu profile)",
+            )
+    return found
+
+
+def capacity_text() -> str:
+    from export.capacity import CapacityInputError, Load, format_plan, load_measurements, plan
+
+    load = Load(users=100_000_000, qps=50_000, p99_ms=100, cache_hit_rate=0.9)
+    try:
+        return format_plan(plan(load, load_measurements()))
+    except CapacityInputError as exc:
+        # Another section's figure may be out of the planner's range; say so instead of losing the run.
+        return f"the capacity plan could not be computed: {exc}"
+
+
+def write(results: dict[str, Any], images: list[Path], write_docs: bool) -> str:
+    names = [p.name for p in images]
+    source = f"{results['command']} ({results['date']})"
+    if write_docs:
+        IMAGES_DIR.mkdir(parents=True, exist_ok=True)
+        for image in images:
+            shutil.copy(image, IMAGES_DIR / image.name)
+        update_measurements(MEASUREMENTS_PATH, measurements(results), source)
+    plan_text = capacity_text()
+    loadtest = loadtest_markdown(results, names, plan_text)
+    ablations = ablations_markdown(results)
+    out_dir = images[0].parent if images else Path(".")
+    (out_dir / "report.md").write_text(loadtest + "\n\n" + ablations + "\n")
+    if write_docs:
+        replace_section(BENCHMARKS_PATH, "loadtest", loadtest)
+        replace_section(BENCHMARKS_PATH, "ablations", ablations)
+    headline = [
+        f"{label}: {_rate(summary_of(run)['max_rps_slo'])} req/s at p99 < 100 ms, p99 at {FIXED_RPS:g} req/s "
+        f"{_ms(summary_of(run)['p99_fixed_ms'])}, {_rate(summary_of(run)['server_rps_per_cpu_s'])} req per server "
+        "CPU-s"
+        for label, run in _by_label(results).items()
+    ]
+    return "\n".join(
+        [*headline, f"report: {out_dir / 'report.md'}" + (" and docs/BENCHMARKS.md" if write_docs else "")]
+    )

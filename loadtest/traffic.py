@@ -1,0 +1,104 @@
+"""The traffic model of the load test, apart from locust so that it can be unit-tested and reused.
+
+Who asks: users drawn with the skew of the data. On the synthetic set, Zipf over users ranked by activity
+(the generator draws item popularity from a Zipf law, so activity is heavy-tailed too); on MovieLens the
+empirical activity itself (a user's weight is the length of their history). Where: page type and device
+drawn from fixed shares that look like a shop (home and product pages, mostly web and phones).
+What: personalised lists, anonymous segment lists, and events, some of them purchases (which invalidate
+the user's cached lists).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+PAGE_TYPES: tuple[tuple[str, float], ...] = (
+    ("home", 0.40),
+    ("product", 0.30),
+    ("category", 0.15),
+    ("search", 0.10),
+    ("cart", 0.05),
+)
+DEVICES: tuple[tuple[str, float], ...] = (("web", 0.45), ("ios", 0.25), ("android", 0.25), ("tv", 0.05))
+EVENT_TYPES: tuple[tuple[str, float], ...] = (
+    ("view", 0.60),
+    ("click", 0.25),
+    ("add_to_cart", 0.10),
+    ("purchase", 0.05),
+)
+# Shares of the request mix: personalised lists dominate; anonymous visitors and events make up the rest.
+MIX_RECOMMENDATIONS = 80
+MIX_SEGMENTS = 10
+MIX_EVENTS = 10
+
+
+class Weighted:
+    """A fixed discrete distribution, sampled with one bisect per draw (cheap enough for locust)."""
+
+    def __init__(self, values: Sequence[str], weights: Sequence[float]) -> None:
+        if len(values) != len(weights) or not values:
+            raise ValueError(f"expected one weight per value, got {len(values)} values and {len(weights)} weights")
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError("weights must be >= 0 with a positive sum")
+        total = float(sum(weights))
+        self.values = list(values)
+        self.cum_weights = list(itertools.accumulate(w / total for w in weights))
+
+    def draw(self, rng: random.Random) -> str:
+        return rng.choices(self.values, cum_weights=self.cum_weights)[0]
+
+    def share(self, top: int) -> float:
+        """Probability mass of the ``top`` first values (the most active users when built by activity)."""
+        return self.cum_weights[min(top, len(self.values)) - 1]
+
+
+def zipf_weights(n: int, exponent: float) -> list[float]:
+    return [1.0 / rank**exponent for rank in range(1, n + 1)]
+
+
+@dataclass(frozen=True)
+class Traffic:
+    dataset: str
+    users: Weighted
+    items: list[str]
+    segments: list[str]
+    user_skew: str  # how users were weighted, for the report
+
+    @classmethod
+    def from_bundle(cls, bundle: Path, zipf_exponent: float = 1.0) -> Traffic:
+        """Weights from the bundle's ``user_history.json``: Zipf by activity rank (synthetic) or the
+        empirical activity (MovieLens, or any other real data set)."""
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        history: dict[str, list[str]] = json.loads((bundle / "user_history.json").read_text())
+        items: list[str] = json.loads((bundle / "items.json").read_text())
+        segments = sorted(json.loads((bundle / "popular.json").read_text()))
+        dataset = str(manifest.get("dataset", "synthetic"))
+        by_activity = sorted(history, key=lambda user: (-len(history[user]), user))
+        if dataset == "synthetic":
+            weights = zipf_weights(len(by_activity), zipf_exponent)
+            skew = f"Zipf (s={zipf_exponent:g}) over {len(by_activity)} users ranked by history length"
+        else:
+            weights = [float(len(history[user])) for user in by_activity]
+            skew = f"empirical activity (history length) of {len(by_activity)} {dataset} users"
+        return cls(dataset, Weighted(by_activity, weights), items, segments, skew)
+
+
+PAGE_TYPE_DIST = Weighted([p for p, _ in PAGE_TYPES], [w for _, w in PAGE_TYPES])
+DEVICE_DIST = Weighted([d for d, _ in DEVICES], [w for _, w in DEVICES])
+EVENT_DIST = Weighted([e for e, _ in EVENT_TYPES], [w for _, w in EVENT_TYPES])
+
+
+def source_of(body: bytes) -> str:
+    """The ``source`` field of a recommendations answer without a JSON parse (locust's CPU is the
+    bottleneck on a small machine); the service writes compact JSON (orjson)."""
+    start = body.find(b'"source":"')
+    if start < 0:
+        return "unknown"
+    start += len(b'"source":"')
+    end = body.find(b'"', start)
+    return body[start:end].decode() if end > start else "unknown"
