@@ -36,6 +36,7 @@ from export.model_repository import render_profile_repository
 from export.triton_config import BatchingSpec, ModelSpec
 from export.triton_launcher import TritonServer
 from orchestrator import schema
+from orchestrator.ranking.triton_ranker import infer_inputs
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ DELAYS_MS: tuple[int, ...] = (0, 1, 5, 10)
 RANKER_P99_BUDGET_MS = 50.0
 # Throughput within this fraction of the best counts as a tie on a noisy shared 2-core machine.
 TIE_FRACTION = 0.05
-_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 
 
 # --- the Triton under test -----------------------------------------------------------------------
@@ -147,12 +147,7 @@ def windowed_rates(completions_s: tuple[float, ...], duration_s: float, window_s
 
 
 def grpc_inputs(tensors: dict[str, np.ndarray]) -> list[grpcaio.InferInput]:
-    inputs = []
-    for name, value in tensors.items():
-        tensor = grpcaio.InferInput(name, list(value.shape), _DTYPES[value.dtype])
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return inputs
+    return infer_inputs(tensors, grpcaio.InferInput)
 
 
 async def _stats(client: grpcaio.InferenceServerClient) -> tuple[int, int]:
