@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,13 @@ SCENARIOS: dict[str, Scenario] = {
             {"RECSERVE_SINGLE_FLIGHT_ENABLED": "false"},
         ),
         Scenario(
+            "mix90",
+            "full, the reference design's mix: one context per user, 8% of requests preceded by the user's "
+            "purchase (invalidation, then a computed answer), about 90% of lists from the cache",
+            user_class="Mix90User",
+            steps=HIT_STEPS,
+        ),
+        Scenario(
             "cache_hit",
             "full, one context per user: after the first pass every answer is a cache hit",
             user_class="CacheHitUser",
@@ -118,6 +126,20 @@ class Stack:
     redis_pid: int
     triton: dict[bool, Any]  # batching on/off -> TritonServer
     onnx_path: Path
+
+    def ensure_triton(self, batching: bool) -> bool:
+        """Restart the Triton that died (True if it had): a crash in one scenario must not turn the next
+        one into a fallback benchmark."""
+        server = self.triton[batching]
+        if server.process is not None and server.process.poll() is None:
+            return False
+        log(
+            f"Triton (batching {'on' if batching else 'off'}) had exited (code {server.process.returncode}): restarting"
+        )
+        if server.log_path.exists():  # start() truncates the log: keep the crash's
+            shutil.copy(server.log_path, server.log_path.with_suffix(f".crashed-{int(time.time())}.log"))
+        server.start()
+        return True
 
 
 @dataclass
@@ -280,6 +302,8 @@ def run_scenario(stack: Stack, scenario: Scenario, label: str, options: RunOptio
 
     folder = options.out_dir / label
     steps = scenario.steps[:4] if options.quick else scenario.steps
+    if not scenario.ceiling:
+        stack.ensure_triton(scenario.batching)
     flushed = flush_cache(stack.redis_url)
     server: Any
     if scenario.ceiling:
@@ -295,4 +319,8 @@ def run_scenario(stack: Stack, scenario: Scenario, label: str, options: RunOptio
         result = run_locust(scenario, server.url, folder, steps, options, pids)
     finally:
         server.stop()
+    crashed = not scenario.ceiling and stack.triton[scenario.batching].process.poll() is not None
+    if crashed:
+        log(f"{label}: Triton CRASHED during this scenario (see {stack.triton[scenario.batching].log_path})")
+    result["triton_crashed"] = crashed
     return {"scenario": scenario.name, "label": label, "description": scenario.description, **result}

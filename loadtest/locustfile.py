@@ -222,8 +222,8 @@ class _Recommendations(FastHttpUser):
         self.rng = random.Random()
         self.traffic = traffic()
 
-    def recommend(self, page_type: str, device: str) -> None:
-        user = self.traffic.users.draw(self.rng)
+    def recommend(self, page_type: str, device: str, user: str | None = None) -> None:
+        user = user or self.traffic.users.draw(self.rng)
         url = f"/v1/recommendations/{user}?n=20&page_type={page_type}&device={device}"
         with self.client.get(url, name="recs", catch_response=True) as response:
             if response.status_code == 200 and response.content:
@@ -261,6 +261,24 @@ class CacheHitUser(_Recommendations):
 
 
 _recorder = recorder
+
+MISS_SHARE = _env_float("LOADTEST_MISS_SHARE", 0.08)
+
+
+class Mix90User(_Recommendations):
+    """The reference design's mix, about 90% of lists from the cache: one context per user (so hot users
+    stay cached), and before ``MISS_SHARE`` of the requests the same user buys something, which
+    invalidates their lists and makes that answer a computed one. The hit rate actually reached is read
+    from /metrics and reported, not assumed."""
+
+    @task
+    def recommendations(self) -> None:
+        user = self.traffic.users.draw(self.rng)
+        if self.rng.random() < MISS_SHARE:
+            body = {"user_id": user, "item_id": self.rng.choice(self.traffic.items), "type": "purchase"}
+            self.client.post("/v1/events", json=body, name="event purchase")
+        self.recommend("home", "web", user)
+
 
 if os.environ.get("LOADTEST_STEPS"):
 

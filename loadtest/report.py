@@ -4,6 +4,7 @@ the one writer of those files)."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,8 @@ def loadtest_markdown(results: dict[str, Any], images: list[str], plan_text: str
             "",
         ]
         lines += headline_notes(naive, full)
+    lines += collapse_lines(results)
+    lines += crash_lines(results)
     lines += ceiling_lines(s)
     lines += reference_mix_lines(results, s)
     lines += reproducibility_lines(s)
@@ -200,6 +203,56 @@ def headline_notes(naive: dict[str, Any], full: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def crash_lines(results: dict[str, Any]) -> list[str]:
+    crashed = [run["label"] for run in results["runs"] if run.get("triton_crashed")]
+    if not crashed:
+        return []
+    return [
+        "### Triton crashed under overload",
+        "",
+        f"tritonserver (2.51, cpu profile) died with SIGSEGV during: {', '.join(f'`{c}`' for c in crashed)}; "
+        "the driver restarts it before the next scenario, so only the overloaded steps of those runs are "
+        "affected (answers there are fallbacks). The backtrace (`pthread_mutex_lock` in the gRPC handler) "
+        "matches the known race between a client cancelling an inference (our per-call deadline) and its "
+        "completion, triton-inference-server/server#8034 and #7368, fixed by server PR #7840 (r24.12), after "
+        "the 2.51 binary the `nvidia-pytriton` wheel ships.",
+        "",
+    ]
+
+
+def collapse_lines(results: dict[str, Any]) -> list[str]:
+    """Steps where more offered load gave less throughput, mostly as fallbacks: congestion collapse."""
+    found = []
+    for run in first_runs(results):
+        steps = measured(run["steps"])
+        for before, after in itertools.pairwise(steps):
+            if (
+                before["slo_ok"]
+                and float(after["achieved_rps"]) < 0.7 * float(before["achieved_rps"])
+                and after["fallback_share"] > 0.5
+            ):
+                found.append(
+                    f"`{run['scenario']}`: {before['achieved_rps']:g} req/s at {before['offered_rps']:g} offered "
+                    f"(p99 {_ms(before.get('p99_ms'))}), then {after['achieved_rps']:g} req/s at "
+                    f"{after['offered_rps']:g} offered with {after['fallback_share']:.0%} fallbacks"
+                )
+                break
+    if not found:
+        return []
+    return [
+        "### Past saturation: congestion collapse",
+        "",
+        "One step past the best, throughput fell instead of levelling off: " + "; ".join(found) + ". "
+        "Once the event loop is saturated, a cache lookup that waits longer than the real-time budget counts as "
+        "a miss, the request then tries to compute (more Redis reads, a Triton call that the breaker soon "
+        "refuses) and ends on the pre-computed fallback, which costs more than the hit it replaced. Admission "
+        "control sheds on requests in flight (256), which a closed-loop load of 100-200 users never reaches. "
+        "Shedding on queueing time, or serving the fallback straight away when the lookup itself timed out, "
+        "would hold throughput at the saturation level.",
+        "",
+    ]
+
+
 def ceiling_lines(s: dict[str, dict[str, Any]]) -> list[str]:
     hit, ceiling = s.get("cache_hit"), s.get("ceiling")
     if not hit or not ceiling:
@@ -247,7 +300,8 @@ def ceiling_lines(s: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def reference_mix_lines(results: dict[str, Any], s: dict[str, dict[str, Any]]) -> list[str]:
-    full = s.get("full")
+    name = "mix90" if s.get("mix90") else "full"
+    full = s.get(name)
     if not full or not full["best"]:
         return []
     best = full["best"]
@@ -262,10 +316,12 @@ def reference_mix_lines(results: dict[str, Any], s: dict[str, dict[str, Any]]) -
     return [
         "### The reference design's traffic mix on this machine",
         "",
-        f"At the full system's best step ({best['users']} users, offered {best['offered_rps']:g} req/s), "
-        f"{hit:.0%} of personalised answers came from the cache (the reference design assumes 90%). "
+        f"Scenario `{name}` ({SCENARIOS[name].description}). At its best step ({best['users']} users, "
+        f"offered {best['offered_rps']:g} req/s), "
+        f"{hit:.0%} of personalised answers came from the cache (the reference design assumes 90%)."
         if hit is not None
         else "",
+        "",
         markdown_table(
             ["per core", "req/s", "against the reference's 312 req/s per core"],
             [
