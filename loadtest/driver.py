@@ -111,6 +111,7 @@ DEFAULT_ORDER = (
     "cache_hit",
     "naive",
     "full",
+    "mix90",
     "no_cache",
     "no_batching",
     "no_local_cache",

@@ -22,7 +22,7 @@ SOURCE_COLOURS = {
     "popular": "tab:red",
     "ceiling": "tab:gray",
 }
-TIMELINE_SCENARIOS = ("full", "no_local_cache", "no_single_flight", "no_batching", "cache_hit")
+TIMELINE_SCENARIOS = ("full", "mix90", "no_local_cache", "no_single_flight", "no_batching", "cache_hit")
 
 
 def first_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
