@@ -1,7 +1,7 @@
 """Throw-away redis-server processes on free ports: for tests, benchmarks and ``plan --measure``.
 
-Never touches a system Redis: every server gets its own port and folder, no persistence, and dies with
-``stop()``. Readiness is read from the server's own log line, not guessed with sleeps.
+Never touches a system Redis: every server gets its own port and folder, no persistence unless asked
+(``appendonly``), and dies with ``stop()``. Readiness is read from the server's own log line, not guessed with sleeps.
 """
 
 from __future__ import annotations
@@ -21,11 +21,17 @@ from pathlib import Path
 from export.errors import ExportError
 
 READY_LINE = "Ready to accept connections"
-CLUSTER_NODE_ARGS = (
-    "--cluster-enabled", "yes",
-    "--cluster-node-timeout", "2000",
-    "--cluster-require-full-coverage", "no",
-)  # fmt: skip
+
+
+def cluster_node_args(node_timeout_ms: int = 2000) -> tuple[str, ...]:
+    return (
+        "--cluster-enabled", "yes",
+        "--cluster-node-timeout", str(node_timeout_ms),
+        "--cluster-require-full-coverage", "no",
+    )  # fmt: skip
+
+
+CLUSTER_NODE_ARGS = cluster_node_args()
 
 
 class RedisLaunchError(ExportError):
@@ -91,18 +97,31 @@ class RedisServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def start_server(*extra: str, port: int | None = None, timeout_s: float = 20.0) -> RedisServer:
-    """Start redis-server on a free port with no persistence; returns once it accepts connections."""
+def start_server(
+    *extra: str,
+    port: int | None = None,
+    timeout_s: float = 20.0,
+    appendonly: bool = False,
+    folder: Path | None = None,
+) -> RedisServer:
+    """Start redis-server on a free port; returns once it accepts connections.
+
+    ``appendonly``: persist every write to an append-only file, fsynced once a second (``everysec``):
+    a write acknowledged to a client is already in the kernel's page cache, so it survives the
+    redis-server process being killed; only a machine crash can lose the last second. ``folder``: reuse a
+    data folder (restart a server on its AOF); by default a fresh temporary one.
+    """
     cluster = "--cluster-enabled" in extra
     port = port or free_port(with_bus=cluster)
-    folder = Path(tempfile.mkdtemp(prefix=f"redis-{port}-"))
+    folder = folder or Path(tempfile.mkdtemp(prefix=f"redis-{port}-"))
+    persistence = ("--appendonly", "yes", "--appendfsync", "everysec") if appendonly else ("--appendonly", "no")
     args = [
         redis_server_binary(),
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--dir", str(folder),
         "--save", "",
-        "--appendonly", "no",
+        *persistence,
         "--logfile", "",
         "--protected-mode", "no",
         *extra,
@@ -135,19 +154,53 @@ class LocalCluster:
     def url(self) -> str:
         return self.nodes[0].url
 
+    def roles(self) -> dict[int, str]:
+        """Port -> ``master``/``slave`` as the cluster sees it now (CLUSTER NODES on a live node)."""
+        for node in self.nodes:
+            if node.process.poll() is not None:
+                continue
+            listing = subprocess.run(
+                ["redis-cli", "-p", str(node.port), "cluster", "nodes"], capture_output=True, text=True
+            ).stdout
+            roles: dict[int, str] = {}
+            for line in listing.splitlines():
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                flags = fields[2].split(",")
+                roles[port] = "master" if "master" in flags else "slave" if "slave" in flags else fields[2]
+                if "fail" in flags or "fail?" in flags:
+                    roles[port] += ",fail"
+            return roles
+        raise RedisLaunchError("cluster has no live node to ask")
+
+    def masters(self) -> list[RedisServer]:
+        roles = self.roles()
+        return [n for n in self.nodes if roles.get(n.port) == "master"]
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
 
 
-def start_cluster(masters: int = 3, timeout_s: float = 30.0) -> LocalCluster:
-    """A Redis Cluster of ``masters`` primaries, no replicas, all 16384 slots assigned."""
+def start_cluster(
+    masters: int = 3, timeout_s: float = 30.0, replicas: int = 0, node_timeout_ms: int = 2000
+) -> LocalCluster:
+    """A Redis Cluster of ``masters`` primaries with ``replicas`` replicas each, all 16384 slots assigned.
+
+    ``node_timeout_ms`` is how long a master must be unreachable before its replica may take over."""
+    if masters < 3:
+        raise RedisLaunchError(f"cluster needs at least 3 masters, got {masters}")
+    if replicas < 0:
+        raise RedisLaunchError(f"cluster replicas must be >= 0, got {replicas}")
+    args = cluster_node_args(node_timeout_ms)
     nodes: list[RedisServer] = []
     try:
-        for _ in range(masters):
+        for _ in range(masters * (1 + replicas)):
             # Partial coverage: when a master dies, the others keep serving their slots (the data plane
             # falls back per key) instead of the whole cluster refusing reads.
-            nodes.append(start_server(*CLUSTER_NODE_ARGS))
+            nodes.append(start_server(*args))
         create = subprocess.run(
             [
                 "redis-cli",
@@ -155,7 +208,7 @@ def start_cluster(masters: int = 3, timeout_s: float = 30.0) -> LocalCluster:
                 "create",
                 *(n.address for n in nodes),
                 "--cluster-replicas",
-                "0",
+                str(replicas),
                 "--cluster-yes",
             ],
             capture_output=True,
@@ -165,7 +218,10 @@ def start_cluster(masters: int = 3, timeout_s: float = 30.0) -> LocalCluster:
         if create.returncode != 0:
             raise RedisLaunchError("cluster create failed", create.stdout[-2000:] + create.stderr[-2000:])
         _wait_cluster_ok(nodes, timeout_s)
-        return LocalCluster(nodes)
+        cluster = LocalCluster(nodes)
+        if replicas:
+            _wait_replicas_synced(cluster, masters * replicas, timeout_s)
+        return cluster
     except BaseException:
         for node in nodes:
             node.stop()
@@ -185,6 +241,23 @@ def _wait_cluster_ok(nodes: list[RedisServer], timeout_s: float) -> None:
             continue
         if time.monotonic() > deadline:
             raise RedisLaunchError(f"cluster node {pending[0].address} not ok after {timeout_s} s", info)
+        threading.Event().wait(0.05)
+
+
+def _wait_replicas_synced(cluster: LocalCluster, expected: int, timeout_s: float) -> None:
+    # A replica that has not finished its first sync cannot take over: poll until all report it.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        synced = 0
+        for node in cluster.nodes:
+            info = subprocess.run(
+                ["redis-cli", "-p", str(node.port), "info", "replication"], capture_output=True, text=True
+            ).stdout
+            synced += "role:slave" in info and "master_link_status:up" in info
+        if synced >= expected:
+            return
+        if time.monotonic() > deadline:
+            raise RedisLaunchError(f"only {synced} of {expected} replicas in sync after {timeout_s} s")
         threading.Event().wait(0.05)
 
 

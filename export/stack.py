@@ -20,13 +20,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, Bundle, artifacts_dir, load_bundle
 from export.errors import ExportError
+from orchestrator.store.backend import Backend
 
 ORCHESTRATOR_LOG = BUILD_DIR / "orchestrator.log"
 
@@ -52,22 +53,34 @@ def ensure_artifacts(dataset: str) -> Path:
     return bundle_path
 
 
-async def load_and_precompute(redis_url: str, bundle: Bundle, onnx_path: Path, progress: bool = True) -> None:
-    """Load the bundle into Redis (activating its version) and pre-compute every user's list."""
+async def load_and_precompute(
+    redis: str | Sequence[str] | Backend, bundle: Bundle, onnx_path: Path, progress: bool = True
+) -> None:
+    """Load the bundle into Redis (activating its version) and pre-compute every user's list.
+
+    ``redis``: one URL, several URLs (shards of one hash ring, as the orchestrator's RECSERVE_REDIS_URLS
+    lists them), or a backend the caller owns (a Redis Cluster, say); a backend is not closed here."""
     from export.load import LoadConfig, load
     from export.precompute import PrecomputeConfig, precompute
     from orchestrator.ranking.onnx_ranker import OnnxRanker
     from orchestrator.retrieval import FaissRetriever
     from orchestrator.store.sharded import ShardedBackend
 
-    backend = ShardedBackend.from_urls([redis_url], timeout_ms=5000)
+    owned = isinstance(redis, Sequence)  # a str is a Sequence too
+    if isinstance(redis, str):
+        backend: Backend = ShardedBackend.from_urls([redis], timeout_ms=5000)
+    elif isinstance(redis, Sequence):
+        backend = ShardedBackend.from_urls(list(redis), timeout_ms=5000)
+    else:
+        backend = redis
     try:
         await load(backend, bundle, LoadConfig(progress=progress))
         retriever = FaissRetriever(bundle.path / "item_index.faiss")
         ranker = OnnxRanker(onnx_path, bundle.model_version, intra_op_threads=os.cpu_count() or 1)
         await precompute(backend, bundle, retriever, ranker, PrecomputeConfig(), progress=progress)
     finally:
-        await backend.aclose()
+        if owned:
+            await backend.aclose()
 
 
 @dataclass
@@ -127,10 +140,11 @@ def run(dataset: str, port: int, use_triton: bool = True) -> int:
         if redis_url:
             print(f"[up] using Redis at {redis_url}", flush=True)
         else:
-            server = start_server()
+            # AOF: accepted events (the `events` stream) survive a restart of the private Redis.
+            server = start_server(appendonly=True)
             stack.callback(server.stop)
             redis_url = server.url
-            print(f"[up] started a private redis-server at {redis_url}", flush=True)
+            print(f"[up] started a private redis-server at {redis_url} (AOF in {server.folder})", flush=True)
         env = {
             "RECSERVE_REDIS_URLS": redis_url,
             "RECSERVE_INDEX_PATH": str(bundle_path / "item_index.faiss"),

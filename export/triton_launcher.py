@@ -82,13 +82,18 @@ class TritonServer:
         startup_timeout_s: float = 120.0,
         admin_key: str | None = None,
         extra_args: tuple[str, ...] = (),
+        ports: tuple[int, int, int] | None = None,
     ) -> None:
+        """``ports``: (http, grpc, metrics) to listen on; by default free ones, chosen at each start.
+        Fixed ports let a restarted server come back at the address its clients already use (what a
+        Kubernetes Service gives a restarted pod)."""
         self.model_repository = Path(model_repository)
         self.log_path = log_path or BUILD_DIR / "triton" / "tritonserver.log"
         self.startup_timeout_s = startup_timeout_s
         self.admin_key = admin_key
         self.extra_args = extra_args
-        self.http_port = self.grpc_port = self.metrics_port = 0
+        self.ports = ports
+        self.http_port, self.grpc_port, self.metrics_port = ports or (0, 0, 0)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -127,7 +132,7 @@ class TritonServer:
     def start(self) -> TritonServer:
         binary, backends, libs = prepare_backends()
         check_shared_memory()
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.http_port, self.grpc_port, self.metrics_port = self.ports or (free_port(), free_port(), free_port())
         env = os.environ.copy()
         env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(libs)
         # The stub embeds this interpreter: put its bin first so it finds this venv's packages.

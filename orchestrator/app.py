@@ -33,7 +33,7 @@ from orchestrator.ranking.triton_ranker import TritonRanker
 from orchestrator.recommender import Recommender, RequestContext
 from orchestrator.retrieval import FaissRetriever
 from orchestrator.store import versions
-from orchestrator.store.backend import Backend, Command
+from orchestrator.store.backend import Backend, Command, is_tls
 from orchestrator.store.cluster import ClusterBackend
 from orchestrator.store.embeddings import RedisEmbeddingStore
 from orchestrator.store.errors import StoreUnavailable
@@ -70,11 +70,12 @@ class Services:
 
 async def build_services(settings: Settings) -> Services:
     urls = settings.redis_url_list
+    connection = settings.redis_connection
     backend: Backend
     if settings.redis_mode == "cluster":
-        backend = await ClusterBackend.connect(urls[0], settings.redis_timeout_ms)
+        backend = await ClusterBackend.connect(urls[0], settings.redis_timeout_ms, connection)
     else:
-        backend = ShardedBackend.from_urls(urls, settings.redis_timeout_ms)
+        backend = ShardedBackend.from_urls(urls, settings.redis_timeout_ms, options=connection)
     version = await versions.active(backend)
     retriever = await asyncio.to_thread(FaissRetriever, settings.index_path)
     model_version = retriever.manifest.model_version
@@ -95,7 +96,7 @@ async def build_services(settings: Settings) -> Services:
     else:
         ranker = await asyncio.to_thread(OnnxRanker, settings.onnx_model_path, model_version)
     # Pub/sub fans out cluster-wide, and in sharded mode every replica uses the same first shard.
-    pubsub = Redis.from_url(urls[0])
+    pubsub = Redis.from_url(urls[0], **connection.client_kwargs(is_tls(urls[0])))
     local = LocalTTLCache(settings.local_cache_size if settings.local_cache_enabled else 0, settings.local_cache_ttl_s)
     cache: RecommendationCache = (
         LayeredCache(local, backend, pubsub, settings.redis_cache_ttl_s) if settings.cache_enabled else NoCache()

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.store.backend import ConnectionOptions
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,6 +24,23 @@ class Settings(BaseSettings):
     )
     redis_mode: Literal["sharded", "cluster"] = Field("sharded", description="Topology of redis_urls.")
     redis_timeout_ms: float = Field(25.0, description="Per-shard deadline of one batch read.")
+    redis_username: str | None = Field(
+        None, description="Redis ACL user (unset: the URL's user, else 'default'). A user in the URL wins."
+    )
+    redis_password: SecretStr | None = Field(
+        None, description="Password of the Redis ACL user (from a Secret); never logged. A password in the URL wins."
+    )
+    redis_tls_ca_file: Path | None = Field(
+        None, description="CA bundle that signed the Redis servers' certificates; used with rediss:// URLs."
+    )
+    redis_max_connections: int = Field(
+        64, description="Connections per Redis shard/node per process; a burst beyond it waits for a free one."
+    )
+    redis_pool_timeout_ms: float = Field(
+        1000.0,
+        description="How long a command waits for a free pooled connection before the shard counts as "
+        "unavailable (on the request path the per-shard deadline usually ends the wait first).",
+    )
     triton_url: str | None = Field(
         None,
         description="Triton gRPC address (host:port, or dns:///name:port for client-side round robin over a "
@@ -69,6 +88,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "redis_timeout_ms",
+        "redis_pool_timeout_ms",
         "deadline_ms",
         "local_cache_ttl_s",
         "triton_max_connection_age_s",
@@ -88,6 +108,7 @@ class Settings(BaseSettings):
         "redis_cache_ttl_s",
         "breaker_failures",
         "max_in_flight",
+        "redis_max_connections",
         "max_body_bytes",
         "events_burst",
     )
@@ -107,7 +128,21 @@ class Settings(BaseSettings):
             raise ValueError(f"max_n ({self.max_n}) must be <= n_candidates ({self.n_candidates})")
         if not self.redis_url_list:
             raise ValueError("redis_urls must name at least one Redis URL")
+        if self.redis_tls_ca_file is not None and not self.redis_tls_ca_file.is_file():
+            raise ValueError(f"redis_tls_ca_file must be a readable file, got {str(self.redis_tls_ca_file)!r}")
         return self
+
+    @property
+    def redis_connection(self) -> ConnectionOptions:
+        """How every Redis client of this process connects (credentials, TLS, bounded pools)."""
+        return ConnectionOptions(
+            username=self.redis_username,
+            password=self.redis_password.get_secret_value() if self.redis_password else None,
+            ca_file=self.redis_tls_ca_file,
+            max_connections=self.redis_max_connections,
+            pool_timeout_s=self.redis_pool_timeout_ms / 1000,
+            connect_timeout_s=max(self.redis_timeout_ms / 1000, 0.5),
+        )
 
     @property
     def redis_url_list(self) -> list[str]:

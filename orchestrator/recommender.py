@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -38,12 +38,25 @@ log = logging.getLogger(__name__)
 DEPENDENCY_ERRORS = (TimeoutError, StoreUnavailable, RankerUnavailable)
 
 
+CONTEXT_FIELDS: tuple[str, ...] = ("page_type", "device")
+
+
 @dataclass(frozen=True)
 class RequestContext:
     """The allow-listed context of a request: the only fields that change the ranking (and the cache key)."""
 
     page_type: str = "home"
     device: str = "web"
+
+    @classmethod
+    def from_query(cls, params: Mapping[str, object]) -> RequestContext:
+        """Reads the allow-listed fields only: whatever else a client sends (tracking ids, timestamps)
+        can neither split the cache nor change the ranking. Values must be known ones (ValueError)."""
+        values = {name: str(params[name]) for name in CONTEXT_FIELDS if name in params}
+        for name, known in (("page_type", schema.PAGE_TYPES[1:]), ("device", schema.DEVICES[1:])):
+            if name in values and values[name] not in known:
+                raise ValueError(f"{name} must be one of {list(known)}, got {values[name]!r}")
+        return cls(**values)
 
     @property
     def cache_key(self) -> str:

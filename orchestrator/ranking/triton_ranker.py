@@ -40,6 +40,12 @@ def channel_args(url: str) -> list[tuple[str, object]]:
     args: list[tuple[str, object]] = [
         ("grpc.max_send_message_length", 64 << 20),
         ("grpc.max_receive_message_length", 64 << 20),
+        # gRPC's default reconnect backoff grows to 120 s: a Triton that restarted would sit unused for
+        # minutes. Retry the connection at least every second; the circuit breaker already keeps calls
+        # off a dead server, so frequent reconnect attempts cost nothing on the request path.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 1000),
     ]
     if url.startswith("dns:"):
         args.append(("grpc.lb_policy_name", "round_robin"))

@@ -9,13 +9,70 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
+from urllib.parse import urlsplit
 
 import numpy as np
 from redis import exceptions as redis_errors
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from orchestrator.store.errors import StoreUnavailable
+from orchestrator.store.errors import StoreConfigError, StoreUnavailable
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """How every client of one deployment connects: credentials, TLS and a bounded pool.
+
+    Credentials in a URL win over these (redis-py merges URL options last), so a URL that names its own
+    user keeps working; the password is kept out of ``repr`` so it never reaches a log line.
+    """
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    max_connections: int = 64
+    pool_timeout_s: float = 1.0
+    connect_timeout_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise StoreConfigError("max_connections", "must be an integer >= 1", self.max_connections)
+        if self.pool_timeout_s <= 0:
+            raise StoreConfigError("pool_timeout_s", "must be > 0", self.pool_timeout_s)
+
+    def client_kwargs(self, tls: bool) -> dict[str, Any]:
+        """Keyword arguments for redis-py clients (and pools) of this deployment."""
+        kwargs: dict[str, Any] = {"socket_connect_timeout": self.connect_timeout_s}
+        if self.username is not None:
+            kwargs["username"] = self.username
+        if self.password is not None:
+            kwargs["password"] = self.password
+        if tls and self.ca_file is not None:
+            # Only for TLS connections: plain connections reject ssl_* arguments.
+            kwargs["ssl_ca_certs"] = str(self.ca_file)
+        return kwargs
+
+    def client(self, url: str) -> Redis:
+        """A client with a bounded pool: a burst waits up to ``pool_timeout_s`` for a free connection
+        instead of opening connections without limit (or failing at once, as the default pool does).
+        No client-side retries: the caller's per-shard deadline is the policy, and its fallback is
+        faster than a reconnect loop."""
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=self.max_connections,
+            timeout=self.pool_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            **self.client_kwargs(is_tls(url)),
+        )
+        return Redis.from_pool(pool)
+
+
+def is_tls(url: str) -> bool:
+    return urlsplit(url).scheme == "rediss"
 
 
 class Command(NamedTuple):

@@ -12,37 +12,61 @@ key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from orchestrator.store.backend import UNAVAILABLE_ERRORS, Command, Replies, gather_groups
+from orchestrator.store.backend import UNAVAILABLE_ERRORS, Command, ConnectionOptions, Replies, gather_groups, is_tls
 from orchestrator.store.errors import StoreConfigError, StoreUnavailable
 
 UNCOVERED = "slots-not-covered"
 
 
 class ClusterBackend:
-    def __init__(self, client: RedisCluster, timeout_ms: float = 50.0, control_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        client: RedisCluster,
+        timeout_ms: float = 50.0,
+        control_timeout_s: float = 5.0,
+        options: ConnectionOptions | None = None,
+        node_url_template: str = "redis://{host}:{port}",
+        refresh_interval_s: float = 0.5,
+    ) -> None:
         if timeout_ms <= 0:
             raise StoreConfigError("timeout_ms", "must be > 0", timeout_ms)
         self.client = client
         self.timeout_s = timeout_ms / 1000.0
         self.control_timeout_s = control_timeout_s
+        self.options = options or ConnectionOptions(connect_timeout_s=self.timeout_s)
+        self.node_url_template = node_url_template
+        self.refresh_interval_s = refresh_interval_s
         self._node_clients: dict[str, Redis] = {}
+        self._refresh: asyncio.Task[None] | None = None
+        self._last_refresh = 0.0
+        self.refreshes = 0
 
     @classmethod
-    async def connect(cls, url: str, timeout_ms: float = 50.0) -> ClusterBackend:
+    async def connect(
+        cls, url: str, timeout_ms: float = 50.0, options: ConnectionOptions | None = None
+    ) -> ClusterBackend:
         """Discovers the topology (CLUSTER SLOTS) from any one node's URL."""
-        client = RedisCluster.from_url(url, socket_connect_timeout=max(timeout_ms / 1000, 0.5))
+        options = options or ConnectionOptions(connect_timeout_s=max(timeout_ms / 1000, 0.5))
+        client = RedisCluster.from_url(
+            url, **(options.client_kwargs(is_tls(url)) | {"socket_connect_timeout": max(timeout_ms / 1000, 0.5)})
+        )
         await client.initialize()
-        return cls(client, timeout_ms)
+        parts = urlsplit(url)
+        # Per-node clients reuse the seed URL's scheme (TLS) and credentials, with each node's address.
+        userinfo = parts.netloc.rpartition("@")[0]
+        template = f"{parts.scheme}://{userinfo + '@' if userinfo else ''}{{host}}:{{port}}"
+        return cls(client, timeout_ms, options=options, node_url_template=template)
 
     def _node_client(self, name: str) -> Redis:
         client = self._node_clients.get(name)
@@ -50,12 +74,27 @@ class ClusterBackend:
             node = self.client.get_node(node_name=name)
             if node is None:
                 raise redis_errors.SlotNotCoveredError(f"node {name} left the cluster")
-            # No retries: the per-node deadline is the policy (as for standalone shards).
-            client = Redis(
-                host=node.host, port=int(node.port), retry=Retry(NoBackoff(), 0), socket_connect_timeout=self.timeout_s
-            )
+            client = self.options.client(self.node_url_template.format(host=node.host, port=int(node.port)))
             self._node_clients[name] = client
         return client
+
+    def _topology_may_have_changed(self) -> None:
+        """A node did not answer: re-read the slot map in the background (at most every
+        ``refresh_interval_s``), so that once a replica is promoted its slots route to it. Our per-node
+        pipelines bypass redis-py's own MOVED/reconnect handling, so nothing else would notice."""
+        now = time.monotonic()
+        if (
+            self._refresh is not None and not self._refresh.done()
+        ) or now - self._last_refresh < self.refresh_interval_s:
+            return
+        self._last_refresh = now
+
+        async def refresh() -> None:
+            with contextlib.suppress(*UNAVAILABLE_ERRORS, redis_errors.RedisClusterException):
+                await self.client.nodes_manager.initialize()
+                self.refreshes += 1
+
+        self._refresh = asyncio.ensure_future(refresh())
 
     def node_name(self, key: str) -> str:
         try:
@@ -91,7 +130,10 @@ class ClusterBackend:
                     raise reply  # CLUSTERDOWN/TRYAGAIN count as unavailable; anything else is a bug
             return replies
 
-        return await gather_groups(groups, len(commands), run_group, self.timeout_s)
+        replies = await gather_groups(groups, len(commands), run_group, self.timeout_s)
+        if replies.down:
+            self._topology_may_have_changed()
+        return replies
 
     async def control(self, command: Command) -> Any:
         try:
@@ -122,5 +164,8 @@ class ClusterBackend:
         return sum(await pipe.execute())
 
     async def aclose(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            await asyncio.gather(self._refresh, return_exceptions=True)
         await asyncio.gather(*(c.aclose() for c in self._node_clients.values()))
         await self.client.aclose()

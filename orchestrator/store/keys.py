@@ -17,19 +17,24 @@ from orchestrator.store.errors import StoreConfigError
 
 ACTIVE_POINTER = "dp:active"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# The API's id rule, enforced again where ids become keys: whoever calls (HTTP, loader, CLI), no key
+# embeds a character that could close the hash tag, widen a SCAN MATCH glob, or split a log line.
+# Ids are embedded verbatim rather than escaped or hashed, so keys stay readable in redis-cli; '}' ends
+# the tag and cannot occur in an id, so two ids never share a key.
+_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
 _TAG_PREFIX = {"user": "u", "item": "i"}
 
 
 def check_version(version: str) -> str:
     # The version goes into SCAN MATCH patterns: glob characters would widen a delete to other versions.
-    if not _VERSION_RE.match(version):
+    if not _VERSION_RE.fullmatch(version):
         raise StoreConfigError("model version", "must match [A-Za-z0-9._-]{1,64}", version)
     return version
 
 
 def entity_tag(kind: Kind, entity_id: str) -> str:
-    if "{" in entity_id or "}" in entity_id or not entity_id:
-        raise StoreConfigError(f"{kind} id", "must be non-empty and contain no '{' or '}'", entity_id)
+    if not _ID_RE.fullmatch(entity_id):
+        raise StoreConfigError(f"{kind} id", "must match [A-Za-z0-9._:@-]{1,64}", entity_id)
     return f"{{{_TAG_PREFIX[kind]}:{entity_id}}}"
 
 

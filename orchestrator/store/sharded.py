@@ -15,10 +15,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from orchestrator.store.backend import UNAVAILABLE_ERRORS, Command, Replies, gather_groups
+from orchestrator.store.backend import UNAVAILABLE_ERRORS, Command, ConnectionOptions, Replies, gather_groups
 from orchestrator.store.errors import StoreConfigError, StoreUnavailable
 from orchestrator.store.ring import HashRing
 
@@ -45,16 +43,18 @@ class ShardedBackend:
         self.control_shard = self.ring.shards[0]
 
     @classmethod
-    def from_urls(cls, urls: Sequence[str], timeout_ms: float = 50.0, vnodes: int = 160) -> ShardedBackend:
-        """Clients connect lazily, on first use."""
+    def from_urls(
+        cls,
+        urls: Sequence[str],
+        timeout_ms: float = 50.0,
+        vnodes: int = 160,
+        options: ConnectionOptions | None = None,
+    ) -> ShardedBackend:
+        """Clients connect lazily, on first use; each shard's pool is bounded (``options``)."""
         if not urls:
             raise StoreConfigError("shard urls", "must list at least one redis:// URL", list(urls))
-        # No client-side retries: the per-shard deadline is the policy, and the caller's fallback is
-        # faster than a reconnect loop.
-        clients = {
-            shard_name(url): Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=timeout_ms / 1000)
-            for url in urls
-        }
+        options = options or ConnectionOptions(connect_timeout_s=timeout_ms / 1000)
+        clients = {shard_name(url): options.client(url) for url in urls}
         return cls(clients, timeout_ms, vnodes)
 
     @property
