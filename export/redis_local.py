@@ -176,8 +176,9 @@ class LocalCluster:
         raise RedisLaunchError("cluster has no live node to ask")
 
     def masters(self) -> list[RedisServer]:
+        """Live nodes that are masters now (a killed master is not one, whatever gossip says yet)."""
         roles = self.roles()
-        return [n for n in self.nodes if roles.get(n.port) == "master"]
+        return [n for n in self.nodes if n.process.poll() is None and roles.get(n.port) == "master"]
 
     def stop(self) -> None:
         for node in self.nodes:
