@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     fallback_reserve_ms: float = Field(
         20.0, description="Part of the deadline kept for the fallback path (pre-computed, then popular)."
     )
+    min_compute_ms: float = Field(
+        20.0,
+        description="Compute in real time only if this much of the budget is left after the cache lookup; "
+        "else answer from the fallback at once (sheds work when the process is saturated).",
+    )
     n_candidates: int = Field(200, description="Candidates retrieved from FAISS and ranked per request.")
     max_n: int = Field(100, description="Longest list a client may ask for; the cached list has this length.")
     local_cache_size: int = Field(100_000, description="Entries in the in-process LRU cache.")
@@ -123,6 +128,11 @@ class Settings(BaseSettings):
         if not 0 <= self.fallback_reserve_ms < self.deadline_ms:
             raise ValueError(
                 f"fallback_reserve_ms must be in 0..deadline_ms ({self.deadline_ms}), got {self.fallback_reserve_ms}"
+            )
+        if not 0 <= self.min_compute_ms <= self.deadline_ms - self.fallback_reserve_ms:
+            raise ValueError(
+                f"min_compute_ms must be in 0..deadline_ms - fallback_reserve_ms "
+                f"({self.deadline_ms - self.fallback_reserve_ms}), got {self.min_compute_ms}"
             )
         if self.max_n > self.n_candidates:
             raise ValueError(f"max_n ({self.max_n}) must be <= n_candidates ({self.n_candidates})")

@@ -152,6 +152,10 @@ class Recommender:
             return self._answer(user_id, lookup.value, n, "cache", timer.timings_ms)
         generation = lookup.generation if lookup is not None else UNKNOWN_GENERATION
         remaining_s = realtime_budget_s - (time.perf_counter() - started)
+        if remaining_s * 1000 < self.settings.min_compute_ms:
+            # The cache lookup alone ate the budget: the process is saturated. Computing now would
+            # only add load and still miss the deadline, so answer from the fallback at once.
+            return await self._fallback(user_id, n, "overload", deadline, timer)
         try:
             async with asyncio.timeout(max(remaining_s, 0.0)):
                 work = lambda: self._compute(user_id, context, generation, started + realtime_budget_s)  # noqa: E731

@@ -61,6 +61,8 @@ class TritonRanker:
         output: str = "score",
         max_connection_age_s: float = 300.0,
         breaker: CircuitBreaker | None = None,
+        max_outstanding: int = 128,
+        call_timeout_s: float = 5.0,
     ) -> None:
         self.url = url
         self.model = model
@@ -71,6 +73,9 @@ class TritonRanker:
         self._client: grpcaio.InferenceServerClient | None = None
         self._client_born = 0.0
         self._retired: set[asyncio.Task[None]] = set()
+        self.max_outstanding = max_outstanding
+        self.call_timeout_s = call_timeout_s
+        self._outstanding: set[asyncio.Future[grpcaio.InferResult]] = set()
 
     def _current_client(self) -> grpcaio.InferenceServerClient:
         now = time.monotonic()
@@ -93,20 +98,42 @@ class TritonRanker:
     async def score(self, request: RankingRequest, timeout_s: float | None = None) -> np.ndarray:
         if not self.breaker.allow():
             raise RankerUnavailable(f"Triton at {self.url}: circuit open after repeated failures")
-        inputs = infer_inputs(request.tensors(), grpcaio.InferInput)
+        if len(self._outstanding) >= self.max_outstanding:
+            metrics.RANKER_ERRORS.inc()
+            raise RankerUnavailable(f"Triton at {self.url}: {len(self._outstanding)} calls already in flight")
+        call = asyncio.ensure_future(self._infer(infer_inputs(request.tensors(), grpcaio.InferInput)))
+        self._outstanding.add(call)
+        call.add_done_callback(self._settle)
+        try:
+            # Stop waiting at the deadline but never cancel the gRPC call: Triton 2.51 can crash on a
+            # request cancelled while it completes (server#7368, fixed in r24.12). The call finishes in
+            # the background, bounded in number by max_outstanding and in time by call_timeout_s.
+            result = await asyncio.wait_for(asyncio.shield(call), timeout_s)
+        except TimeoutError as exc:
+            metrics.RANKER_ERRORS.inc()
+            raise RankerUnavailable(f"Triton at {self.url}: no answer within {timeout_s:.3f} s") from exc
+        return check_scores(result.as_numpy(self.output), request.n_candidates, "triton")
+
+    def _settle(self, call: asyncio.Future[grpcaio.InferResult]) -> None:
+        self._outstanding.discard(call)
+        if not call.cancelled():
+            call.exception()  # retrieved: a caller that stopped waiting must not leave a warning behind
+
+    async def _infer(self, inputs: list[grpcaio.InferInput]) -> grpcaio.InferResult:
+        """One call; its outcome (not the caller's patience) feeds the circuit breaker."""
         try:
             result = await self._current_client().infer(
                 self.model,
                 inputs,
                 outputs=[grpcaio.InferRequestedOutput(self.output)],
-                client_timeout=timeout_s,
+                client_timeout=self.call_timeout_s,
             )
         except (TimeoutError, InferenceServerException, OSError) as exc:
             self.breaker.record_failure()
             metrics.RANKER_ERRORS.inc()
             raise RankerUnavailable(f"Triton at {self.url}: {exc}") from exc
         self.breaker.record_success()
-        return check_scores(result.as_numpy(self.output), request.n_candidates, "triton")
+        return result
 
     async def ready(self, timeout_s: float = 0.5) -> bool:
         try:
@@ -116,6 +143,8 @@ class TritonRanker:
             return False
 
     async def aclose(self) -> None:
+        if self._outstanding:  # let calls in flight finish rather than cancel them (see score)
+            await asyncio.wait(list(self._outstanding), timeout=self.call_timeout_s)
         for task in list(self._retired):
             task.cancel()
         if self._client is not None:

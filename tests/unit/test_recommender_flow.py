@@ -211,3 +211,18 @@ async def test_store_errors_are_declared_dependency_errors() -> None:
     assert issubclass(StoreUnavailable, Exception)
     recommender = await make(FakeRanker(error=StoreUnavailable("x", ["s0"])))
     assert (await recommender.recommend("1", 1, RequestContext())).source == "precomputed"
+
+
+async def test_a_saturated_process_answers_from_the_fallback_without_computing() -> None:
+    ranker = FakeRanker()
+    recommender = await make(ranker)
+    # All of the 30 ms real-time budget is required: whatever the lookup took leaves too little.
+    recommender.settings = Settings(deadline_ms=50, fallback_reserve_ms=20, min_compute_ms=30, n_candidates=8, max_n=5)
+    answer = await recommender.recommend("1", 3, RequestContext())
+    assert answer.source == "precomputed" and answer.fallback_reason == "overload"
+    assert ranker.calls == 0
+
+
+def test_min_compute_must_fit_the_real_time_budget() -> None:
+    with pytest.raises(ValueError, match=r"min_compute_ms must be in 0..deadline_ms - fallback_reserve_ms \(30.0\)"):
+        Settings(deadline_ms=50, fallback_reserve_ms=20, min_compute_ms=31)
