@@ -166,3 +166,11 @@ def test_api_vocabularies_match_the_schema() -> None:
 
     assert set(get_args(PageType)) == set(schema.PAGE_TYPES[1:])
     assert set(get_args(Device)) == set(schema.DEVICES[1:])
+
+
+def test_the_readme_documents_every_setting() -> None:
+    from orchestrator.config import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`RECSERVE_{name.upper()}`" not in readme]
+    assert not missing, f"README.md's configuration table lacks {missing}"
