@@ -401,8 +401,10 @@ def test_orchestrator_deployment(objects: list[Obj]) -> None:
     # The generated name carries a content hash: a settings change rolls the pods.
     generated = find_generated(objects, "ConfigMap", "recserve-config")["metadata"]["name"]
     assert {"configMapRef": {"name": generated}} in c["envFrom"]
-    assert env_value(c, "REDIS_APP_PASSWORD") == {"secretKeyRef": {"name": "redis-auth", "key": "app-password"}}
-    assert "$(REDIS_APP_PASSWORD)@redis-cluster." in env_value(c, "RECSERVE_REDIS_URLS")
+    # The password comes from the Secret into a setting that is never logged, not into the URL.
+    assert env_value(c, "RECSERVE_REDIS_PASSWORD") == {"secretKeyRef": {"name": "redis-auth", "key": "app-password"}}
+    assert env_value(c, "RECSERVE_REDIS_USERNAME") == "recserve"
+    assert "@" not in env_value(c, "RECSERVE_REDIS_URLS")
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     assert config(objects)["RECSERVE_INDEX_PATH"].startswith("/artifacts/")
 
