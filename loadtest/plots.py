@@ -60,6 +60,13 @@ def _caption(fig: Any, results: dict[str, Any]) -> None:
     )
 
 
+def _save(fig: Any, results: dict[str, Any], path: Path) -> Path:
+    _caption(fig, results)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot_latency(results: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for run in first_runs(results):
@@ -73,10 +80,7 @@ def plot_latency(results: dict[str, Any], path: Path) -> Path:
     ax.set_title("Latency against offered load (solid p99, dashed p50)")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(True, which="both", alpha=0.3)
-    _caption(fig, results)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, results, path)
 
 
 def plot_throughput(results: dict[str, Any], path: Path) -> Path:
@@ -95,10 +99,7 @@ def plot_throughput(results: dict[str, Any], path: Path) -> Path:
     ax.set_title("Throughput against users (circled: step met p99 < 100 ms with < 1% fallbacks)")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
-    _caption(fig, results)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, results, path)
 
 
 def plot_hit_rate(results: dict[str, Any], path: Path) -> Path:
@@ -116,10 +117,7 @@ def plot_hit_rate(results: dict[str, Any], path: Path) -> Path:
     ax.set_title("Cache hit rate over time (from /metrics, scraped every second; cache cold at t=0)")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
-    _caption(fig, results)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, results, path)
 
 
 def plot_sources(results: dict[str, Any], path: Path) -> Path:
@@ -140,10 +138,7 @@ def plot_sources(results: dict[str, Any], path: Path) -> Path:
     ax.set_title("Where the answers came from (source field), per scenario")
     ax.tick_params(axis="x", rotation=20)
     ax.legend(fontsize=8, loc="lower right")
-    _caption(fig, results)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, results, path)
 
 
 def plot_efficiency(results: dict[str, Any], path: Path) -> Path:
@@ -161,10 +156,7 @@ def plot_efficiency(results: dict[str, Any], path: Path) -> Path:
     ax.set(yscale="log", ylabel="requests per CPU-second of the server process (best step)")
     ax.set_title("Server efficiency: requests per core-second (load generator excluded)")
     ax.tick_params(axis="x", rotation=20)
-    _caption(fig, results)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, results, path)
 
 
 def plot_all(results: dict[str, Any], out_dir: Path) -> list[Path]:
