@@ -13,6 +13,7 @@ from export.triton_config import ranker_models
 from export.triton_launcher import TritonServer
 from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.retrieval import FaissRetriever
+from orchestrator.store import keys
 from tests.conftest import Stack, running_orchestrator
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,17 @@ def recs(base: str, user: str, **params: str | int) -> dict:
     return get(f"{base}/v1/recommendations/{user}", **params)
 
 
-def test_known_user_gets_realtime_then_cache(app_url: str) -> None:
+def forget(stack: Stack, user: str) -> None:
+    """Drop the user's shared cache entries: other tests (the load test, the fuzzer) share this Redis."""
+    import redis
+
+    client = redis.Redis.from_url(stack.redis.url)
+    client.delete(keys.rec_cache(user))
+    client.close()
+
+
+def test_known_user_gets_realtime_then_cache(app_url: str, stack: Stack) -> None:
+    forget(stack, "11")
     first = recs(app_url, "11", n=10)
     second = recs(app_url, "11", n=10)
     assert first["source"] == "realtime" and second["source"] == "cache"
@@ -134,7 +145,8 @@ def test_malformed_json_is_a_422(app_url: str) -> None:
     assert response.status_code == 422 and response.json()["detail"][0]["type"] == "json_invalid"
 
 
-def test_debug_adds_per_stage_timings(app_url: str) -> None:
+def test_debug_adds_per_stage_timings(app_url: str, stack: Stack) -> None:
+    forget(stack, "44")
     body = recs(app_url, "44", n=5, debug="true")
     assert body["source"] == "realtime"
     assert {"cache", "user_features", "retrieval", "item_features", "ranking", "total"} <= set(body["timings_ms"])
@@ -155,7 +167,10 @@ def test_with_triton_stopped_answers_are_precomputed_and_readyz_says_degraded(st
     models = ranker_models(stack.exported.bundle.dim, stack.exported.batching)
     repo = render_profile_repository("cpu", tmp_path / "cpu", stack.exported.repo, models=models)
     triton = TritonServer(repo, log_path=tmp_path / "triton.log").start()
-    env = stack.env(triton.grpc_url, RECSERVE_DEADLINE_MS="300", RECSERVE_FALLBACK_RESERVE_MS="100")
+    # No cache: other tests share this Redis, and this one is about ranking and its fallback.
+    env = stack.env(
+        triton.grpc_url, RECSERVE_DEADLINE_MS="300", RECSERVE_FALLBACK_RESERVE_MS="100", RECSERVE_CACHE_ENABLED="false"
+    )
     try:
         with running_orchestrator(env, tmp_path / "app.log") as app:
             assert recs(app.url, "51", n=5)["source"] == "realtime"

@@ -38,7 +38,15 @@ def test_the_committed_measurements_load_and_name_their_sources() -> None:
 
 
 def _ours() -> dict[str, Measurement]:
-    return capacity.load_measurements(REPO / "docs" / "measurements.json")
+    """Pinned inputs (the first, provisional figures): the arithmetic below is checked against them, so
+    a benchmark rewriting docs/measurements.json cannot break these tests."""
+    return capacity.load_measurements(Path(__file__).with_name("capacity_measurements.json"))
+
+
+def test_the_live_measurements_load_and_plan() -> None:
+    live = capacity.load_measurements(REPO / "docs" / "measurements.json")
+    p = plan(Load(users=100_000_000, qps=50_000, p99_ms=100, cache_hit_rate=0.9), live)
+    assert p.orchestrator["pods"] >= 1 and p.triton["t4_gpus"] >= 2 and p.redis["shards"] >= 3
 
 
 def test_our_plan_for_the_reference_load() -> None:
