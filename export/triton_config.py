@@ -24,6 +24,7 @@ PROFILES: tuple[Profile, ...] = ("gpu-t4", "cpu")
 Runtime = Literal["onnxruntime", "torchscript"]
 
 _DTYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64}
+CPU_INSTANCES = 2
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class ModelSpec:
     embedding_dim: int = 128
     batching: BatchingSpec = field(default_factory=BatchingSpec)
     warmup_batch_sizes: tuple[int, ...] = (1, 128, 1024)
-    instance_count: int = 1
+    instance_count: int | None = None  # None: the profile's default (see build_config)
     cpu_threads: int = 1  # intra-op threads per instance in the cpu profile
 
 
@@ -88,7 +89,7 @@ def build_config(model: ModelSpec, profile: Profile) -> mc.ModelConfig:
     batching.max_queue_delay_microseconds = model.batching.max_queue_delay_microseconds
 
     if profile == "gpu-t4":
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=model.instance_count)
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=model.instance_count or 1)
         config.default_model_filename = model.filename
         if model.runtime == "onnxruntime":
             config.platform = "onnxruntime_onnx"
@@ -112,7 +113,9 @@ def build_config(model: ModelSpec, profile: Profile) -> mc.ModelConfig:
                 tensor.zero_data = True
     else:
         config.backend = "python"
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=model.instance_count)
+        # One single-threaded instance per core: measured 1.76x the rows/s of one instance on 2 cores
+        # (docs/BENCHMARKS.md, ranker section); intra-op threads inside one instance do worse.
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=model.instance_count or CPU_INSTANCES)
         config.parameters["runtime"].string_value = model.runtime
         config.parameters["model_file"].string_value = model.filename
         config.parameters["intra_op_threads"].string_value = str(model.cpu_threads)
