@@ -243,12 +243,13 @@ def collapse_lines(results: dict[str, Any]) -> list[str]:
         "",
         "One step past the best, most answers became fallbacks and each request cost the server several times "
         "the CPU: " + "; ".join(found) + ". Once the event loop (and the 2 shared cores) saturate, a cache "
-        "lookup that waits past the real-time budget counts as a miss, the request then tries to compute (more "
-        "Redis reads, a Triton call that times out, so the circuit breaker opens and Triton sits idle: see the "
-        "triton column) and ends on the pre-computed fallback, which costs more than the hit it replaced. "
-        "Admission control sheds on requests in flight (256), which a closed-loop load of 20-200 users never "
-        "reaches. Shedding on queueing time, or answering from the fallback at once when the lookup itself "
-        "timed out, would hold throughput near the best step instead.",
+        "lookup waits in the loop's queue past the real-time budget; since this run, such a request answers "
+        "from the pre-computed list at once (`fallback_reason: overload`, `RECSERVE_MIN_COMPUTE_MS`) instead "
+        "of computing, and Triton calls are never cancelled (so the breaker opens only on Triton's own "
+        "errors). Answers past saturation are fallbacks, not errors, but a fallback still costs a Redis "
+        "round trip, more than the local hit it replaced. Admission control sheds on requests in flight "
+        "(256), which a closed-loop load of 20-200 users never reaches: shedding on event-loop queueing time "
+        "would hold throughput at the best step.",
         "",
     ]
 
