@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -81,7 +81,34 @@ class Window:
         }
 
 
-class Load:
+class BackgroundLoad:
+    """Runs ``_run`` (a coroutine) on a thread of its own from ``__enter__`` until ``stop``: the load
+    keeps going while the test blocks on kills and restarts."""
+
+    name = "background-load"
+    max_s: float
+    join_slack_s = 10.0
+
+    def _init_thread(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name=self.name, daemon=True)
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.max_s + self.join_slack_s)
+
+
+class Load(BackgroundLoad):
     """GET /v1/recommendations for random users and contexts from ``workers`` clients at about
     ``rate_per_s`` requests per second in all, on a thread of its own, until ``stop()`` or ``max_s``."""
 
@@ -103,19 +130,9 @@ class Load:
         self.timeout_s = timeout_s
         self.random = random.Random(seed)
         self.samples: list[Sample] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="fault-load", daemon=True)
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.max_s + self.timeout_s + 5)
+        self.name = "fault-load"
+        self.join_slack_s = timeout_s + 5
+        self._init_thread()
 
     def since(self, t: float, until: float | None = None) -> Window:
         samples = list(self.samples)
@@ -273,7 +290,7 @@ class DelayProxy:
         await asyncio.gather(pump(client_r, server_w, False), pump(server_r, client_w, True))
 
 
-class EventLoad:
+class EventLoad(BackgroundLoad):
     """POST /v1/events at about ``rate_per_s`` from ``workers`` clients on a thread of its own; keeps the
     ids of the events the service accepted (202) and counts everything else."""
 
@@ -288,19 +305,8 @@ class EventLoad:
         self.random = random.Random(1)
         self.accepted: list[str] = []
         self.refused: Counter[int] = Counter()  # status -> count; 0: no answer (connection refused/reset)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="event-load", daemon=True)
-
-    def __enter__(self) -> EventLoad:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.max_s + 10)
+        self.name = "event-load"
+        self._init_thread()
 
     def wait_for(self, accepted: int, timeout_s: float = 30.0) -> None:
         poll(lambda: len(self.accepted) >= accepted, timeout_s, f"{accepted} accepted events")
