@@ -85,6 +85,8 @@ async def load_and_precompute(
 
 @dataclass
 class Orchestrator:
+    """A service process started by ``start_http_service`` (the orchestrator, or the load test's ceiling)."""
+
     process: subprocess.Popen[bytes]
     url: str
 
@@ -102,10 +104,17 @@ def start_orchestrator(
     env: Mapping[str, str], port: int, log_path: Path = ORCHESTRATOR_LOG, timeout_s: float = 60.0
 ) -> Orchestrator:
     """Run ``python -m orchestrator`` with ``env`` (RECSERVE_* settings) and wait for /readyz."""
+    return start_http_service("orchestrator", env, port, log_path, timeout_s)
+
+
+def start_http_service(
+    module: str, env: Mapping[str, str], port: int, log_path: Path, timeout_s: float = 60.0
+) -> Orchestrator:
+    """Run ``python -m <module> --port <port>`` with ``env`` and wait until its /readyz answers 200."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "--port", str(port)],
+            [sys.executable, "-m", module, "--port", str(port)],
             env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -115,7 +124,7 @@ def start_orchestrator(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-            raise StackError(f"the orchestrator exited with code {process.returncode}:\n{tail}")
+            raise StackError(f"{module} exited with code {process.returncode}:\n{tail}")
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=1) as response:
                 if response.status == 200:
@@ -124,7 +133,7 @@ def start_orchestrator(
             pass
         time.sleep(0.2)
     Orchestrator(process, url).stop()
-    raise StackError(f"the orchestrator was not ready after {timeout_s:.0f} s (log: {log_path})")
+    raise StackError(f"{module} was not ready after {timeout_s:.0f} s (log: {log_path})")
 
 
 def run(dataset: str, port: int, use_triton: bool = True) -> int:

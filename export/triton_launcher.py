@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,9 @@ from types import TracebackType
 
 from export.artifacts import BUILD_DIR
 from export.errors import TritonLaunchError
+from export.redis_local import free_port
 
 RUNTIME_DIR = BUILD_DIR / "triton" / "runtime"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _pytriton_root() -> Path:

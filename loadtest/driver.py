@@ -16,8 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, Bundle, load_bundle
+from export.stack import Orchestrator, start_http_service
 
 LOADTEST_DIR = BUILD_DIR / "loadtest"
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -203,39 +202,9 @@ def flush_cache(redis_url: str) -> int:
         client.close()
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    url: str
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_ceiling(port: int, log_path: Path, timeout_s: float = 30.0) -> Server:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "loadtest.ceiling", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
-        )
-    server = Server(process, f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the ceiling app exited with code {process.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/readyz", timeout=1):
-                return server
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"the ceiling app was not ready after {timeout_s:.0f} s; see {log_path}")
+def start_ceiling(port: int, log_path: Path, timeout_s: float = 30.0) -> Orchestrator:
+    """The trivial FastAPI app, started and awaited exactly as the orchestrator is."""
+    return start_http_service("loadtest.ceiling", {}, port, log_path, timeout_s)
 
 
 def orchestrator_env(stack: Stack, scenario: Scenario) -> dict[str, str]:
