@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, FastAPI, Header, Path, Query, Request
 from fastapi.responses import ORJSONResponse, Response
@@ -23,7 +23,8 @@ from orchestrator import metrics, schema
 from orchestrator.cache import LayeredCache, LocalTTLCache, NoCache, RecommendationCache, listen_for_invalidations
 from orchestrator.config import Settings
 from orchestrator.events import EventRecorder
-from orchestrator.guards import AdmissionControl, BodySizeLimit, RateLimiter, api_key_matches
+from orchestrator.guards import AdmissionControl, BodySizeLimit, RateLimiter, Scope, api_key_matches
+from orchestrator.hot_route import HotRoute, QueryRules, recommendation_body
 from orchestrator.naive import OneByOneBackend
 from orchestrator.popular import PopularLists
 from orchestrator.ranking import Ranker
@@ -173,10 +174,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or Settings()
     app.include_router(router)
-    # Outermost first: shed load before reading any body, then cap the body.
+    # Added innermost first. A request meets: admission control (shed before reading anything), the hot
+    # route (well-formed recommendation GETs), the body size cap, then FastAPI's routing.
     app.add_middleware(BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
+    if app.state.settings.hot_route_enabled:
+        app.add_middleware(HotRoute, rules=HOT_ROUTE_RULES, recommender_of=recommender_of)
     app.add_middleware(AdmissionControl, max_in_flight=app.state.settings.max_in_flight)
     return app
+
+
+def recommender_of(scope: Scope) -> Recommender:
+    recommender: Recommender = scope["app"].state.services.recommender
+    return recommender
 
 
 def services_of(request: Request) -> Services:
@@ -244,18 +253,17 @@ async def recommendations(
     started = time.perf_counter()
     services = services_of(request)
     result = await services.recommender.recommend(user_id, n, RequestContext(page_type, device))
-    body: dict[str, Any] = {
-        "user_id": result.user_id,
-        "items": [{"item_id": item, "score": score} for item, score in result.items],
-        "source": result.source,
-        "model_version": result.model_version,
-    }
-    if result.fallback_reason:
-        body["fallback_reason"] = result.fallback_reason
-    if debug:
-        body["timings_ms"] = result.timings_ms | {"total": round((time.perf_counter() - started) * 1000, 3)}
+    timings = result.timings_ms | {"total": round((time.perf_counter() - started) * 1000, 3)} if debug else None
+    body = recommendation_body(result, timings)
     metrics.REQUEST_LATENCY.labels("recommendations", result.source).observe(time.perf_counter() - started)
     return ORJSONResponse(body)
+
+
+# The hot route (orchestrator/hot_route.py) answers the well-formed requests of the route above without
+# FastAPI's per-request machinery; it accepts exactly what these declarations accept, from these constants.
+HOT_ROUTE_RULES = QueryRules(
+    ID_PATTERN, ID_MAX_LENGTH, MAX_N, frozenset(get_args(PageType)), frozenset(get_args(Device))
+)
 
 
 @router.get("/v1/recommendations/", include_in_schema=False)

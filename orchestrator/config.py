@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     cache_enabled: bool = Field(True, description="Ablation: false computes every request (no cache at all).")
     local_cache_enabled: bool = Field(True, description="Ablation: false drops the in-process cache layer.")
     single_flight_enabled: bool = Field(True, description="Ablation: false lets concurrent misses all compute.")
+    hot_route_enabled: bool = Field(
+        True, description="Ablation: false routes every recommendation GET through FastAPI's full request handling."
+    )
     store_reads: Literal["pipelined", "one_by_one"] = Field(
         "pipelined", description="Ablation: one_by_one issues one Redis GET at a time (the naive design)."
     )
