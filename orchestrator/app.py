@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from orchestrator import metrics, schema
-from orchestrator.cache import LayeredCache, LocalTTLCache, NoCache, RecommendationCache, listen_for_invalidations
+from orchestrator.cache import InvalidationFeed, LayeredCache, LocalTTLCache, NoCache, RecommendationCache
 from orchestrator.config import Settings
 from orchestrator.events import EventRecorder
 from orchestrator.guards import AdmissionControl, BodySizeLimit, RateLimiter, Scope, api_key_matches
@@ -99,8 +99,11 @@ async def build_services(settings: Settings) -> Services:
     # Pub/sub fans out cluster-wide, and in sharded mode every replica uses the same first shard.
     pubsub = Redis.from_url(urls[0], **connection.client_kwargs(is_tls(urls[0])))
     local = LocalTTLCache(settings.local_cache_size if settings.local_cache_enabled else 0, settings.local_cache_ttl_s)
+    feed = InvalidationFeed(pubsub, local, settings.invalidation_max_silence_s)
     cache: RecommendationCache = (
-        LayeredCache(local, backend, pubsub, settings.redis_cache_ttl_s) if settings.cache_enabled else NoCache()
+        LayeredCache(local, backend, pubsub, settings.redis_cache_ttl_s, local_trusted=feed.alive)
+        if settings.cache_enabled
+        else NoCache()
     )
     features = RedisFeatureStore(reads, version.version)
     precomputed = RedisPrecomputedStore(backend)
@@ -118,14 +121,13 @@ async def build_services(settings: Settings) -> Services:
         n_items=len(retriever.item_ids),
         single_flight=settings.single_flight_enabled,
     )
-    listening = asyncio.Event()
     tasks = [
-        asyncio.create_task(listen_for_invalidations(pubsub, local, listening)),
+        asyncio.create_task(feed.run()),
         asyncio.create_task(popular.refresh_forever(settings.popular_refresh_s)),
     ]
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(2.0):
-            await listening.wait()
+            await feed.subscribed.wait()
     return Services(
         settings,
         backend,

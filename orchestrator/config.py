@@ -71,7 +71,13 @@ class Settings(BaseSettings):
     max_n: int = Field(100, description="Longest list a client may ask for; the cached list has this length.")
     local_cache_size: int = Field(100_000, description="Entries in the in-process LRU cache.")
     local_cache_ttl_s: float = Field(
-        1.0, description="Lifetime of a local cache entry: the hard bound on cross-replica staleness."
+        30.0,
+        description="Lifetime of a local cache entry: bounds what events do not invalidate (a new model version).",
+    )
+    invalidation_max_silence_s: float = Field(
+        1.0,
+        description="Hard bound on cross-replica staleness after an event: the local layer answers only while "
+        "the invalidation channel has proven itself alive this recently (else the Redis layer answers).",
     )
     redis_cache_ttl_s: int = Field(300, description="Lifetime of a shared (Redis) cache entry.")
     segment_max_age_s: int = Field(60, description="Cache-Control max-age of the anonymous segment lists.")
@@ -99,6 +105,7 @@ class Settings(BaseSettings):
         "redis_pool_timeout_ms",
         "deadline_ms",
         "local_cache_ttl_s",
+        "invalidation_max_silence_s",
         "triton_max_connection_age_s",
         "breaker_reset_s",
         "events_rate_per_s",

@@ -30,10 +30,9 @@ def test_local_cache_is_a_bounded_lru() -> None:
     assert cache.get("u1", "home|web") is not None and len(cache) == 2
 
 
-def test_local_cache_entries_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_cache_entries_expire() -> None:
     now = [100.0]
-    monkeypatch.setattr("orchestrator.cache.time.monotonic", lambda: now[0])
-    cache = LocalTTLCache(max_entries=10, ttl_s=1.0)
+    cache = LocalTTLCache(max_entries=10, ttl_s=1.0, clock=lambda: now[0])
     cache.set("u", "ctx", _value("a"))
     now[0] += 0.9
     assert cache.get("u", "ctx") is not None
@@ -174,3 +173,31 @@ def test_the_readme_documents_every_setting() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     missing = [name for name in Settings.model_fields if f"`RECSERVE_{name.upper()}`" not in readme]
     assert not missing, f"README.md's configuration table lacks {missing}"
+
+
+def test_an_invalidated_user_refuses_lists_older_than_the_new_generation() -> None:
+    cache = LocalTTLCache(max_entries=10, ttl_s=60)
+    cache.set("u", "home|web", _value("a", generation=3))
+    assert cache.evict_user("u", generation=4) == 1
+    assert not cache.set("u", "home|web", _value("computed before the event", generation=3))
+    assert cache.get("u", "home|web") is None
+    assert cache.set("u", "home|web", _value("after", generation=4))
+    assert cache.set("v", "home|web", _value("someone else", generation=0))
+
+
+def test_clearing_the_local_cache_keeps_the_floors() -> None:
+    cache = LocalTTLCache(max_entries=10, ttl_s=60)
+    cache.evict_user("u", generation=2)
+    cache.set("v", "home|web", _value("b"))
+    cache.clear()
+    assert len(cache) == 0
+    assert not cache.set("u", "home|web", _value("stale", generation=1))
+
+
+def test_floors_are_forgotten_after_they_can_matter() -> None:
+    now = [0.0]
+    cache = LocalTTLCache(max_entries=10, ttl_s=60, clock=lambda: now[0])
+    cache.evict_user("u", generation=2)
+    now[0] = 1000.0
+    cache.evict_user("v", generation=1)  # pruning happens as new floors arrive
+    assert cache.set("u", "home|web", _value("old", generation=1))

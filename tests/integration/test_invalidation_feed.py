@@ -1,0 +1,148 @@
+"""The cross-replica freshness bound, on real Redis servers: invalidations reach other replicas' local
+layers at once, a silent or lost subscription stops local answers within the bound, and an invalidation
+that cannot be published fails instead of leaving other replicas stale."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from orchestrator.cache import CachedList, InvalidationFeed, LayeredCache, LocalTTLCache
+from orchestrator.store.backend import ConnectionOptions
+from orchestrator.store.errors import StoreUnavailable
+from orchestrator.store.sharded import ShardedBackend
+from tests.redis_harness import RedisServer, require_redis, start_servers
+
+pytestmark = pytest.mark.integration
+MAX_SILENCE_S = 0.4
+CONTEXT = "home|web"
+
+
+@dataclass
+class Replica:
+    cache: LayeredCache
+    feed: InvalidationFeed
+    task: asyncio.Task[None]
+    pubsub: Redis
+
+
+@pytest.fixture
+def servers() -> Iterator[list[RedisServer]]:
+    """[data, pub/sub]: two servers, so that the channel can fail while the data stays reachable."""
+    require_redis()
+    started = start_servers(2)
+    yield started
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+async def backend(servers: list[RedisServer]) -> AsyncIterator[ShardedBackend]:
+    store = ShardedBackend.from_urls([servers[0].url], timeout_ms=2000, options=ConnectionOptions())
+    yield store
+    await store.aclose()
+
+
+async def start_replica(backend: ShardedBackend, pubsub_url: str) -> Replica:
+    pubsub = Redis.from_url(pubsub_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    local = LocalTTLCache(1000, ttl_s=60)
+    feed = InvalidationFeed(pubsub, local, MAX_SILENCE_S)
+    task = asyncio.create_task(feed.run())
+    await asyncio.wait_for(feed.subscribed.wait(), 5)
+    await until(feed.alive)
+    return Replica(LayeredCache(local, backend, pubsub, 300, local_trusted=feed.alive), feed, task, pubsub)
+
+
+async def stop(*replicas: Replica) -> None:
+    for replica in replicas:
+        replica.task.cancel()
+        await asyncio.gather(replica.task, return_exceptions=True)
+        await replica.pubsub.aclose()
+
+
+async def until(condition: object, timeout_s: float = 5.0) -> float:
+    started = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() - started < timeout_s, "condition never held"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def cached_everywhere(user: str, *replicas: Replica) -> CachedList:
+    value = CachedList(("old",), (1.0,), "v1", 0)
+    await replicas[0].cache.set(user, CONTEXT, value)
+    for replica in replicas:
+        replica.cache.local.set(user, CONTEXT, value)
+        assert (await replica.cache.get(user, CONTEXT)).layer == "local"
+    return value
+
+
+async def test_an_invalidation_empties_the_other_replicas_local_layer_at_once(
+    backend: ShardedBackend, servers: list[RedisServer]
+) -> None:
+    a, b = await start_replica(backend, servers[1].url), await start_replica(backend, servers[1].url)
+    try:
+        stale = await cached_everywhere("u1", a, b)
+        await a.cache.invalidate("u1")
+        assert await until(lambda: b.cache.local.get("u1", CONTEXT) is None) < MAX_SILENCE_S
+        assert (await b.cache.get("u1", CONTEXT)).value is None  # and Redis says miss too
+        # A computation that read generation 0 before the event must not refill B's local layer.
+        assert not b.cache.local.set("u1", CONTEXT, stale)
+        assert b.cache.local.set("u1", CONTEXT, CachedList(("new",), (1.0,), "v1", 1))
+    finally:
+        await stop(a, b)
+
+
+async def test_a_silent_channel_stops_local_answers_within_the_bound(
+    backend: ShardedBackend, servers: list[RedisServer]
+) -> None:
+    b = await start_replica(backend, servers[1].url)
+    try:
+        await cached_everywhere("u2", b)
+        servers[1].pause()  # the channel stays open but nothing comes through it: messages may be lost
+        try:
+            waited = await until(lambda: not b.feed.alive())
+            assert waited <= MAX_SILENCE_S + 0.1
+            lookup = await b.cache.get("u2", CONTEXT)
+            assert lookup.layer == "redis", "the local layer answered without proof of freshness"
+        finally:
+            servers[1].resume()
+        await until(b.feed.alive)
+        assert (await b.cache.get("u2", CONTEXT)).layer in {"local", "redis"}
+    finally:
+        await stop(b)
+
+
+async def test_a_lost_subscription_empties_the_local_layer(backend: ShardedBackend, servers: list[RedisServer]) -> None:
+    b = await start_replica(backend, servers[1].url)
+    try:
+        await cached_everywhere("u3", b)
+        b.feed.subscribed.clear()
+        killed = redis.Redis(port=servers[1].port).client_kill_filter(_type="pubsub")
+        assert killed >= 1
+        await asyncio.wait_for(b.feed.subscribed.wait(), 5)  # resubscribed...
+        assert len(b.cache.local) == 0  # ...having forgotten what it may have missed invalidations for
+        await until(b.feed.alive)
+    finally:
+        await stop(b)
+
+
+async def test_an_invalidation_that_cannot_be_published_fails(
+    backend: ShardedBackend, servers: list[RedisServer]
+) -> None:
+    a = await start_replica(backend, servers[1].url)
+    try:
+        await cached_everywhere("u4", a)
+        servers[1].stop()
+        with pytest.raises(StoreUnavailable, match="publish"):
+            await a.cache.invalidate("u4")
+        # The Redis layer is already safe (generation bumped); the client's retry publishes again.
+        assert (await a.cache.get("u4", CONTEXT)).value is None
+    finally:
+        await stop(a)
