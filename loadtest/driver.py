@@ -103,6 +103,14 @@ SCENARIOS: dict[str, Scenario] = {
             prime_cache=True,
         ),
         Scenario(
+            "no_hot_route",
+            "cache_hit, with every recommendation GET routed through FastAPI's full request handling",
+            {"RECSERVE_HOT_ROUTE_ENABLED": "false"},
+            user_class="CacheHitUser",
+            steps=HIT_STEPS,
+            prime_cache=True,
+        ),
+        Scenario(
             "ceiling",
             "a one-route FastAPI app returning a fixed body, same server settings, same requests as cache_hit",
             user_class="CacheHitUser",
@@ -114,6 +122,7 @@ SCENARIOS: dict[str, Scenario] = {
 DEFAULT_ORDER = (
     "ceiling",
     "cache_hit",
+    "no_hot_route",
     "naive",
     "full",
     "mix90",
