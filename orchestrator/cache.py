@@ -196,6 +196,7 @@ class LayeredCache:
 
     async def invalidate(self, user_id: str) -> None:
         metrics.INVALIDATIONS.labels("event").inc()
+        self.local.evict_user(user_id)  # at once, even if Redis then fails (the event is retried)
         replies = await self.backend.execute(
             [Command("INCR", keys.generation(user_id)), Command("DEL", keys.rec_cache(user_id))]
         )
