@@ -2,7 +2,7 @@
 FastAPI's routing, dependency solving and response classes.
 
 Why: a cache hit does a dictionary lookup, yet FastAPI's per-request machinery costs several times that
-(profiled: routing, parameter validation and the response object were ~60% of a hit's CPU). The flow
+(profiled: routing, dependency solving and the response object took more than half of a hit's CPU). The flow
 behind it is the same ``Recommender.recommend`` and the body the same ``recommendation_body``.
 
 The parser accepts only a canonical subset it can validate exactly as the FastAPI route does (the route
