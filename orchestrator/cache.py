@@ -251,8 +251,8 @@ class InvalidationFeed:
                 # What was published while this replica was not subscribed is lost: forget every list, now
                 # and whenever redis-py reconnects and resubscribes on its own (it does not tell us otherwise).
                 self.local.clear()
-                assert channel.connection is not None
-                channel.connection.register_connect_callback(self._resubscribed)
+                if channel.connection is not None:  # set by subscribe
+                    channel.connection.register_connect_callback(self._resubscribed)
                 self.subscribed.set()
                 backoff_s = 0.1
                 await self._listen(channel)
