@@ -217,29 +217,6 @@ def flush_cache(redis_url: str) -> int:
         client.close()
 
 
-def prime_cache(url: str, user_ids: list[str], passes: int = 2, concurrency: int = 4) -> dict[str, int]:
-    """Ask for every user's home/web list (the one context the priming scenarios use), a few at a time;
-    a second pass catches the answers that were fallbacks (not cached) the first time. Returns sources."""
-    import httpx
-
-    sources: dict[str, int] = {}
-
-    async def worker(client: httpx.AsyncClient, pending: list[str]) -> None:
-        while pending:
-            response = await client.get(f"/v1/recommendations/{pending.pop()}?page_type=home&device=web")
-            source = str(response.json().get("source")) if response.status_code == 200 else "error"
-            sources[source] = sources.get(source, 0) + 1
-
-    async def run() -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=10.0) as client:
-            for _ in range(passes):
-                pending = list(user_ids)
-                await asyncio.gather(*(worker(client, pending) for _ in range(concurrency)))
-
-    asyncio.run(run())
-    return sources
-
-
 def start_ceiling(port: int, log_path: Path, timeout_s: float = 30.0) -> Orchestrator:
     """The trivial FastAPI app, started and awaited exactly as the orchestrator is."""
     return start_http_service("loadtest.ceiling", {}, port, log_path, timeout_s)
@@ -305,6 +282,7 @@ def run_locust(
 
 
 def run_scenario(stack: Stack, scenario: Scenario, label: str, options: RunOptions) -> dict[str, Any]:
+    from export.bench_service import prime_cache
     from export.stack import start_orchestrator
     from export.triton_launcher import free_port
 
@@ -326,7 +304,9 @@ def run_scenario(stack: Stack, scenario: Scenario, label: str, options: RunOptio
     try:
         if scenario.prime_cache:
             users = list(json.loads((stack.bundle.path / "user_history.json").read_text()))
-            log(f"{label}: priming the cache with {len(users)} users' lists: {prime_cache(server.url, users)}")
+            # A second pass catches the first pass's fallbacks (never cached).
+            primed = prime_cache(server.url, users, passes=2, concurrency=4)
+            log(f"{label}: priming the cache with {len(users)} users' lists: {primed}")
         result = run_locust(scenario, server.url, folder, steps, options, pids)
     finally:
         server.stop()
