@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -28,8 +29,6 @@ CONTEXT = "home|web"
 class Replica:
     cache: LayeredCache
     feed: InvalidationFeed
-    task: asyncio.Task[None]
-    pubsub: Redis
 
 
 @pytest.fixture
@@ -49,21 +48,21 @@ async def backend(servers: list[RedisServer]) -> AsyncIterator[ShardedBackend]:
     await store.aclose()
 
 
-async def start_replica(backend: ShardedBackend, pubsub_url: str) -> Replica:
+@asynccontextmanager
+async def replica(backend: ShardedBackend, pubsub_url: str) -> AsyncIterator[Replica]:
+    """One orchestrator's cache: its own local layer and invalidation feed, on the shared data server."""
     pubsub = Redis.from_url(pubsub_url, socket_timeout=0.5, socket_connect_timeout=0.5)
     local = LocalTTLCache(1000, ttl_s=60)
     feed = InvalidationFeed(pubsub, local, MAX_SILENCE_S)
     task = asyncio.create_task(feed.run())
-    await asyncio.wait_for(feed.subscribed.wait(), 5)
-    await until(feed.alive)
-    return Replica(LayeredCache(local, backend, pubsub, 300, local_trusted=feed.alive), feed, task, pubsub)
-
-
-async def stop(*replicas: Replica) -> None:
-    for replica in replicas:
-        replica.task.cancel()
-        await asyncio.gather(replica.task, return_exceptions=True)
-        await replica.pubsub.aclose()
+    try:
+        await asyncio.wait_for(feed.subscribed.wait(), 5)
+        await until(feed.alive)
+        yield Replica(LayeredCache(local, backend, pubsub, 300, local_trusted=feed.alive), feed)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pubsub.aclose()
 
 
 async def until(condition: object, timeout_s: float = 5.0) -> float:
@@ -86,8 +85,7 @@ async def cached_everywhere(user: str, *replicas: Replica) -> CachedList:
 async def test_an_invalidation_empties_the_other_replicas_local_layer_at_once(
     backend: ShardedBackend, servers: list[RedisServer]
 ) -> None:
-    a, b = await start_replica(backend, servers[1].url), await start_replica(backend, servers[1].url)
-    try:
+    async with replica(backend, servers[1].url) as a, replica(backend, servers[1].url) as b:
         stale = await cached_everywhere("u1", a, b)
         await a.cache.invalidate("u1")
         assert await until(lambda: b.cache.local.get("u1", CONTEXT) is None) < MAX_SILENCE_S
@@ -95,15 +93,12 @@ async def test_an_invalidation_empties_the_other_replicas_local_layer_at_once(
         # A computation that read generation 0 before the event must not refill B's local layer.
         assert not b.cache.local.set("u1", CONTEXT, stale)
         assert b.cache.local.set("u1", CONTEXT, CachedList(("new",), (1.0,), "v1", 1))
-    finally:
-        await stop(a, b)
 
 
 async def test_a_silent_channel_stops_local_answers_within_the_bound(
     backend: ShardedBackend, servers: list[RedisServer]
 ) -> None:
-    b = await start_replica(backend, servers[1].url)
-    try:
+    async with replica(backend, servers[1].url) as b:
         await cached_everywhere("u2", b)
         servers[1].pause()  # the channel stays open but nothing comes through it: messages may be lost
         try:
@@ -115,13 +110,10 @@ async def test_a_silent_channel_stops_local_answers_within_the_bound(
             servers[1].resume()
         await until(b.feed.alive)
         assert (await b.cache.get("u2", CONTEXT)).layer in {"local", "redis"}
-    finally:
-        await stop(b)
 
 
 async def test_a_lost_subscription_empties_the_local_layer(backend: ShardedBackend, servers: list[RedisServer]) -> None:
-    b = await start_replica(backend, servers[1].url)
-    try:
+    async with replica(backend, servers[1].url) as b:
         await cached_everywhere("u3", b)
         b.feed.subscribed.clear()
         killed = redis.Redis(port=servers[1].port).client_kill_filter(_type="pubsub")
@@ -129,20 +121,15 @@ async def test_a_lost_subscription_empties_the_local_layer(backend: ShardedBacke
         await asyncio.wait_for(b.feed.subscribed.wait(), 5)  # resubscribed...
         assert len(b.cache.local) == 0  # ...having forgotten what it may have missed invalidations for
         await until(b.feed.alive)
-    finally:
-        await stop(b)
 
 
 async def test_an_invalidation_that_cannot_be_published_fails(
     backend: ShardedBackend, servers: list[RedisServer]
 ) -> None:
-    a = await start_replica(backend, servers[1].url)
-    try:
+    async with replica(backend, servers[1].url) as a:
         await cached_everywhere("u4", a)
         servers[1].stop()
         with pytest.raises(StoreUnavailable, match="publish"):
             await a.cache.invalidate("u4")
         # The Redis layer is already safe (generation bumped); the client's retry publishes again.
         assert (await a.cache.get("u4", CONTEXT)).value is None
-    finally:
-        await stop(a)
