@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 
 import orjson
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import Response
+
+from orchestrator.__main__ import serve
 
 BODY = orjson.dumps(
     {
@@ -46,17 +47,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8090)
     args = parser.parse_args()
-    uvicorn.run(
-        "loadtest.ceiling:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=1,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-    )
+    serve("loadtest.ceiling:create_app", args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,21 @@ import argparse
 import uvicorn
 
 
+def serve(factory: str, host: str, port: int, workers: int = 1, log_level: str = "warning") -> None:
+    """How the service is served; the load test's ceiling app (loadtest/ceiling.py) is served the same way."""
+    uvicorn.run(
+        factory,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        log_level=log_level,
+        access_log=False,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m orchestrator")
     parser.add_argument("--host", default="127.0.0.1")
@@ -14,17 +29,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
-    uvicorn.run(
-        "orchestrator.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        log_level=args.log_level,
-        access_log=False,
-    )
+    serve("orchestrator.app:create_app", args.host, args.port, args.workers, args.log_level)
 
 
 if __name__ == "__main__":
