@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,76 @@ def in_process_rate(
     return median(windowed_rates(tuple(completions), duration_s, 0.5, ROWS_PER_REQUEST))
 
 
+@contextlib.contextmanager
+def pinned_to(cpus: set[int]) -> Iterator[None]:
+    """Every thread of this process on ``cpus`` while inside; processes started meanwhile inherit it.
+
+    All threads, not only the caller: gRPC's and ONNX Runtime's threads started earlier would
+    otherwise keep running on the other core and blur which core did the work.
+    """
+    before = os.sched_getaffinity(0)
+
+    def apply(target: set[int]) -> None:
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                os.sched_setaffinity(int(tid), target)
+
+    apply(cpus)
+    try:
+        yield
+    finally:
+        apply(before)
+
+
+def two_cores() -> tuple[int, int] | None:
+    """Two cores this process may use, or None (then the pinned comparison is skipped, and says so)."""
+    if not hasattr(os, "sched_setaffinity") or not Path("/proc/self/task").is_dir():
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    return (cores[0], cores[1]) if len(cores) >= 2 else None
+
+
+@dataclass(frozen=True)
+class PinnedHop:
+    """In-process ONNX Runtime and Triton (server and its stubs) each confined to the same one core,
+    the Triton load generator on another: the hop's cost on the cores that serve, without the client's."""
+
+    serving_core: int
+    client_core: int
+    in_process: list[float]  # rows/s per round
+    triton: list[LoadResult]
+
+    @property
+    def ratio(self) -> float:
+        return ratio(median([r.median_rows_per_s for r in self.triton]), median(self.in_process))
+
+
+def measure_pinned_hop(
+    ctx: BenchContext, onnx_path: Path, dim: int, point_s: float, warmup_s: float, rounds: int
+) -> PinnedHop | None:
+    cores = two_cores()
+    if cores is None:
+        return None
+    serving, client = cores
+    in_process: list[float] = []
+    triton: list[LoadResult] = []
+    with pinned_to({serving}), ranker_server(ctx.work_dir / "ranker_pinned", BatchingSpec()) as server:
+        for round_ in range(rounds):
+            rate = in_process_rate(lambda: onnx_session(onnx_path, 1), 1, dim, point_s)
+            in_process.append(rate)
+            with pinned_to({client}):
+                result = run_load(server.grpc_url, dim, HOP_CLIENTS, point_s, warmup_s)
+            triton.append(result)
+            log.info(
+                "ranker: round %d, pinned to core %d: in-process %s rows/s, Triton %s rows/s",
+                round_ + 1,
+                serving,
+                format_rate(rate),
+                format_rate(result.median_rows_per_s),
+            )
+    return PinnedHop(serving, client, in_process, triton)
+
+
 # --- Triton ------------------------------------------------------------------------------------------
 
 
@@ -230,10 +301,34 @@ def run_section(ctx: BenchContext) -> SectionResult:
                         format_rate(r.median_rows_per_s),
                         r.p99_ms,
                     )
+    log.info("ranker: the server hop on one core (Triton and in-process ONNX Runtime pinned to the same core)")
+    pinned = measure_pinned_hop(ctx, onnx_path, dim, point_s, warmup_s, rounds)
     measure_s = time.perf_counter() - started
     loads = f"1-minute load average {load_before} at the start, {load_average()} at the end"
     return summarize(
-        ctx, latency, triton, in_process, in_process_configs, (point_s, warmup_s, rounds), measure_s, loads
+        ctx, latency, triton, in_process, in_process_configs, pinned, (point_s, warmup_s, rounds), measure_s, loads
+    )
+
+
+def pinned_paragraph(pinned: PinnedHop | None) -> str:
+    if pinned is None:
+        return (
+            "**The one-core comparison did not run**: it needs two cores this process may pin threads to "
+            "(Linux sched_setaffinity), one to serve and one for the load generator."
+        )
+    triton_rate = median([r.median_rows_per_s for r in pinned.triton])
+    spread = Point.of(pinned.triton).spread
+    verdict = "meets" if pinned.ratio >= 0.7 else "misses"
+    return (
+        f"**On the core that serves, Triton reaches {format_ratio(pinned.ratio)} ({pinned.ratio:.0%}) of "
+        f"in-process ONNX Runtime's rows/s** ({format_rate(triton_rate)} against "
+        f"{format_rate(median(pinned.in_process))}, medians over {len(pinned.triton)} round(s)): tritonserver "
+        f"and its Python stub (1 instance x 1 intra-op thread, batching 5 ms) confined to core "
+        f"{pinned.serving_core}, in-process one session x 1 intra-op thread on the same core, the "
+        f"{HOP_CLIENTS} gRPC clients x {ROWS_PER_REQUEST} rows on core {pinned.client_core}. That is what the "
+        "hop costs a Triton pod: gRPC in the server, the copy into the stub's shared memory, Python around the "
+        f"model; it {verdict} issue 5's 70% on the same cores. "
+        + within_noise("the one-core ratio", pinned.ratio, spread, reference=0.7)
     )
 
 
@@ -255,6 +350,7 @@ def summarize(
     triton: dict[str, dict[int, list[LoadResult]]],
     in_process: dict[str, list[float]],
     in_process_configs: dict[str, tuple[str, Any, int]],
+    pinned: PinnedHop | None,
     timing: tuple[float, float, int],
     measure_s: float,
     loads: str,
@@ -359,17 +455,22 @@ def summarize(
             "the second core were free): the second core is far from free on this shared machine, so the fair "
             "in-process reference is the best of the three, which the ratio below uses.",
             "",
-            f"**Triton at {HOP_CLIENTS} clients x {ROWS_PER_REQUEST} rows reaches {format_ratio(hop_shipped)} "
-            f"({hop_shipped:.0%}) of the best in-process rows/s** with the shipped config, "
-            f"{hop_best:.0%} with the best one ({labels[best_variant]}); issue 5 asks for >= 70%. "
-            + within_noise("the hop ratio", hop_shipped, measured_noise, reference=0.7),
+            pinned_paragraph(pinned),
+            "",
+            f"**With the load generator on the same cores, Triton at {HOP_CLIENTS} clients x {ROWS_PER_REQUEST} "
+            f"rows reaches {format_ratio(hop_shipped)} ({hop_shipped:.0%}) of the best in-process rows/s** with "
+            f"the shipped config, {hop_best:.0%} with the best one ({labels[best_variant]}). "
+            + within_noise("this ratio", hop_shipped, measured_noise, reference=0.7)
+            + " The gap to the pinned figure is the client's own CPU (Python gRPC building each request and "
+            "parsing each reply), which in production lands on the orchestrator's cores, not on Triton's.",
         ]
     )
     measurements = {
         "triton_cpu_rows_per_s": Measured(
             round(rate["on_i2"][HOP_CLIENTS]),
-            "ranker rows/s of one cpu-profile Triton instance (Python backend, ONNX Runtime, 1 intra-op thread), "
-            f"dynamic batching 5 ms, {HOP_CLIENTS} clients x {ROWS_PER_REQUEST} rows, load generator on the same cores",
+            "ranker rows/s of the shipped cpu-profile Triton (Python backend, ONNX Runtime, 2 instances x 1 "
+            f"intra-op thread), dynamic batching 5 ms, {HOP_CLIENTS} clients x {ROWS_PER_REQUEST} rows, load "
+            "generator on the same cores",
         ),
         "onnxruntime_cpu_rows_per_s": Measured(
             round(ip_rate[best_ip]),
@@ -382,8 +483,14 @@ def summarize(
         ),
         "triton_cpu_server_hop_ratio": Measured(
             round(hop_shipped, 3),
-            f"Triton rows/s ({HOP_CLIENTS} clients x {ROWS_PER_REQUEST} rows, shipped cpu config) over "
-            "in-process ONNX Runtime rows/s on the same cores",
+            f"Triton rows/s ({HOP_CLIENTS} clients x {ROWS_PER_REQUEST} rows, shipped cpu config) over the best "
+            "in-process ONNX Runtime rows/s, load generator on the same cores",
         ),
     }
+    if pinned is not None:
+        measurements["triton_cpu_server_hop_ratio_one_core"] = Measured(
+            round(pinned.ratio, 3),
+            f"Triton rows/s (server and stub on one core, {HOP_CLIENTS} clients x {ROWS_PER_REQUEST} rows on "
+            "another) over in-process ONNX Runtime rows/s on that same core",
+        )
     return SectionResult(md, measurements)

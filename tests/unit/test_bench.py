@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from export.bench import (
     update_measurements,
 )
 from export.bench_batching import LoadResult, Point, Sweep, noise, recommend, windowed_rates
+from export.bench_ranker import pinned_to, two_cores
 
 
 def test_replace_section_appends_a_missing_section_with_markers(tmp_path: Path) -> None:
@@ -179,3 +182,27 @@ def test_recommend_takes_a_longer_delay_when_it_clearly_pays() -> None:
         d: {c: _point(50_000 * (1.5 if d >= 5 and c >= 8 else 1.0), 5 + d) for c in (1, 8, 32)} for d in (0, 1, 5, 10)
     }
     assert recommend(results).delay_ms == 5
+
+
+@pytest.mark.skipif(two_cores() is None, reason="needs two cores and Linux sched_setaffinity")
+def test_pinning_moves_every_thread_and_restores_them() -> None:
+    cores = two_cores()
+    assert cores is not None
+    before = os.sched_getaffinity(0)
+    seen: dict[str, set[int]] = {}
+    go, done = threading.Event(), threading.Event()
+
+    def worker() -> None:  # started before pinning: must be moved too
+        go.wait()
+        seen["worker"] = os.sched_getaffinity(0)
+        done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    with pinned_to({cores[1]}):
+        seen["main"] = os.sched_getaffinity(0)
+        go.set()
+        done.wait(5)
+    thread.join()
+    assert seen == {"main": {cores[1]}, "worker": {cores[1]}}
+    assert os.sched_getaffinity(0) == before

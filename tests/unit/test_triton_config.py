@@ -37,6 +37,8 @@ def test_cpu_profile_serves_the_same_files_through_the_python_backend() -> None:
         assert cpu.parameters["model_file"].string_value == model.filename
         assert cpu.dynamic_batching == gpu.dynamic_batching
         assert list(cpu.input) == list(gpu.input) and list(cpu.output) == list(gpu.output)
+        # Both warm every instance up before reporting ready, with the same zero-data batches.
+        assert list(cpu.model_warmup) == list(gpu.model_warmup) and len(cpu.model_warmup) == 3
 
 
 def test_committed_gpu_configs_match_the_spec() -> None:
