@@ -171,11 +171,6 @@ def run(dataset: str, port: int, use_triton: bool = True) -> int:
         asyncio.run(load_and_precompute(redis_url, bundle, onnx_path))
         orchestrator = start_orchestrator(env, port)
         stack.callback(orchestrator.stop)
-        # The first requests of a fresh process pay for cold paths (Triton's first executions, the index
-        # paged in) and may fall back: warm up on other users so that the sample shows the steady state.
-        for warm_user in bundle.user_ids[1:4]:
-            with urllib.request.urlopen(f"{orchestrator.url}/v1/recommendations/{warm_user}", timeout=5) as response:
-                response.read()
         user = bundle.user_ids[0]
         sample = f"{orchestrator.url}/v1/recommendations/{user}?n=5&page_type=home&device=web&debug=true"
         with urllib.request.urlopen(sample, timeout=5) as response:

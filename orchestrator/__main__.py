@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import uvicorn
 
 
 def serve(factory: str, host: str, port: int, workers: int = 1, log_level: str = "warning") -> None:
     """How the service is served; the load test's ceiling app (loadtest/ceiling.py) is served the same way."""
+    # The service's own loggers at the same level as uvicorn's (else only warnings reach stderr, bare).
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         factory,
         factory=True,

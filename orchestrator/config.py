@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     popular_refresh_s: float = Field(60.0, description="How often popular lists are re-read from Redis.")
     breaker_failures: int = Field(5, description="Consecutive ranker failures that open the circuit.")
     breaker_reset_s: float = Field(2.0, description="How long an open circuit waits before probing again.")
+    warmup_timeout_s: float = Field(
+        5.0,
+        description="At start, before serving, one retrieval and one ranking of zero vectors may take this long "
+        "(opens the Triton channel, runs the index and model once); 0 skips it.",
+    )
     max_in_flight: int = Field(256, description="Requests inside the service at once; beyond it: 503 + Retry-After.")
     max_body_bytes: int = Field(4096, description="Largest request body accepted (413 beyond it).")
     api_key: SecretStr | None = Field(None, description="If set, writes (POST /v1/events) need this X-API-Key.")
@@ -131,6 +136,13 @@ class Settings(BaseSettings):
     def _at_least_one(cls, value: int) -> int:
         if value < 1:
             raise ValueError(f"must be an integer >= 1, got {value}")
+        return value
+
+    @field_validator("warmup_timeout_s")
+    @classmethod
+    def _not_negative(cls, value: float) -> float:
+        if not value >= 0:  # NaN too
+            raise ValueError(f"must be >= 0 (0 skips it), got {value}")
         return value
 
     @model_validator(mode="after")

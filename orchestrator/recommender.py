@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -136,6 +136,52 @@ class Recommender:
     @property
     def model_version(self) -> str:
         return self.ranker.model_version
+
+    async def warm_up(self, dim: int, timeout_s: float) -> dict[str, float]:
+        """One pass over the compute path with a zero user vector before the first request: a fresh process
+        opens its Redis connections and the Triton channel and runs the index and the model for the first
+        time here, not past a user's deadline. Milliseconds per stage that succeeded; a stage that fails is
+        logged and left cold (requests then fall back, as they would have anyway)."""
+        n = min(self.settings.n_candidates, self.n_items)
+        candidates: list[str] = []
+
+        async def retrieval() -> None:
+            found, _ = await self.retriever.search(np.zeros((1, dim), dtype=np.float32), n)
+            candidates.extend(found[0])
+
+        async def item_features() -> None:
+            await asyncio.gather(
+                self.embeddings.get_batch("item", candidates), self.features.get_rows("item", candidates)
+            )
+
+        async def ranking() -> None:
+            request = RankingRequest(
+                user_embedding=np.zeros(dim, dtype=np.float32),
+                user_features=np.zeros(len(schema.USER_FEATURES), dtype=np.int64),
+                item_embeddings=np.zeros((n, dim), dtype=np.float32),
+                item_features=np.zeros((n, len(schema.ITEM_FEATURES)), dtype=np.int64),
+                context_features=np.zeros(len(schema.CONTEXT_FEATURES), dtype=np.int64),
+            )
+            await self.ranker.score(request, timeout_s=timeout_s)
+
+        stages: dict[str, Callable[[], Awaitable[None]]] = {
+            "retrieval": retrieval,
+            "item_features": item_features,
+            "ranking": ranking,
+        }
+        timings: dict[str, float] = {}
+        for stage, run in stages.items():
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await run()
+            except DEPENDENCY_ERRORS as exc:
+                log.warning(
+                    "warm-up: %s failed (%s: %s); the first requests may fall back", stage, type(exc).__name__, exc
+                )
+                continue
+            timings[stage] = round((time.perf_counter() - started) * 1000, 3)
+        return timings
 
     async def recommend(self, user_id: str, n: int, context: RequestContext) -> Recommendation:
         started = time.perf_counter()

@@ -186,3 +186,25 @@ def test_with_triton_stopped_answers_are_precomputed_and_readyz_says_degraded(st
             assert ready.json()["status"] == "degraded" and "ranker" in ready.json()["degraded"]
     finally:
         triton.stop()
+
+
+def test_a_fresh_process_ranks_once_on_triton_before_it_reports_ready(stack: Stack, tmp_path: Path) -> None:
+    import tritonclient.http as httpclient
+
+    models = ranker_models(stack.exported.bundle.dim, stack.exported.batching)
+    repo = render_profile_repository("cpu", tmp_path / "cpu", stack.exported.repo, models=models)
+
+    def rows_ranked(client: httpclient.InferenceServerClient) -> int:
+        stats = client.get_inference_statistics("ranker_onnx")["model_stats"][0]
+        return int(stats.get("inference_count", 0))
+
+    with TritonServer(repo, log_path=tmp_path / "triton.log") as triton:
+        client = httpclient.InferenceServerClient(triton.http_url)
+        before = rows_ranked(client)
+        with running_orchestrator(stack.env(triton.grpc_url, RECSERVE_WARMUP_TIMEOUT_S="0"), tmp_path / "cold.log"):
+            assert rows_ranked(client) == before  # switched off: nothing ranked before the first request
+        with running_orchestrator(stack.env(triton.grpc_url), tmp_path / "warm.log"):
+            # Ready (start_orchestrator waited for /readyz) and no request sent: the warm-up ranked a full
+            # request's candidates once, so the channel is open and the model has run.
+            assert rows_ranked(client) == before + min(200, len(stack.exported.bundle.item_ids))
+        client.close()

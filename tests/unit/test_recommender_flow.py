@@ -1,6 +1,7 @@
 """The request flow with in-process fakes of our own Protocols (no patched library internals)."""
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -75,10 +76,12 @@ class FakeRanker:
         self.gate = gate
         self.error = error
         self.calls = 0
+        self.sizes: list[int] = []
         self.entered = asyncio.Event()
 
     async def score(self, request: RankingRequest, timeout_s: float | None = None) -> np.ndarray:
         self.calls += 1
+        self.sizes.append(request.n_candidates)
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
@@ -226,3 +229,19 @@ async def test_a_saturated_process_answers_from_the_fallback_without_computing()
 def test_min_compute_must_fit_the_real_time_budget() -> None:
     with pytest.raises(ValueError, match=r"min_compute_ms must be in 0..deadline_ms - fallback_reserve_ms \(30.0\)"):
         Settings(deadline_ms=50, fallback_reserve_ms=20, min_compute_ms=31)
+
+
+async def test_warm_up_runs_the_compute_path_once_before_serving() -> None:
+    ranker = FakeRanker()
+    timings = await (await make(ranker)).warm_up(DIM, timeout_s=1.0)
+    assert set(timings) == {"retrieval", "item_features", "ranking"}
+    assert ranker.sizes == [8]  # as many rows as a request ranks (n_candidates)
+
+
+async def test_a_failing_or_stuck_part_leaves_the_warm_up_bounded_and_does_not_stop_start_up() -> None:
+    failing = FakeRanker(error=RankerUnavailable("Triton down"))
+    assert set(await (await make(failing)).warm_up(DIM, timeout_s=1.0)) == {"retrieval", "item_features"}
+    stuck = await make(FakeRanker(gate=asyncio.Event()))  # never answers
+    started = time.perf_counter()
+    assert "ranking" not in await stuck.warm_up(DIM, timeout_s=0.05)
+    assert time.perf_counter() - started < 1.0
