@@ -101,20 +101,25 @@ class Orchestrator:
 
 
 def start_orchestrator(
-    env: Mapping[str, str], port: int, log_path: Path = ORCHESTRATOR_LOG, timeout_s: float = 60.0
+    env: Mapping[str, str], port: int, log_path: Path = ORCHESTRATOR_LOG, timeout_s: float = 60.0, workers: int = 1
 ) -> Orchestrator:
     """Run ``python -m orchestrator`` with ``env`` (RECSERVE_* settings) and wait for /readyz."""
-    return start_http_service("orchestrator", env, port, log_path, timeout_s)
+    return start_http_service("orchestrator", env, port, log_path, timeout_s, ("--workers", str(workers)))
 
 
 def start_http_service(
-    module: str, env: Mapping[str, str], port: int, log_path: Path, timeout_s: float = 60.0
+    module: str,
+    env: Mapping[str, str],
+    port: int,
+    log_path: Path,
+    timeout_s: float = 60.0,
+    extra_args: Sequence[str] = (),
 ) -> Orchestrator:
     """Run ``python -m <module> --port <port>`` with ``env`` and wait until its /readyz answers 200."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", module, "--port", str(port)],
+            [sys.executable, "-m", module, "--port", str(port), *extra_args],
             env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,

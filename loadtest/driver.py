@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, Bundle, load_bundle
 from export.stack import Orchestrator, start_http_service
@@ -53,6 +53,9 @@ class Scenario:
     # One context per user: the cache is primed with every user's list before the load (a running
     # service's state), so that the figures measure hits rather than the first pass over 1000 users.
     prime_cache: bool = False
+    # Orchestrator processes (uvicorn workers on one port). One Python process uses one core; "per_core"
+    # runs one per core of this machine, as a node of one-core pods would (k8s/base/orchestrator).
+    workers: int | Literal["per_core"] = 1
 
     @property
     def cached(self) -> bool:
@@ -97,6 +100,14 @@ SCENARIOS: dict[str, Scenario] = {
             prime_cache=True,
         ),
         Scenario(
+            "mix90_per_core",
+            "mix90 served by one orchestrator worker per core of this machine, as one-core pods would serve it",
+            user_class="Mix90User",
+            steps=HIT_STEPS,
+            prime_cache=True,
+            workers="per_core",
+        ),
+        Scenario(
             "cache_hit",
             "full, one context per user: after the first pass every answer is a cache hit",
             user_class="CacheHitUser",
@@ -127,6 +138,7 @@ DEFAULT_ORDER = (
     "naive",
     "full",
     "mix90",
+    "mix90_per_core",
     "no_cache",
     "no_batching",
     "no_local_cache",
@@ -254,6 +266,8 @@ def run_locust(
         "LOADTEST_RATE_PER_USER": str(RATE_PER_USER),
         "LOADTEST_OUT": str(folder / "steps.json"),
         "LOADTEST_CPU_PIDS": ",".join(f"{name}={pid}" for name, pid in cpu_pids.items()),
+        # Each scrape of /metrics reaches one worker at random: counters from several do not make a series.
+        "LOADTEST_SCRAPE_METRICS": "1" if scenario.workers == 1 else "0",
     }
     command = [
         sys.executable, "-m", "locust",
@@ -298,7 +312,8 @@ def run_scenario(stack: Stack, scenario: Scenario, label: str, options: RunOptio
         pids = {"server": server.process.pid}
     else:
         env = orchestrator_env(stack, scenario)
-        server = start_orchestrator(env, free_port(), log_path=folder / "server.log")
+        workers = (os.cpu_count() or 1) if scenario.workers == "per_core" else int(scenario.workers)
+        server = start_orchestrator(env, free_port(), log_path=folder / "server.log", workers=workers)
         triton = stack.triton[scenario.batching]
         pids = {"server": server.process.pid, "redis": stack.redis_pid, "triton": triton.process.pid}
     log(f"{label}: {scenario.description} (flushed {flushed} cached lists)")

@@ -15,6 +15,7 @@ or by the driver (``python -m loadtest``), which sets these environment variable
   (marked ``warmup``, left out of every figure);
 - ``LOADTEST_OUT``: where to write the per-step figures and the timeline (JSON);
 - ``LOADTEST_CPU_PIDS`` (``"orchestrator=123,redis=456"``): processes whose CPU time to sample.
+- ``LOADTEST_SCRAPE_METRICS`` (``1``): ``0`` leaves the service's /metrics alone (several workers).
 
 Personalised answers are named by their ``source`` (``recs [cache]``, ``recs [realtime]``, ...), so
 locust's own statistics, CSV and HTML report split latency by where the answer came from.
@@ -99,6 +100,7 @@ class Recorder:
     window_started: float = 0.0
     samples: StepSamples = field(default_factory=StepSamples)
     cpu_at_window_start: dict[str, float] = field(default_factory=dict)
+    own_cpu_at_window_start: float = 0.0
     steps: list[dict[str, Any]] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
@@ -109,6 +111,7 @@ class Recorder:
         self.samples = StepSamples()
         self.window_started = time.monotonic()
         self.cpu_at_window_start = self.cpu()
+        self.own_cpu_at_window_start = procstat.tree_cpu_seconds(os.getpid())
         self.measuring = True
 
     def end_window(self, users: int, rate: float) -> dict[str, Any]:
@@ -117,6 +120,9 @@ class Recorder:
         cpu_now = self.cpu()
         summary = summarize(self.samples, window_s)
         cpu_s = {name: round(cpu_now[name] - self.cpu_at_window_start.get(name, 0.0), 3) for name in cpu_now}
+        # Kept apart from cpu_s (the service's processes): on a shared machine it says how much of the
+        # cores the load generator itself took at each step.
+        load_generator_cpu_s = round(procstat.tree_cpu_seconds(os.getpid()) - self.own_cpu_at_window_start, 3)
         summary = {
             "step": self.step,
             "warmup": self.step < self.plan.warm_steps,
@@ -126,6 +132,8 @@ class Recorder:
             **summary,
             "cpu_s": cpu_s,
             "cpu_cores": {name: round(s / window_s, 3) for name, s in cpu_s.items()} if window_s > 0 else {},
+            "load_generator_cpu_s": load_generator_cpu_s,
+            "load_generator_cores": round(load_generator_cpu_s / window_s, 3) if window_s > 0 else 0.0,
         }
         self.steps.append(summary)
         return summary
@@ -167,7 +175,8 @@ def _scrape(url: str) -> dict[str, float] | None:
 
 
 def _sample_forever(environment: Environment, recorder: Recorder) -> None:
-    metrics_url = f"{environment.host}/metrics" if environment.host else None
+    scrape = os.environ.get("LOADTEST_SCRAPE_METRICS", "1") != "0"
+    metrics_url = f"{environment.host}/metrics" if environment.host and scrape else None
     while True:
         point: dict[str, Any] = {"t": round(time.monotonic() - recorder.started, 2), "step": recorder.step}
         counters = _scrape(metrics_url) if metrics_url else None
@@ -316,6 +325,7 @@ def _print_step(step: dict[str, Any]) -> None:
         f"[loadtest] step {step['step'] + 1}: {step['users']} users, offered {step['offered_rps']:g}/s, "
         f"achieved {step['achieved_rps']:g}/s, p50 {step.get('p50_ms', 0):g} ms, p99 {step.get('p99_ms', 0):g} ms, "
         f"fallbacks {step['fallback_share']:.1%}, failures {step['failure_share']:.1%} [{verdict}]"
-        + (f"; cpu cores: {cores}" if cores else ""),
+        + (f"; cpu cores: {cores}" if cores else "")
+        + f"; locust {step.get('load_generator_cores', 0.0):.2f}",
         flush=True,
     )

@@ -86,8 +86,8 @@ class Settings(BaseSettings):
     breaker_reset_s: float = Field(2.0, description="How long an open circuit waits before probing again.")
     warmup_timeout_s: float = Field(
         5.0,
-        description="At start, before serving, one retrieval and one ranking of zero vectors may take this long "
-        "(opens the Triton channel, runs the index and model once); 0 skips it.",
+        description="At start, before serving, one pass over the compute path with a zero user vector (retrieval, "
+        "the candidates' Redis reads, one Triton ranking) may take this long; 0 skips it.",
     )
     max_in_flight: int = Field(256, description="Requests inside the service at once; beyond it: 503 + Retry-After.")
     max_body_bytes: int = Field(4096, description="Largest request body accepted (413 beyond it).")
