@@ -52,7 +52,7 @@ export: venv
 bench: venv system-deps
 	$(PY) -m export bench
 
-# ~15 min on 2 cores: starts its own Redis + Tritons; results under build/loadtest/, figures in docs/.
+# ~25 min on 2 cores: starts its own Redis + Tritons; results under build/loadtest/, figures in docs/.
 loadtest: venv system-deps
 	$(PY) -m loadtest
 

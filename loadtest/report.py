@@ -62,6 +62,7 @@ def summary_of(run: dict[str, Any]) -> dict[str, Any]:
         # A step past the best that missed: the best is the limit, not the end of the step plan.
         "saturated": best is not None
         and any(st["users"] > best["users"] and not st["slo_ok"] for st in measured(run["steps"])),
+        "next_step": next((st for st in measured(run["steps"]) if best and st["users"] > best["users"]), None),
     }
 
 
@@ -402,7 +403,9 @@ def reference_mix_lines(results: dict[str, Any], s: dict[str, dict[str, Any]]) -
                 ],
             ),
             "",
-            *cores_needed_lines(best, stack_cpu, locust_cpu, cores, target, s[name]["saturated"]),
+            *cores_needed_lines(
+                best, stack_cpu, locust_cpu, cores, target, s[name]["next_step"], SCENARIOS[name].workers == 1
+            ),
         ]
     best_name = max(per_core_by_name, key=lambda n: per_core_by_name[n])
     verdict = "meets" if per_core_by_name[best_name] >= target else "does not meet"
@@ -428,7 +431,8 @@ def cores_needed_lines(
     locust_cpu: float | None,
     cores: int,
     target_per_core: float,
-    saturated: bool,
+    next_step: dict[str, Any] | None,
+    one_worker: bool = False,
 ) -> list[str]:
     """What the target rate would take of this machine at the CPU per request measured at the best step."""
     requests = float(best.get("requests", 0))
@@ -437,13 +441,29 @@ def cores_needed_lines(
     stack_us, locust_us = stack_cpu / requests * 1e6, locust_cpu / requests * 1e6
     target_rps = target_per_core * cores
     needed = target_rps * (stack_us + locust_us) / 1e6
-    busy_at_best = (sum(best.get("cpu_cores", {}).values()) + float(best.get("load_generator_cores", 0.0))) / cores
+
+    def busy(step: dict[str, Any]) -> float:
+        return (sum(step.get("cpu_cores", {}).values()) + float(step.get("load_generator_cores", 0.0))) / cores
+
+    if next_step is None:
+        after = " (the highest step offered)."
+    else:
+        server_cores = float(next_step.get("cpu_cores", {}).get("server", 0.0))
+        process_bound = one_worker and server_cores >= 0.95
+        after = (
+            f"; at the next step ({next_step['users']} users), which did not hold the objective, the orchestrator "
+            f"used {server_cores:.2f} cores and the machine was {busy(next_step):.0%} busy"
+            + (
+                ": one orchestrator process uses one core at most, so the process, not the machine, was the limit."
+                if process_bound
+                else "."
+            )
+        )
     return [
         f"CPU per request at that step: the stack {stack_us:,.0f} µs (orchestrator, Redis, Triton), locust "
         f"{locust_us:,.0f} µs. At the target ({target_per_core:,.0f} req/s per core, {target_rps:,.0f} req/s on "
         f"these {cores} cores) that is **{needed:.2f} cores of CPU work, {needed / cores:.0%} of the machine**; "
-        f"at this best step the stack and locust kept it {busy_at_best:.0%} busy"
-        + (", and the next step did not hold the objective." if saturated else " (the highest step offered)."),
+        f"at this best step the stack and locust kept it {busy(best):.0%} busy" + after,
         "",
     ]
 

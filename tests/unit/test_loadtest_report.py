@@ -24,26 +24,30 @@ def step(users: int, ok: bool, **extra: object) -> dict[str, object]:
 def test_cores_needed_adds_the_stack_and_the_load_generator_per_request() -> None:
     best = step(100, True, cpu_cores={"server": 0.4, "redis": 0.1}, load_generator_cores=0.1)
     best["requests"] = 1000
+    after = step(130, False, cpu_cores={"server": 1.0, "redis": 0.2}, load_generator_cores=0.2)
     (text, _blank) = cores_needed_lines(
-        best, stack_cpu=0.5, locust_cpu=0.1, cores=2, target_per_core=936, saturated=True
+        best, stack_cpu=0.5, locust_cpu=0.1, cores=2, target_per_core=936, next_step=after
     )
     # 500 + 100 us per request at 1,872 req/s = 1.12 cores = 56% of 2; 0.6 cores busy at the best step = 30%.
     assert "the stack 500 µs" in text and "locust 100 µs" in text
     assert "**1.12 cores of CPU work, 56% of the machine**" in text
-    assert "30% busy, and the next step did not hold the objective" in text
-    (unsaturated, _) = cores_needed_lines(best, 0.5, 0.1, 2, 936, saturated=False)
-    assert "(the highest step offered)" in unsaturated
+    assert "30% busy; at the next step (130 users)" in text
+    assert "the orchestrator used 1.00 cores and the machine was 70% busy." in text
+    (one_process, _) = cores_needed_lines(best, 0.5, 0.1, 2, 936, next_step=after, one_worker=True)
+    assert "the process, not the machine, was the limit" in one_process
+    (last, _) = cores_needed_lines(best, 0.5, 0.1, 2, 936, next_step=None)
+    assert "(the highest step offered)" in last
 
 
 def test_without_a_load_generator_figure_nothing_is_claimed() -> None:
-    assert (
-        cores_needed_lines(
-            step(100, True), stack_cpu=0.5, locust_cpu=None, cores=2, target_per_core=936, saturated=True
-        )
-        == []
+    lines = cores_needed_lines(
+        step(100, True), stack_cpu=0.5, locust_cpu=None, cores=2, target_per_core=936, next_step=None
     )
+    assert lines == []
 
 
 def test_saturated_only_when_a_later_step_missed() -> None:
-    assert summary_of({"steps": [step(10, True), step(20, True), step(40, False)]})["saturated"]
-    assert not summary_of({"steps": [step(10, True), step(20, True)]})["saturated"]
+    saturated = summary_of({"steps": [step(10, True), step(20, True), step(40, False)]})
+    assert saturated["saturated"] and saturated["next_step"]["users"] == 40
+    last = summary_of({"steps": [step(10, True), step(20, True)]})
+    assert not last["saturated"] and last["next_step"] is None
