@@ -247,7 +247,7 @@ def collapse_lines(results: dict[str, Any]) -> list[str]:
         "",
         "One step past the best, most answers became fallbacks and each request cost the server several times "
         "the CPU: " + "; ".join(found) + ". Once the event loop (and the 2 shared cores) saturate, a cache "
-        "lookup waits in the loop's queue past the real-time budget; since this run, such a request answers "
+        "lookup waits in the loop's queue past the real-time budget; such a request then answers "
         "from the pre-computed list at once (`fallback_reason: overload`, `RECSERVE_MIN_COMPUTE_MS`) instead "
         "of computing, and Triton calls are never cancelled (so the breaker opens only on Triton's own "
         "errors). Answers past saturation are fallbacks, not errors, but a fallback still costs a Redis "
