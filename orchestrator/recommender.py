@@ -171,6 +171,9 @@ class Recommender:
         }
         timings: dict[str, float] = {}
         for stage, run in stages.items():
+            if stage == "item_features" and not candidates:
+                log.warning("warm-up: item_features skipped, retrieval gave no candidates")
+                continue
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(timeout_s):

@@ -44,7 +44,8 @@ def test_locustfile_headless_against_the_stack(app_url: str, exported: Exported,
     assert requests >= 20, f"expected at least 20 requests in two 3 s steps of 3 users at 10/s, got {requests}"
     assert all(s["failure_share"] == 0 for s in steps), [s["failures"] for s in steps]
     # The load generator's own CPU is measured apart from the service's (on a shared machine it matters).
-    assert all(s["load_generator_cpu_s"] > 0 for s in steps), [s["load_generator_cpu_s"] for s in steps]
+    # (Summed over the steps: /proc counts CPU in 10 ms ticks, and one short step may round to nothing.)
+    assert sum(s["load_generator_cpu_s"] for s in steps) > 0, [s["load_generator_cpu_s"] for s in steps]
     sources = {source for s in steps for source in s["sources"]}
     assert sources <= {"cache", "realtime", "precomputed", "popular"}, sources
     assert sources, "no personalised answer was recorded"

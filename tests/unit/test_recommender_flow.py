@@ -245,3 +245,15 @@ async def test_a_failing_or_stuck_part_leaves_the_warm_up_bounded_and_does_not_s
     started = time.perf_counter()
     assert "ranking" not in await stuck.warm_up(DIM, timeout_s=0.05)
     assert time.perf_counter() - started < 1.0
+
+
+async def test_a_warm_up_whose_retrieval_fails_skips_the_item_reads_and_still_ranks() -> None:
+    class TimingOutRetriever:
+        async def search(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+            raise TimeoutError("index busy")
+
+    ranker = FakeRanker()
+    recommender = await make(ranker)
+    recommender.retriever = TimingOutRetriever()
+    assert set(await recommender.warm_up(DIM, timeout_s=1.0)) == {"ranking"}
+    assert ranker.sizes == [8]
