@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from export.redis_local import LocalCluster, RedisServer, start_cluster, start_server
 
-__all__ = ["LocalCluster", "RedisServer", "flush", "require_redis", "start_cluster", "start_servers"]
+__all__ = [
+    "LocalCluster",
+    "RedisServer",
+    "flush",
+    "require_redis",
+    "running_servers",
+    "start_cluster",
+    "start_servers",
+]
 
 
 def require_redis() -> None:
@@ -31,6 +41,18 @@ def start_servers(count: int) -> list[RedisServer]:
             server.stop()
         raise
     return servers
+
+
+@contextmanager
+def running_servers(count: int) -> Iterator[list[RedisServer]]:
+    """``count`` private servers for the block (skips where redis-server is missing), stopped after it."""
+    require_redis()
+    servers = start_servers(count)
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def flush(servers: list[RedisServer]) -> None:

@@ -9,7 +9,14 @@ import pytest
 from orchestrator.store.backend import Backend
 from orchestrator.store.cluster import ClusterBackend
 from orchestrator.store.sharded import ShardedBackend
-from tests.redis_harness import LocalCluster, RedisServer, flush, require_redis, start_cluster, start_servers
+from tests.redis_harness import (
+    LocalCluster,
+    RedisServer,
+    flush,
+    require_redis,
+    running_servers,
+    start_cluster,
+)
 
 # Generous for a shared 2-core machine; the deadline test sets its own, tighter value.
 TIMEOUT_MS = 1000.0
@@ -17,11 +24,8 @@ TIMEOUT_MS = 1000.0
 
 @pytest.fixture(scope="session")
 def shard_servers() -> Iterator[list[RedisServer]]:
-    require_redis()
-    servers = start_servers(3)
-    yield servers
-    for server in servers:
-        server.stop()
+    with running_servers(3) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="session")

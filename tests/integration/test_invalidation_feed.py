@@ -18,7 +18,7 @@ from orchestrator.cache import CachedList, InvalidationFeed, LayeredCache, Local
 from orchestrator.store.backend import ConnectionOptions
 from orchestrator.store.errors import StoreUnavailable
 from orchestrator.store.sharded import ShardedBackend
-from tests.redis_harness import RedisServer, require_redis, start_servers
+from tests.redis_harness import RedisServer, running_servers
 
 pytestmark = pytest.mark.integration
 MAX_SILENCE_S = 0.4
@@ -34,11 +34,8 @@ class Replica:
 @pytest.fixture
 def servers() -> Iterator[list[RedisServer]]:
     """[data, pub/sub]: two servers, so that the channel can fail while the data stays reachable."""
-    require_redis()
-    started = start_servers(2)
-    yield started
-    for server in started:
-        server.stop()
+    with running_servers(2) as started:
+        yield started
 
 
 @pytest.fixture

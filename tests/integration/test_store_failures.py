@@ -15,7 +15,7 @@ from orchestrator.store.embeddings import RedisEmbeddingStore
 from orchestrator.store.errors import StoreUnavailable
 from orchestrator.store.sharded import ShardedBackend, shard_name
 from orchestrator.store.versions import VersionInfo
-from tests.redis_harness import LocalCluster, RedisServer, require_redis, start_cluster, start_servers
+from tests.redis_harness import LocalCluster, RedisServer, require_redis, running_servers, start_cluster
 
 pytestmark = pytest.mark.integration
 DEADLINE_MS = 300.0
@@ -25,11 +25,8 @@ IDS = [str(i) for i in range(200)]
 @pytest.fixture
 def doomed_servers() -> Iterator[list[RedisServer]]:
     """Servers this test may kill: never shared with other tests."""
-    require_redis()
-    servers = start_servers(3)
-    yield servers
-    for server in servers:
-        server.stop()
+    with running_servers(3) as servers:
+        yield servers
 
 
 async def loaded_store(servers: list[RedisServer]) -> tuple[ShardedBackend, RedisEmbeddingStore, np.ndarray]:
