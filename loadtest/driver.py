@@ -58,6 +58,10 @@ class Scenario:
     workers: int | Literal["per_core"] = 1
 
     @property
+    def processes(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == "per_core" else self.workers
+
+    @property
     def cached(self) -> bool:
         return not self.ceiling and self.env.get("RECSERVE_CACHE_ENABLED", "true") != "false"
 
@@ -267,7 +271,7 @@ def run_locust(
         "LOADTEST_OUT": str(folder / "steps.json"),
         "LOADTEST_CPU_PIDS": ",".join(f"{name}={pid}" for name, pid in cpu_pids.items()),
         # Each scrape of /metrics reaches one worker at random: counters from several do not make a series.
-        "LOADTEST_SCRAPE_METRICS": "1" if scenario.workers == 1 else "0",
+        "LOADTEST_SCRAPE_METRICS": "1" if scenario.processes == 1 else "0",
     }
     command = [
         sys.executable, "-m", "locust",
@@ -312,8 +316,7 @@ def run_scenario(stack: Stack, scenario: Scenario, label: str, options: RunOptio
         pids = {"server": server.process.pid}
     else:
         env = orchestrator_env(stack, scenario)
-        workers = (os.cpu_count() or 1) if scenario.workers == "per_core" else int(scenario.workers)
-        server = start_orchestrator(env, free_port(), log_path=folder / "server.log", workers=workers)
+        server = start_orchestrator(env, free_port(), log_path=folder / "server.log", workers=scenario.processes)
         triton = stack.triton[scenario.batching]
         pids = {"server": server.process.pid, "redis": stack.redis_pid, "triton": triton.process.pid}
     log(f"{label}: {scenario.description} (flushed {flushed} cached lists)")
@@ -330,4 +333,10 @@ def run_scenario(stack: Stack, scenario: Scenario, label: str, options: RunOptio
     if crashed:
         log(f"{label}: Triton CRASHED during this scenario (see {stack.triton[scenario.batching].log_path})")
     result["triton_crashed"] = crashed
-    return {"scenario": scenario.name, "label": label, "description": scenario.description, **result}
+    return {
+        "scenario": scenario.name,
+        "label": label,
+        "description": scenario.description,
+        "workers": 1 if scenario.ceiling else scenario.processes,
+        **result,
+    }

@@ -59,6 +59,10 @@ def summary_of(run: dict[str, Any]) -> dict[str, Any]:
         "server_rps_per_cpu_s": efficiency(run),
         "hit_share_best": best["sources"].get("cache", 0) / personalised if best and personalised else None,
         "steps_run": len(run["steps"]),
+        # Orchestrator processes; runs recorded before the field existed ran what their scenario declares.
+        "workers": int(
+            run.get("workers", SCENARIOS[run["scenario"]].processes if run.get("scenario") in SCENARIOS else 1)
+        ),
         # A step past the best that missed: the best is the limit, not the end of the step plan.
         "saturated": best is not None
         and any(st["users"] > best["users"] and not st["slo_ok"] for st in measured(run["steps"])),
@@ -404,7 +408,7 @@ def reference_mix_lines(results: dict[str, Any], s: dict[str, dict[str, Any]]) -
             ),
             "",
             *cores_needed_lines(
-                best, stack_cpu, locust_cpu, cores, target, s[name]["next_step"], SCENARIOS[name].workers == 1
+                best, stack_cpu, locust_cpu, cores, target, s[name]["next_step"], s[name]["workers"] == 1
             ),
         ]
     best_name = max(per_core_by_name, key=lambda n: per_core_by_name[n])
