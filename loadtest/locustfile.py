@@ -160,7 +160,8 @@ def traffic() -> Traffic:
 
 
 def _scrape(url: str) -> dict[str, float] | None:
-    """The cache counters of the service's /metrics (None where there are none, as on the ceiling app)."""
+    """The cache and fallback counters of the service's /metrics (None where there are none, as on the
+    ceiling app)."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             text = response.read().decode()
@@ -168,7 +169,7 @@ def _scrape(url: str) -> dict[str, float] | None:
         return None
     found: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith(("recserve_cache_hits_total{", "recserve_cache_misses_total{")):
+        if line.startswith(("recserve_cache_hits_total{", "recserve_cache_misses_total{", "recserve_fallbacks_total{")):
             name, _, value = line.rpartition(" ")
             found[name] = float(value)
     return found
@@ -186,6 +187,12 @@ def _sample_forever(environment: Environment, recorder: Recorder) -> None:
             point["hits_local"] = counters.get('recserve_cache_hits_total{layer="local"}', 0.0)
             point["hits_redis"] = counters.get('recserve_cache_hits_total{layer="redis"}', 0.0)
             point["misses"] = counters.get('recserve_cache_misses_total{layer="redis"}', 0.0)
+            # Why answers were not computed, over time: shows what set off an overload and what kept it going.
+            point["fallbacks"] = {
+                name.partition('reason="')[2].rstrip('"}'): value
+                for name, value in counters.items()
+                if name.startswith("recserve_fallbacks_total{")
+            }
         point["cpu"] = recorder.cpu()
         recorder.timeline.append(point)
         gevent.sleep(SAMPLE_EVERY_S)

@@ -224,6 +224,15 @@ class Recommender:
     async def _compute(
         self, user_id: str, context: RequestContext, generation: int, realtime_deadline: float
     ) -> Computed:
+        # The computation runs as its own task (single-flight), so a caller's deadline does not stop it; its
+        # own does. Work past it would be thrown away, and under overload that waste is what keeps the
+        # process overloaded: every late computation delays the next ones past their deadlines too.
+        async with asyncio.timeout(max(realtime_deadline - time.perf_counter(), 0.0)):
+            return await self._compute_stages(user_id, context, generation, realtime_deadline)
+
+    async def _compute_stages(
+        self, user_id: str, context: RequestContext, generation: int, realtime_deadline: float
+    ) -> Computed:
         timer = StageTimer()
         with timer.stage("user_features"):
             user_vectors, user_rows, seen_sets = await asyncio.gather(

@@ -37,12 +37,18 @@ class ConnectionOptions:
     max_connections: int = 64
     pool_timeout_s: float = 1.0
     connect_timeout_s: float = 0.5
+    # How long a command may wait for its reply at all. Callers stop waiting at their own (much shorter)
+    # deadline but leave the command to finish (``gather_groups``); this bounds how long it may hold its
+    # connection when the server hangs.
+    reply_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise StoreConfigError("max_connections", "must be an integer >= 1", self.max_connections)
         if self.pool_timeout_s <= 0:
             raise StoreConfigError("pool_timeout_s", "must be > 0", self.pool_timeout_s)
+        if self.reply_timeout_s <= 0:
+            raise StoreConfigError("reply_timeout_s", "must be > 0", self.reply_timeout_s)
 
     def client_kwargs(self, tls: bool) -> dict[str, Any]:
         """Keyword arguments for redis-py clients (and pools) of this deployment."""
@@ -66,6 +72,7 @@ class ConnectionOptions:
             max_connections=self.max_connections,
             timeout=self.pool_timeout_s,
             retry=Retry(NoBackoff(), 0),
+            socket_timeout=self.reply_timeout_s,
             **self.client_kwargs(is_tls(url)),
         )
         return Redis.from_pool(pool)
@@ -128,18 +135,31 @@ async def gather_groups(
     timeout_s: float,
 ) -> Replies:
     """Run each group under its own deadline; a group that fails to answer marks its commands
-    unavailable. Waits for every group, so no task outlives the call."""
+    unavailable.
+
+    At the deadline the caller stops waiting but the group's commands are not cancelled: redis-py drops
+    a connection whose command was cancelled, so under a burst (an event loop running late fires many
+    deadlines at once, often with the replies already in the socket) every missed deadline would cost a
+    reconnect, and the reconnects would make the loop later still: the service would not come back
+    from the burst (seen in the load test). Left to finish, the reply is read and the connection goes
+    back to the pool. The pool size and ``ConnectionOptions.reply_timeout_s`` bound what is left running.
+    """
 
     async def guarded(name: str, indices: list[int]) -> list[Any] | _Down:
+        call = asyncio.ensure_future(run_group(name, indices))
+        call.add_done_callback(_retrieve)
         try:
-            async with asyncio.timeout(timeout_s):
-                return await run_group(name, indices)
+            return await asyncio.wait_for(asyncio.shield(call), timeout_s)
         except UNAVAILABLE_ERRORS as exc:
             return _Down(exc)
 
     names = list(groups)
-    # return_exceptions: a bug in one group must not leave the others running unobserved.
-    outcomes = await asyncio.gather(*(guarded(name, groups[name]) for name in names), return_exceptions=True)
+    if len(names) == 1:
+        # The common case (one shard, or keys sharing a hash tag): no task to create for one awaitable.
+        outcomes: list[list[Any] | _Down | BaseException] = [await guarded(names[0], groups[names[0]])]
+    else:
+        # return_exceptions: a bug in one group must not leave the others running unobserved.
+        outcomes = await asyncio.gather(*(guarded(name, groups[name]) for name in names), return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
@@ -158,6 +178,12 @@ async def gather_groups(
         for i, value in zip(indices, outcome, strict=True):
             values[i] = value
     return Replies(values, unavailable, tuple(down))
+
+
+def _retrieve(call: asyncio.Future[Any]) -> None:
+    """Marks the outcome of a call nobody may be waiting for any more as seen (no "never retrieved")."""
+    if not call.cancelled():
+        call.exception()
 
 
 @dataclass(frozen=True)

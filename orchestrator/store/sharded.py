@@ -63,7 +63,7 @@ class ShardedBackend:
 
     async def execute(self, commands: Sequence[Command]) -> Replies:
         groups: dict[str, list[int]] = defaultdict(list)
-        for i, owner in enumerate(self.ring.shard_indices(c.key for c in commands).tolist()):
+        for i, owner in enumerate(self.ring.owners([c.key for c in commands])):
             groups[self.ring.shards[owner]].append(i)
 
         async def run_group(name: str, indices: list[int]) -> list[Any]:

@@ -3,6 +3,8 @@ without raising."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -103,4 +105,36 @@ async def test_a_failed_cluster_node_costs_only_its_own_slots(doomed_cluster: Lo
         assert elapsed_ms < DEADLINE_MS + 250, f"took {elapsed_ms:.0f} ms with a {DEADLINE_MS:.0f} ms deadline"
     if failure == "hung":
         victim.resume()
+    await backend.aclose()
+
+
+def connections_received(server: RedisServer) -> int:
+    info = subprocess.run(
+        ["redis-cli", "-p", str(server.port), "INFO", "stats"], check=True, capture_output=True, text=True
+    ).stdout
+    return int(next(line for line in info.splitlines() if line.startswith("total_connections_received:")).split(":")[1])
+
+
+async def test_a_read_past_its_deadline_finishes_and_keeps_its_connection(doomed_servers: list[RedisServer]):
+    """A missed deadline must not cost a reconnect: under a burst, reconnects would feed the burst."""
+    server = doomed_servers[0]
+    backend = ShardedBackend.from_urls([server.url], timeout_ms=50)
+    store = RedisEmbeddingStore(backend, VersionInfo("v1", 8))
+    matrix = np.arange(200 * 8, dtype=np.float32).reshape(200, 8)
+    await store.set_batch("item", IDS, matrix)  # opens the pool's one connection
+    before = connections_received(server)
+
+    server.pause()
+    started = time.perf_counter()
+    lookup = await store.get_batch("item", IDS)
+    assert lookup.down == (shard_name(server.url),)  # the caller got its answer at the deadline...
+    assert (time.perf_counter() - started) * 1000 < 50 + 250
+    server.resume()
+    await asyncio.sleep(0.2)  # ...while the read itself went on and got its reply
+
+    for _ in range(5):
+        lookup = await store.get_batch("item", IDS)
+        np.testing.assert_array_equal(lookup.matrix, matrix)
+    # One connection for the redis-cli calls themselves; none for the store.
+    assert connections_received(server) - before == 1
     await backend.aclose()

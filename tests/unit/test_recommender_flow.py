@@ -167,6 +167,36 @@ async def test_a_ranker_past_the_deadline_falls_back_to_precomputed_in_time() ->
     assert loop.time() - started < 0.05 + 0.02  # the 50 ms deadline, plus scheduling
 
 
+class SlowRetriever(FakeRetriever):
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    async def search(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        await asyncio.sleep(self.delay_s)
+        return await super().search(user_vectors, k)
+
+
+class CountingEmbeddings(FakeEmbeddings):
+    def __init__(self) -> None:
+        super().__init__()
+        self.item_reads = 0
+
+    async def get_batch(self, kind: str, ids: Sequence[str]) -> Lookup:
+        self.item_reads += kind == "item"
+        return await super().get_batch(kind, ids)
+
+
+async def test_a_computation_past_its_deadline_stops_instead_of_working_on_for_nobody() -> None:
+    embeddings = CountingEmbeddings()
+    recommender = await make(FakeRanker(), embeddings=embeddings)
+    recommender.retriever = SlowRetriever(delay_s=0.06)  # returns after the 30 ms real-time budget
+    answer = await recommender.recommend("1", 3, RequestContext())
+    assert answer.source == "precomputed" and answer.fallback_reason == "deadline"
+    await asyncio.sleep(0.1)  # long after the retrieval would have returned
+    # Under overload such late work (reads of every candidate, a ranking) is what delays the next requests.
+    assert embeddings.item_reads == 0
+
+
 async def test_an_unavailable_ranker_falls_back_and_says_why() -> None:
     recommender = await make(FakeRanker(error=RankerUnavailable("triton down")))
     answer = await recommender.recommend("1", 3, RequestContext())

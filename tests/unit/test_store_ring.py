@@ -62,3 +62,20 @@ def test_ring_settings_are_validated():
         HashRing(["a", "a"])
     with pytest.raises(StoreConfigError, match="vnodes must be an integer >= 1, but found 0"):
         HashRing(["a"], vnodes=0)
+
+
+def test_memoised_owners_equal_hashed_ones_and_the_memo_stays_bounded(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("orchestrator.store.ring.OWNER_MEMO_SIZE", 1000)
+    shards = ["a", "b", "c"]
+    reference = [HashRing(shards).owners([k])[0] for k in KEYS[:2700]]  # a fresh ring per key: nothing memoised
+    ring = HashRing(shards)
+    for start in range(0, 2100, 300):  # overlapping batches: some keys memoised, some not, and the memo refilled
+        batch = KEYS[start : start + 600]
+        assert ring.owners(batch) == reference[start : start + 600]
+        assert len(ring._owner_memo) <= 1000
+    assert ring.owners(KEYS[:10]) == ring.owners(KEYS[:10]) == reference[:10]
+
+
+def test_one_shard_owns_every_key():
+    assert HashRing(["only"]).owners(KEYS[:5]) == [0] * 5
+    assert HashRing(["only"]).shard_for("anything") == "only"
