@@ -159,6 +159,14 @@ def traffic() -> Traffic:
     return TRAFFIC
 
 
+COUNTERS_KEPT = (
+    "recserve_cache_hits_total{",
+    "recserve_cache_misses_total{",
+    "recserve_fallbacks_total{",
+    "recserve_event_loop_lag_seconds_bucket{",
+)
+
+
 def _scrape(url: str) -> dict[str, float] | None:
     """The cache and fallback counters of the service's /metrics (None where there are none, as on the
     ceiling app)."""
@@ -169,7 +177,7 @@ def _scrape(url: str) -> dict[str, float] | None:
         return None
     found: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith(("recserve_cache_hits_total{", "recserve_cache_misses_total{", "recserve_fallbacks_total{")):
+        if line.startswith(COUNTERS_KEPT):
             name, _, value = line.rpartition(" ")
             found[name] = float(value)
     return found
@@ -192,6 +200,12 @@ def _sample_forever(environment: Environment, recorder: Recorder) -> None:
                 name.partition('reason="')[2].rstrip('"}'): value
                 for name, value in counters.items()
                 if name.startswith("recserve_fallbacks_total{")
+            }
+            # Event-loop lag samples (every 5 ms) at or under each bound: the backlog the requests wait behind.
+            point["loop_lag_at_most"] = {
+                name.partition('le="')[2].rstrip('"}'): value
+                for name, value in counters.items()
+                if name.startswith("recserve_event_loop_lag_seconds_bucket{")
             }
         point["cpu"] = recorder.cpu()
         recorder.timeline.append(point)

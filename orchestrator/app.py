@@ -26,6 +26,7 @@ from orchestrator.config import Settings
 from orchestrator.events import EventRecorder
 from orchestrator.guards import AdmissionControl, BodySizeLimit, RateLimiter, Scope, api_key_matches
 from orchestrator.hot_route import HotRoute, QueryRules, recommendation_body
+from orchestrator.loop_lag import LoopLagMonitor
 from orchestrator.naive import OneByOneBackend
 from orchestrator.popular import PopularLists
 from orchestrator.ranking import Ranker
@@ -79,7 +80,12 @@ async def build_services(settings: Settings) -> Services:
     else:
         backend = ShardedBackend.from_urls(urls, settings.redis_timeout_ms, options=connection)
     version = await versions.active(backend)
-    retriever = await asyncio.to_thread(FaissRetriever, settings.index_path)
+    retriever = await asyncio.to_thread(FaissRetriever, settings.index_path, settings.retrieval_inline_max_ms / 1000)
+    log.info(
+        "FAISS search takes %.3f ms: run %s",
+        retriever.search_s * 1000,
+        "on the event loop" if retriever.inline else "in a thread",
+    )
     model_version = retriever.manifest.model_version
     if model_version != version.version:
         log.warning("index model version %s differs from the active Redis version %s", model_version, version.version)
@@ -110,6 +116,7 @@ async def build_services(settings: Settings) -> Services:
     precomputed = RedisPrecomputedStore(backend)
     popular = PopularLists(precomputed)
     await popular.refresh()
+    lag = LoopLagMonitor(settings.overload_loop_lag_ms / 1000) if settings.overload_loop_lag_ms > 0 else None
     recommender = Recommender(
         settings,
         cache,
@@ -121,11 +128,14 @@ async def build_services(settings: Settings) -> Services:
         popular,
         n_items=len(retriever.item_ids),
         single_flight=settings.single_flight_enabled,
+        overloaded=lag.overloaded if lag is not None else lambda: False,
     )
     tasks = [
         asyncio.create_task(feed.run()),
         asyncio.create_task(popular.refresh_forever(settings.popular_refresh_s)),
     ]
+    if lag is not None:
+        tasks.append(asyncio.create_task(lag.run()))
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(2.0):
             await feed.subscribed.wait()

@@ -55,6 +55,10 @@ class CachedList:
     scores: tuple[float, ...]
     model_version: str
     generation: int
+    # Set on a fallback answer held for a moment under overload (``hold_fallback``): what it is and why,
+    # so that a hit on it says so. Such lists live in the local layer only, never in Redis.
+    source: str = "realtime"
+    fallback_reason: str | None = None
 
     def encode(self) -> bytes:
         return orjson.dumps([list(self.items), list(self.scores), self.model_version, self.generation])
@@ -78,6 +82,10 @@ class RecommendationCache(Protocol):
     async def set(self, user_id: str, context_key: str, value: CachedList) -> None: ...
 
     async def invalidate(self, user_id: str) -> None: ...
+
+    def hold_fallback(self, user_id: str, context_key: str, value: CachedList, ttl_s: float) -> None:
+        """Keep a fallback answer in this process for ``ttl_s`` (evicted like any list by an event)."""
+        ...
 
 
 class LocalTTLCache:
@@ -106,13 +114,13 @@ class LocalTTLCache:
         self._entries.move_to_end(key)
         return value
 
-    def set(self, user_id: str, context_key: str, value: CachedList) -> bool:
+    def set(self, user_id: str, context_key: str, value: CachedList, ttl_s: float | None = None) -> bool:
         """False (not stored) if the user was invalidated to a newer generation than ``value``'s."""
         floor = self._floors.get(user_id)
         if floor is not None and value.generation < floor[0]:
             return False
         key = (user_id, context_key)
-        self._entries[key] = (self.clock() + self.ttl_s, value)
+        self._entries[key] = (self.clock() + (self.ttl_s if ttl_s is None else ttl_s), value)
         self._entries.move_to_end(key)
         self._by_user.setdefault(user_id, set()).add(context_key)
         while len(self._entries) > self.max_entries:
@@ -193,6 +201,11 @@ class LayeredCache:
         await self.backend.execute(
             [Command("HSET", key, (context_key, value.encode())), Command("EXPIRE", key, (self.redis_ttl_s,))]
         )
+
+    def hold_fallback(self, user_id: str, context_key: str, value: CachedList, ttl_s: float) -> None:
+        if value.generation == UNKNOWN_GENERATION:
+            return  # as in ``set``: without the user's generation an older list could come back
+        self.local.set(user_id, context_key, value, ttl_s)
 
     async def invalidate(self, user_id: str) -> None:
         metrics.INVALIDATIONS.labels("event").inc()
@@ -310,4 +323,7 @@ class NoCache:
         return None
 
     async def invalidate(self, user_id: str) -> None:
+        return None
+
+    def hold_fallback(self, user_id: str, context_key: str, value: CachedList, ttl_s: float) -> None:
         return None

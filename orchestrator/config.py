@@ -67,6 +67,22 @@ class Settings(BaseSettings):
         description="Compute in real time only if this much of the budget is left after the cache lookup; "
         "else answer from the fallback at once (sheds work when the process is saturated).",
     )
+    overload_loop_lag_ms: float = Field(
+        5.0,
+        description="While the event loop runs this late (moving average), a cache miss answers from the "
+        "fallback instead of computing (orchestrator/loop_lag.py); 0 turns it off.",
+    )
+    overload_hold_s: float = Field(
+        2.0,
+        description="A fallback answered because this process was overloaded (overload, deadline) is kept in the "
+        "local cache this long, so that the user's next requests do not compute under the same overload; an "
+        "event evicts it like any list. 0 turns it off.",
+    )
+    retrieval_inline_max_ms: float = Field(
+        1.0,
+        description="FAISS searches measured at start to take at most this long run on the event loop (a thread "
+        "hop costs more than a short search); longer ones run in a thread; 0: always a thread.",
+    )
     n_candidates: int = Field(200, description="Candidates retrieved from FAISS and ranked per request.")
     max_n: int = Field(100, description="Longest list a client may ask for; the cached list has this length.")
     local_cache_size: int = Field(100_000, description="Entries in the in-process LRU cache.")
@@ -138,11 +154,11 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an integer >= 1, got {value}")
         return value
 
-    @field_validator("warmup_timeout_s")
+    @field_validator("warmup_timeout_s", "overload_loop_lag_ms", "overload_hold_s", "retrieval_inline_max_ms")
     @classmethod
     def _not_negative(cls, value: float) -> float:
         if not value >= 0:  # NaN too
-            raise ValueError(f"must be >= 0 (0 skips it), got {value}")
+            raise ValueError(f"must be >= 0 (0 turns it off), got {value}")
         return value
 
     @model_validator(mode="after")

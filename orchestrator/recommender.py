@@ -101,6 +101,18 @@ class StageTimer:
             metrics.STAGE_LATENCY.labels(name).observe(elapsed)
 
 
+# Fallbacks caused by this process's own load (not by a dependency being down): worth holding for a moment.
+HELD_REASONS = frozenset({"overload", "deadline"})
+
+
+@dataclass(frozen=True)
+class HeldFallback:
+    """Where a fallback answer may be held: the request's cache key and the user's generation at lookup."""
+
+    context_key: str
+    generation: int
+
+
 @dataclass
 class Computed:
     value: CachedList
@@ -120,6 +132,7 @@ class Recommender:
         popular: PopularLists,
         n_items: int,
         single_flight: bool = True,
+        overloaded: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.cache = cache
@@ -131,6 +144,7 @@ class Recommender:
         self.popular = popular
         self.n_items = n_items
         self.single_flight: SingleFlight[Computed] | None = SingleFlight() if single_flight else None
+        self.overloaded = overloaded  # orchestrator/loop_lag.py
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -201,10 +215,11 @@ class Recommender:
             return self._answer(user_id, lookup.value, n, "cache", timer.timings_ms)
         generation = lookup.generation if lookup is not None else UNKNOWN_GENERATION
         remaining_s = realtime_budget_s - (time.perf_counter() - started)
-        if remaining_s * 1000 < self.settings.min_compute_ms:
-            # The cache lookup alone ate the budget: the process is saturated. Computing now would
-            # only add load and still miss the deadline, so answer from the fallback at once.
-            return await self._fallback(user_id, n, "overload", deadline, timer)
+        held = HeldFallback(context.cache_key, generation)
+        if remaining_s * 1000 < self.settings.min_compute_ms or self.overloaded():
+            # The cache lookup alone ate the budget, or the event loop runs late: the process is saturated.
+            # Computing now would only add load and still miss the deadline, so answer from the fallback at once.
+            return await self._fallback(user_id, n, "overload", deadline, timer, held=held)
         try:
             async with asyncio.timeout(max(remaining_s, 0.0)):
                 work = lambda: self._compute(user_id, context, generation, started + realtime_budget_s)  # noqa: E731
@@ -215,7 +230,7 @@ class Recommender:
         except UnknownUser:
             return await self._fallback(user_id, n, "unknown_user", deadline, timer, try_precomputed=False)
         except DEPENDENCY_ERRORS as exc:
-            return await self._fallback(user_id, n, _reason(exc), deadline, timer)
+            return await self._fallback(user_id, n, _reason(exc), deadline, timer, held=held)
         if joined:
             metrics.SINGLE_FLIGHT_JOINS.inc()
         timer.timings_ms.update(computed.timings_ms)
@@ -294,6 +309,7 @@ class Recommender:
         deadline: float,
         timer: StageTimer,
         try_precomputed: bool = True,
+        held: HeldFallback | None = None,
     ) -> Recommendation:
         metrics.FALLBACKS.labels(reason).inc()
         seen: set[str] = set()
@@ -311,17 +327,51 @@ class Recommender:
                 # Purchases since the list was computed must not come back.
                 items = [(i, s) for i, s in zip(stored.items, stored.scores, strict=True) if i not in seen]
                 if items:
+                    self._hold(user_id, held, reason, "precomputed", items, stored.model_version)
                     return Recommendation(
                         user_id, items[:n], "precomputed", stored.model_version, timer.timings_ms, reason
                     )
         popular = self.popular.get(schema.GLOBAL_SEGMENT)
         items = [(i, s) for i, s in zip(popular.items, popular.scores, strict=True) if i not in seen]
+        self._hold(user_id, held, reason, "popular", items, popular.model_version)
         return Recommendation(user_id, items[:n], "popular", popular.model_version, timer.timings_ms, reason)
+
+    def _hold(
+        self,
+        user_id: str,
+        held: HeldFallback | None,
+        reason: str,
+        source: str,
+        items: list[tuple[str, float]],
+        model_version: str,
+    ) -> None:
+        """Under overload, the user's next requests get this answer from the local cache for a moment.
+
+        Why: a list that failed to compute is not cached, so every later request of that user misses again
+        and, under the same overload, fails again; and each purchase adds a user to that set. Left alone
+        the misses outgrow what the process can compute and it never leaves overload, even after the
+        burst that caused it (load test). Held for ``overload_hold_s``, those users are hits again until
+        the loop has caught up; an event evicts the held answer like any list.
+        """
+        if held is None or reason not in HELD_REASONS or self.settings.overload_hold_s <= 0 or not items:
+            return
+        value = CachedList(
+            tuple(i for i, _ in items[: self.settings.max_n]),
+            tuple(s for _, s in items[: self.settings.max_n]),
+            model_version,
+            held.generation,
+            source,
+            reason,
+        )
+        self.cache.hold_fallback(user_id, held.context_key, value, self.settings.overload_hold_s)
 
     def _answer(
         self, user_id: str, value: CachedList, n: int, source: str, timings: dict[str, float]
     ) -> Recommendation:
         items = list(zip(value.items[:n], value.scores[:n], strict=True))
+        if value.fallback_reason is not None:  # a held fallback: it says what it is, wherever it came from
+            metrics.FALLBACKS.labels(value.fallback_reason).inc()
+            return Recommendation(user_id, items, value.source, value.model_version, timings, value.fallback_reason)
         return Recommendation(user_id, items, source, value.model_version, timings)
 
     def _in_background(self, coroutine: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +37,7 @@ class IndexManifest:
 class FaissRetriever:
     """Loads ``item_index.faiss`` + ``item_index.json`` (manifest and row -> item id)."""
 
-    def __init__(self, index_path: Path) -> None:
+    def __init__(self, index_path: Path, inline_max_s: float = 0.001) -> None:
         index_path = Path(index_path)
         meta_path = index_path.with_suffix(".json")
         if not index_path.is_file() or not meta_path.is_file():
@@ -56,6 +57,24 @@ class FaissRetriever:
             ivf = faiss.try_extract_index_ivf(self.index)
             if ivf is not None:
                 ivf.nprobe = self.manifest.nprobe
+        self.search_s = self._typical_search_s()
+        # A thread hop costs more than a small search: the result comes back only once the worker gets the
+        # GIL, and a busy event loop hands it over every 5 ms (sys.getswitchinterval). Under load that
+        # convoy capped retrieval near a hundred searches a second and every computation timed out
+        # waiting for it (load test, 1,700 items). Searches this short run on the loop; long ones
+        # (large or exact indexes) still go to a thread so that they do not stall it.
+        self.inline = self.search_s <= inline_max_s
+
+    def _typical_search_s(self, runs: int = 15) -> float:
+        """Median time of one search of ``n_candidates``-like depth for a random user vector."""
+        query = np.random.default_rng(0).normal(size=(1, self.manifest.dim)).astype(np.float32)
+        k = min(200, len(self.item_ids))
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            self.search_sync(query, k)
+            times.append(time.perf_counter() - started)
+        return float(np.median(times))
 
     def search_sync(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         queries = np.ascontiguousarray(user_vectors, dtype=np.float32).reshape(-1, self.manifest.dim)
@@ -65,5 +84,7 @@ class FaissRetriever:
         return ids, scores
 
     async def search(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        if self.inline:
+            return self.search_sync(user_vectors, k)
         # FAISS releases the GIL during search: run it off the event loop.
         return await asyncio.to_thread(self.search_sync, user_vectors, k)

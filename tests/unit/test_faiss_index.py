@@ -1,4 +1,5 @@
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,28 @@ async def test_exact_index_round_trip(tmp_path: Path) -> None:
     found, scores = await retriever.search(items[:3], k=5)
     assert [row[0] for row in found] == ["1", "2", "3"]  # each item is its own nearest neighbour
     assert scores.shape == (3, 5) and np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+@pytest.mark.parametrize(("inline_max_s", "on_the_loop"), [(1.0, True), (0.0, False)])
+async def test_a_short_search_runs_on_the_event_loop_and_a_long_one_in_a_thread(
+    tmp_path: Path, inline_max_s: float, on_the_loop: bool
+) -> None:
+    rng = np.random.default_rng(0)
+    items = _unit(rng, 300, 16)
+    build_index(items, [str(i) for i in range(300)], "v1", tmp_path / "idx.faiss")
+    retriever = FaissRetriever(tmp_path / "idx.faiss", inline_max_s=inline_max_s)
+    assert retriever.inline is on_the_loop and 0 < retriever.search_s < 1.0
+    threads: list[int] = []
+    search_sync = retriever.search_sync
+
+    def recording(user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        threads.append(threading.get_ident())
+        return search_sync(user_vectors, k)
+
+    retriever.search_sync = recording  # type: ignore[method-assign]
+    found, _ = await retriever.search(items[:2], k=3)
+    assert [row[0] for row in found] == ["0", "1"]  # same answer either way
+    assert (threads == [threading.get_ident()]) is on_the_loop
 
 
 def test_ivf_hnsw_index_reaches_the_recall_target(tmp_path: Path) -> None:

@@ -175,6 +175,16 @@ def test_the_readme_documents_every_setting() -> None:
     assert not missing, f"README.md's configuration table lacks {missing}"
 
 
+def test_an_entry_may_have_a_shorter_life_than_the_cache_default() -> None:
+    now = [0.0]
+    cache = LocalTTLCache(max_entries=10, ttl_s=60, clock=lambda: now[0])
+    cache.set("u", "home|web", _value("held"), ttl_s=2)
+    cache.set("v", "home|web", _value("computed"))
+    now[0] = 2.5
+    assert cache.get("u", "home|web") is None
+    assert cache.get("v", "home|web") == _value("computed")
+
+
 def test_an_invalidated_user_refuses_lists_older_than_the_new_generation() -> None:
     cache = LocalTTLCache(max_entries=10, ttl_s=60)
     cache.set("u", "home|web", _value("a", generation=3))

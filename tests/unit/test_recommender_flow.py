@@ -10,6 +10,7 @@ import pytest
 from orchestrator import schema
 from orchestrator.cache import CachedList, CacheLookup
 from orchestrator.config import Settings
+from orchestrator.loop_lag import LoopLagMonitor
 from orchestrator.popular import PopularLists
 from orchestrator.ranking import RankerUnavailable, RankingRequest
 from orchestrator.recommender import Recommender, RequestContext
@@ -120,6 +121,9 @@ class FakeCache:
 
     async def invalidate(self, user_id: str) -> None:
         self.stored = {k: v for k, v in self.stored.items() if k[0] != user_id}
+
+    def hold_fallback(self, user_id: str, context_key: str, value: CachedList, ttl_s: float) -> None:
+        self.stored[(user_id, context_key)] = value  # the ttl is LocalTTLCache's to honour (tested there)
 
 
 PRECOMPUTED = {"1": Recommendations(("5", "6", "7"), (0.9, 0.8, 0.7), "v-old", 0.0)}
@@ -254,6 +258,77 @@ async def test_a_saturated_process_answers_from_the_fallback_without_computing()
     answer = await recommender.recommend("1", 3, RequestContext())
     assert answer.source == "precomputed" and answer.fallback_reason == "overload"
     assert ranker.calls == 0
+
+
+async def test_while_the_event_loop_runs_late_a_miss_answers_from_the_fallback_and_computes_again_after() -> None:
+    ranker = FakeRanker()
+    recommender = await make(ranker)
+    recommender.settings = recommender.settings.model_copy(update={"overload_hold_s": 0.0})
+    loop_late = True
+    recommender.overloaded = lambda: loop_late
+    answer = await recommender.recommend("1", 3, RequestContext())
+    assert answer.source == "precomputed" and answer.fallback_reason == "overload"
+    assert ranker.calls == 0
+    loop_late = False
+    assert (await recommender.recommend("1", 3, RequestContext())).source == "realtime"
+    assert ranker.calls == 1
+
+
+async def test_an_overload_fallback_is_held_for_the_users_next_requests_until_an_event() -> None:
+    ranker = FakeRanker()
+    recommender = await make(ranker, seen={"6"})
+    loop_late = True
+    recommender.overloaded = lambda: loop_late
+    first = await recommender.recommend("1", 3, RequestContext())
+    loop_late = False
+    again = await recommender.recommend("1", 2, RequestContext())
+    # Held: the same fallback (it still says so), without computing, although the loop has caught up.
+    assert (first.source, first.fallback_reason) == (again.source, again.fallback_reason) == ("precomputed", "overload")
+    assert [i for i, _ in first.items] == ["5", "7"] and again.items == first.items[:2]
+    assert ranker.calls == 0
+    await recommender.cache.invalidate("1")  # what a purchase does
+    assert (await recommender.recommend("1", 3, RequestContext())).source == "realtime"
+    assert ranker.calls == 1
+
+
+async def test_a_fallback_because_a_dependency_is_down_is_not_held() -> None:
+    recommender = await make(FakeRanker(error=RankerUnavailable("triton down")))
+    first = await recommender.recommend("1", 3, RequestContext())
+    assert first.fallback_reason == "ranker_unavailable"
+    assert recommender.cache.stored == {}  # type: ignore[attr-defined]
+
+
+def test_one_late_timer_is_not_overload_a_loop_late_sample_after_sample_is() -> None:
+    monitor = LoopLagMonitor(threshold_s=0.005)
+    for _ in range(20):
+        monitor.record(0.0005)
+    monitor.record(0.012)  # one collection, say
+    assert not monitor.overloaded()
+    for _ in range(5):
+        monitor.record(0.008)
+    assert monitor.overloaded()
+    for _ in range(15):
+        monitor.record(0.001)
+    assert not monitor.overloaded()
+
+
+async def test_the_loop_lag_monitor_sees_a_blocked_loop_and_then_its_recovery() -> None:
+    monitor = LoopLagMonitor(threshold_s=0.005, interval_s=0.002)
+    task = asyncio.create_task(monitor.run())
+    await asyncio.sleep(0.01)
+    assert not monitor.overloaded()
+    asyncio.get_running_loop().call_soon(time.sleep, 0.05)  # a callback that holds the loop for 50 ms
+    seen = []
+    for _ in range(3):  # right after the hold
+        await asyncio.sleep(0.001)
+        seen.append(monitor.overloaded())
+    assert any(seen)
+    for _ in range(500):  # and on time again once it is over (polled: a busy test machine adds its own lag)
+        await asyncio.sleep(0.001)
+        if not monitor.overloaded():
+            break
+    assert not monitor.overloaded()
+    task.cancel()
 
 
 def test_min_compute_must_fit_the_real_time_budget() -> None:
