@@ -164,6 +164,10 @@ COUNTERS_KEPT = (
     "recserve_cache_misses_total{",
     "recserve_fallbacks_total{",
     "recserve_event_loop_lag_seconds_bucket{",
+    "recserve_stage_latency_seconds_bucket{",
+    "recserve_stage_latency_seconds_count{",
+    "recserve_gc_pause_seconds_sum{",
+    "recserve_gc_pause_seconds_count{",
 )
 
 
@@ -181,6 +185,17 @@ def _scrape(url: str) -> dict[str, float] | None:
             name, _, value = line.rpartition(" ")
             found[name] = float(value)
     return found
+
+
+def _stages_over(counters: dict[str, float], bound: str) -> dict[str, float]:
+    """Per stage of the request flow, how many took longer than ``bound`` (a bucket label such as
+    ``le="0.03"``): which part a burst of late answers waited on."""
+    slower: dict[str, float] = {}
+    for name, at_most in counters.items():
+        if name.startswith("recserve_stage_latency_seconds_bucket{") and bound in name:
+            stage = name.partition('stage="')[2].partition('"')[0]
+            slower[stage] = counters.get(name.replace(bound, 'le="+Inf"'), 0.0) - at_most
+    return slower
 
 
 def _sample_forever(environment: Environment, recorder: Recorder) -> None:
@@ -201,6 +216,10 @@ def _sample_forever(environment: Environment, recorder: Recorder) -> None:
                 for name, value in counters.items()
                 if name.startswith("recserve_fallbacks_total{")
             }
+            # Time in full (generation 2) collections, and how many: pauses every request waits out.
+            point["gc_full_s"] = counters.get('recserve_gc_pause_seconds_sum{generation="2"}', 0.0)
+            point["gc_full_count"] = counters.get('recserve_gc_pause_seconds_count{generation="2"}', 0.0)
+            point["stages_over_30ms"] = _stages_over(counters, 'le="0.03"')
             # Event-loop lag samples (every 5 ms) at or under each bound: the backlog the requests wait behind.
             point["loop_lag_at_most"] = {
                 name.partition('le="')[2].rstrip('"}'): value

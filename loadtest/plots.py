@@ -1,8 +1,10 @@
 """PNG plots of a load run (matplotlib, Agg): latency against offered load, throughput against users,
-cache hit rate over time, the mix of sources, and requests per server CPU-second."""
+cache hit rate over time, the mix of sources, requests per server CPU-second, and the reference mix's
+fallbacks by reason and event-loop lag over time (bursts and recovery)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,29 @@ def hit_rate_series(timeline: Sequence[dict[str, Any]], smooth: int = 3) -> tupl
             times.append(float(after["t"]))
             rates.append(hits / (hits + misses))
     return times, rates
+
+
+def fallback_rate_series(
+    timeline: Sequence[dict[str, Any]],
+) -> tuple[list[float], dict[str, list[float]], list[float]]:
+    """(time s, fallbacks per second by reason, share of event-loop lag samples over 5 ms) per 1 s sample."""
+    points = [p for p in timeline if "fallbacks" in p]
+    reasons = sorted({reason for p in points for reason in p["fallbacks"]})
+    times: list[float] = []
+    rates: dict[str, list[float]] = {reason: [] for reason in reasons}
+    late: list[float] = []
+    for before, after in itertools.pairwise(points):
+        elapsed = float(after["t"]) - float(before["t"])
+        if elapsed <= 0:
+            continue
+        times.append(float(after["t"]))
+        for reason in reasons:
+            rates[reason].append((after["fallbacks"].get(reason, 0.0) - before["fallbacks"].get(reason, 0.0)) / elapsed)
+        lag_after, lag_before = after.get("loop_lag_at_most", {}), before.get("loop_lag_at_most", {})
+        samples = lag_after.get("+Inf", 0.0) - lag_before.get("+Inf", 0.0)
+        on_time = lag_after.get("0.005", 0.0) - lag_before.get("0.005", 0.0)
+        late.append(1 - on_time / samples if samples > 0 else 0.0)
+    return times, rates, late
 
 
 def _caption(fig: Any, results: dict[str, Any]) -> None:
@@ -159,12 +184,41 @@ def plot_efficiency(results: dict[str, Any], path: Path) -> Path:
     return _save(fig, results, path)
 
 
+def plot_overload(results: dict[str, Any], path: Path, scenario: str = "mix90") -> Path | None:
+    """Fallbacks per second by reason and event-loop lag over one scenario's run: bursts and recovery."""
+    run = next((r for r in first_runs(results) if r["scenario"] == scenario), None)
+    if run is None:
+        return None
+    times, rates, late = fallback_rate_series(run["timeline"])
+    if not times:
+        return None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(2, 1))
+    for reason, values in rates.items():
+        top.plot(times, values, label=reason, linewidth=1.2)
+    top_y = top.get_ylim()[1]
+    for step in measured(run["steps"]):
+        start = next((float(p["t"]) for p in run["timeline"] if p["step"] == step["step"]), None)
+        if start is not None:
+            top.axvline(start, color="lightgray", linewidth=0.8)
+            top.text(start, top_y, f" {step['users']}u", fontsize=6, color="gray", va="top")
+    top.set(ylabel="fallback answers per second")
+    top.set_title(f"{scenario}: fallbacks by reason and event-loop lag over the run (load steps up at each line)")
+    top.legend(fontsize=8, loc="upper left")
+    top.grid(True, alpha=0.3)
+    bottom.plot(times, [100 * v for v in late], color="tab:red", linewidth=1.0)
+    bottom.set(xlabel="seconds since the scenario started", ylabel="% of loop samples\nlate by > 5 ms")
+    bottom.grid(True, alpha=0.3)
+    return _save(fig, results, path)
+
+
 def plot_all(results: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [
+    images = [
         plot_latency(results, out_dir / "loadtest_latency.png"),
         plot_throughput(results, out_dir / "loadtest_throughput.png"),
         plot_hit_rate(results, out_dir / "loadtest_cache_hit_rate.png"),
         plot_sources(results, out_dir / "loadtest_sources.png"),
         plot_efficiency(results, out_dir / "loadtest_efficiency.png"),
     ]
+    overload = plot_overload(results, out_dir / "loadtest_overload.png")
+    return images + ([overload] if overload is not None else [])

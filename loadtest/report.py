@@ -20,7 +20,7 @@ from export.bench import (
 )
 from loadtest.driver import FIXED_USERS, RATE_PER_USER, SCENARIOS
 from loadtest.plots import first_runs, requests_per_cpu_s
-from loadtest.results import MAX_FALLBACK_SHARE, best_step, measured, step_at
+from loadtest.results import MAX_FAILURE_SHARE, MAX_FALLBACK_SHARE, SLO_P99_MS, best_step, measured, step_at
 
 REFERENCE_RPS_PER_CORE = 50_000 / (20 * 8)  # the reference design: 50K QPS on 20 servers x 8 cores
 FIXED_RPS = FIXED_USERS * RATE_PER_USER
@@ -160,6 +160,7 @@ def loadtest_markdown(results: dict[str, Any], images: list[str], plan_text: str
         ]
         lines += headline_notes(naive, full)
     lines += collapse_lines(results)
+    lines += overload_lines(results)
     lines += crash_lines(results)
     lines += ceiling_lines(results, s)
     lines += reference_mix_lines(results, s)
@@ -250,14 +251,74 @@ def collapse_lines(results: dict[str, Any]) -> list[str]:
         "### Past saturation: congestion collapse",
         "",
         "One step past the best, most answers became fallbacks and each request cost the server several times "
-        "the CPU: " + "; ".join(found) + ". Once the event loop (and the 2 shared cores) saturate, a cache "
-        "lookup waits in the loop's queue past the real-time budget; such a request then answers "
-        "from the pre-computed list at once (`fallback_reason: overload`, `RECSERVE_MIN_COMPUTE_MS`) instead "
-        "of computing, and Triton calls are never cancelled (so the breaker opens only on Triton's own "
-        "errors). Answers past saturation are fallbacks, not errors, but a fallback still costs a Redis "
-        "round trip, more than the local hit it replaced. Admission control sheds on requests in flight "
-        "(256), which the closed-loop loads here (up to 300 users) never reach: shedding on event-loop queueing time "
-        "would hold throughput at the best step.",
+        "the CPU: " + "; ".join(found) + ". What the service does past saturation (docs/RELIABILITY.md, "
+        "Overload): while the event loop runs late (`RECSERVE_OVERLOAD_LOOP_LAG_MS`) or the cache lookup ate "
+        "the budget (`RECSERVE_MIN_COMPUTE_MS`), a cache miss answers from the pre-computed list at once "
+        "(`fallback_reason: overload`) and that answer is held for the user (`RECSERVE_OVERLOAD_HOLD_S`); a "
+        "computation stops at its own deadline; Redis reads and Triton calls past their deadline finish "
+        "rather than being cancelled (no reconnects; the breaker opens only on Triton's own errors). Answers "
+        "past saturation are fallbacks, not errors, but a fallback still costs Redis round trips, more than "
+        "the local hit it replaced, so a load the cache cannot absorb (every request a different list) stays "
+        "past saturation.",
+        "",
+    ]
+
+
+def overload_lines(results: dict[str, Any], scenario: str = "mix90") -> list[str]:
+    """The steps past the reference mix's best one: did the service degrade and recover, or collapse?"""
+    run = next((r for r in first_runs(results) if r["scenario"] == scenario), None)
+    if run is None:
+        return []
+    steps = measured(run["steps"])
+    best = best_step(steps)
+    if best is None or best is steps[-1]:
+        return []
+    past = steps[steps.index(best) + 1 :]
+    collapsed = any(step["fallback_share"] > 0.5 for step in past)
+    rows = [
+        [
+            f"{step['users']}",
+            f"{step['achieved_rps']:,.0f}",
+            _ms(step["p99_ms"]),
+            f"{step['fallback_share']:.1%}",
+            f"{step['failure_share']:.1%}",
+            f"{1e6 / cost:,.0f} µs" if (cost := requests_per_cpu_s(step)) else "n/a",
+        ]
+        for step in [best, *past]
+    ]
+    if collapsed:
+        verdict = "collapsed: most answers became fallbacks (see above)"
+    else:
+        missed = sorted(
+            {
+                reason
+                for step in past
+                for reason, failed in (
+                    ("p99", step["p99_ms"] is None or step["p99_ms"] >= SLO_P99_MS),
+                    ("failures", step["failure_share"] >= MAX_FAILURE_SHARE),
+                    ("fallbacks", step["fallback_share"] >= MAX_FALLBACK_SHARE),
+                )
+                if failed
+            }
+        )
+        costs = [c for c in (requests_per_cpu_s(step) for step in past) if c]
+        best_cost = requests_per_cpu_s(best)
+        cpu_note = (
+            f"; the server's CPU per request past it was at most {best_cost / min(costs):.2f}x the best step's"
+            if costs and best_cost
+            else ""
+        )
+        verdict = (
+            f"degraded without collapsing: no step past the best had most answers as fallbacks; what they "
+            f"missed: {', '.join(missed) or 'nothing'}{cpu_note}. When and why answers fell back, second by "
+            "second: loadtest_overload.png"
+        )
+    return [
+        f"### Past the best step ({scenario})",
+        "",
+        f"The first row is the best step that met the objective; the rest were run past it. The service {verdict}.",
+        "",
+        markdown_table(["users", "achieved req/s", "p99", "fallbacks", "failures", "server CPU per request"], rows),
         "",
     ]
 

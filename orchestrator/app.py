@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
-from orchestrator import metrics, schema
+from orchestrator import gc_pauses, metrics, schema
 from orchestrator.cache import InvalidationFeed, LayeredCache, LocalTTLCache, NoCache, RecommendationCache
 from orchestrator.config import Settings
 from orchestrator.events import EventRecorder
@@ -175,9 +175,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # the deadline of the first request a fresh pod served), and every later one again.
     gc.collect()
     gc.freeze()
+    gc_pauses.install()
     try:
         yield
     finally:
+        gc_pauses.uninstall()
         gc.unfreeze()
         await close_services(app.state.services)
 

@@ -28,5 +28,11 @@ LOOP_LAG = Histogram(
     "How late the event loop ran a timer (sampled every 5 ms): the backlog every await waits behind.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25),
 )
+GC_PAUSE = Histogram(
+    "recserve_gc_pause_seconds",
+    "Garbage-collection pauses of the serving process, by generation (2: full collection).",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
+)
 SHED = Counter("recserve_shed_total", "Requests refused with 503 because too many were in flight.")
 REJECTED_WRITES = Counter("recserve_rejected_writes_total", "Write requests refused, by reason.", ["reason"])

@@ -74,6 +74,9 @@ class ShardedBackend:
             if all(commands[i].name == "SET" and len(commands[i].args) == 1 for i in indices):
                 await client.mset({commands[i].key: commands[i].args[0] for i in indices})
                 return [True] * len(indices)
+            if len(indices) == 1:  # a pipeline of one costs ~20% more client CPU than the command itself
+                command = commands[indices[0]]
+                return [await client.execute_command(command.name, command.key, *command.args)]
             pipe = client.pipeline(transaction=False)
             for i in indices:
                 pipe.execute_command(commands[i].name, commands[i].key, *commands[i].args)

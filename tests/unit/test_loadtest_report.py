@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from loadtest.report import cores_needed_lines, summary_of
+from loadtest.plots import fallback_rate_series
+from loadtest.report import cores_needed_lines, overload_lines, summary_of
 
 
 def step(users: int, ok: bool, **extra: object) -> dict[str, object]:
@@ -51,3 +52,32 @@ def test_saturated_only_when_a_later_step_missed() -> None:
     assert saturated["saturated"] and saturated["next_step"]["users"] == 40
     last = summary_of({"steps": [step(10, True), step(20, True)]})
     assert not last["saturated"] and last["next_step"] is None
+
+
+def mix90_results(*steps: dict[str, object]) -> dict[str, object]:
+    return {"runs": [{"label": "mix90", "scenario": "mix90", "steps": list(steps), "timeline": []}]}
+
+
+def test_past_the_best_step_a_run_that_kept_answering_is_told_apart_from_a_collapse() -> None:
+    best = step(160, True, p99_ms=34.0)
+    degraded = step(180, False, p99_ms=70.0, fallback_share=0.013, cpu_s={"server": 1.1}, requests=16_000)
+    (_title, _, text, _, table, _end) = overload_lines(mix90_results(best, degraded))
+    rows = table.splitlines()[2:]
+    assert "degraded without collapsing" in text and "what they missed: fallbacks;" in text
+    assert "at most 1.10x the best step's" in text
+    assert rows[1].startswith("| 180 | 1,800 | 70.0 ms | 1.3% | 0.0% |")
+    collapsed = step(180, False, p99_ms=150.0, fallback_share=0.6)
+    assert "collapsed: most answers became fallbacks" in overload_lines(mix90_results(best, collapsed))[2]
+    assert overload_lines(mix90_results(best)) == []  # nothing was run past it
+
+
+def test_fallbacks_per_second_by_reason_and_the_late_loop_share_come_from_the_scraped_counters() -> None:
+    timeline = [
+        {"t": 0.0, "fallbacks": {}, "loop_lag_at_most": {"0.005": 100.0, "+Inf": 100.0}},
+        {"t": 1.0, "fallbacks": {"deadline": 30.0}, "loop_lag_at_most": {"0.005": 250.0, "+Inf": 300.0}},
+        {"t": 3.0, "fallbacks": {"deadline": 30.0, "overload": 10.0}, "loop_lag_at_most": {}},
+    ]
+    times, rates, late = fallback_rate_series(timeline)
+    assert times == [1.0, 3.0]
+    assert rates == {"deadline": [30.0, 0.0], "overload": [0.0, 5.0]}
+    assert late == [0.25, 0.0]  # 50 of 200 samples over 5 ms; then no samples: nothing claimed

@@ -1,10 +1,13 @@
 """Unit tests of the orchestrator's parts: cache, single-flight, breaker, settings. No services."""
 
 import asyncio
+import gc
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
+from orchestrator import gc_pauses
 from orchestrator.cache import CachedList, LocalTTLCache
 from orchestrator.config import Settings
 from orchestrator.ranking.breaker import CircuitBreaker
@@ -211,3 +214,19 @@ def test_floors_are_forgotten_after_they_can_matter() -> None:
     now[0] = 1000.0
     cache.evict_user("v", generation=1)  # pruning happens as new floors arrive
     assert cache.set("u", "home|web", _value("old", generation=1))
+
+
+def test_full_collections_are_timed_while_installed_and_only_then() -> None:
+    def full_collections() -> float:
+        return REGISTRY.get_sample_value("recserve_gc_pause_seconds_count", {"generation": "2"}) or 0.0
+
+    before = full_collections()
+    gc_pauses.install()
+    gc_pauses.install()  # idempotent: one observation per collection
+    try:
+        gc.collect()
+    finally:
+        gc_pauses.uninstall()
+    assert full_collections() == before + 1
+    gc.collect()
+    assert full_collections() == before + 1
