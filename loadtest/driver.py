@@ -77,6 +77,7 @@ SCENARIOS: dict[str, Scenario] = {
                 "RECSERVE_CACHE_ENABLED": "false",
                 "RECSERVE_SINGLE_FLIGHT_ENABLED": "false",
                 "RECSERVE_STORE_READS": "one_by_one",
+                "RECSERVE_REDIS_COALESCE": "false",
                 # The classic design has no deadline fallback: let it compute every answer, so that its
                 # latency is its own and not the fallback's.
                 "RECSERVE_DEADLINE_MS": "2000",

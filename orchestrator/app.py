@@ -38,6 +38,7 @@ from orchestrator.retrieval import FaissRetriever
 from orchestrator.store import versions
 from orchestrator.store.backend import Backend, Command, is_tls
 from orchestrator.store.cluster import ClusterBackend
+from orchestrator.store.coalesce import CoalescingBackend
 from orchestrator.store.embeddings import RedisEmbeddingStore
 from orchestrator.store.errors import StoreUnavailable
 from orchestrator.store.features import RedisFeatureStore
@@ -79,6 +80,8 @@ async def build_services(settings: Settings) -> Services:
         backend = await ClusterBackend.connect(urls[0], settings.redis_timeout_ms, connection)
     else:
         backend = ShardedBackend.from_urls(urls, settings.redis_timeout_ms, options=connection)
+    if settings.redis_coalesce:
+        backend = CoalescingBackend(backend)
     version = await versions.active(backend)
     retriever = await asyncio.to_thread(FaissRetriever, settings.index_path, settings.retrieval_inline_max_ms / 1000)
     log.info(

@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     hot_route_enabled: bool = Field(
         True, description="Ablation: false routes every recommendation GET through FastAPI's full request handling."
     )
+    redis_coalesce: bool = Field(
+        True,
+        description="Store calls made in the same event-loop iteration go to Redis as one round trip per shard "
+        "(orchestrator/store/coalesce.py); false: one round trip per call.",
+    )
     store_reads: Literal["pipelined", "one_by_one"] = Field(
         "pipelined", description="Ablation: one_by_one issues one Redis GET at a time (the naive design)."
     )

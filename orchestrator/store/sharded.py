@@ -77,10 +77,21 @@ class ShardedBackend:
             if len(indices) == 1:  # a pipeline of one costs ~20% more client CPU than the command itself
                 command = commands[indices[0]]
                 return [await client.execute_command(command.name, command.key, *command.args)]
+            gets = [i for i in indices if commands[i].name == "GET"]
+            others = [i for i in indices if commands[i].name != "GET"]
             pipe = client.pipeline(transaction=False)
-            for i in indices:
+            # Reads batched with other calls (orchestrator/store/coalesce.py) stay one MGET, unless a write in
+            # the same group touches one of their keys: then every command keeps its place in the order.
+            hoist = len(gets) > 1 and not {commands[i].key for i in gets} & {commands[i].key for i in others}
+            if hoist:
+                pipe.mget([commands[i].key for i in gets])
+            for i in others if hoist else indices:
                 pipe.execute_command(commands[i].name, commands[i].key, *commands[i].args)
-            return list(await pipe.execute())
+            results = list(await pipe.execute())
+            if not hoist:
+                return results
+            by_index = dict(zip(gets, results[0], strict=True)) | dict(zip(others, results[1:], strict=True))
+            return [by_index[i] for i in indices]
 
         return await gather_groups(groups, len(commands), run_group, self.timeout_s)
 

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from orchestrator.store import keys
+from orchestrator.store.backend import Command
 from orchestrator.store.cluster import ClusterBackend
+from orchestrator.store.coalesce import CoalescingBackend
 from orchestrator.store.embeddings import RedisEmbeddingStore
 from orchestrator.store.errors import StoreUnavailable
 from orchestrator.store.sharded import ShardedBackend, shard_name
@@ -137,4 +139,21 @@ async def test_a_read_past_its_deadline_finishes_and_keeps_its_connection(doomed
         np.testing.assert_array_equal(lookup.matrix, matrix)
     # One connection for the redis-cli calls themselves; none for the store.
     assert connections_received(server) - before == 1
+    await backend.aclose()
+
+
+async def test_a_mixed_group_keeps_each_reply_in_place_and_a_read_after_a_write_sees_it(
+    doomed_servers: list[RedisServer],
+):
+    backend = CoalescingBackend(ShardedBackend.from_urls([doomed_servers[0].url], timeout_ms=DEADLINE_MS))
+    await backend.execute([Command("SET", "a", ("1",)), Command("SET", "b", ("2",)), Command("SADD", "s", ("x",))])
+    # Two callers in one iteration: their reads become one MGET beside the other commands, in place.
+    first, second = await asyncio.gather(
+        backend.execute([Command("GET", "a"), Command("SMEMBERS", "s"), Command("GET", "missing")]),
+        backend.execute([Command("GET", "b"), Command("HGET", "h", ("f",))]),
+    )
+    assert first.values == [b"1", {b"x"}, None] and second.values == [b"2", None]
+    # A write and a read of the same key in one batch keep their order.
+    replies = await backend.execute([Command("SET", "a", ("3",)), Command("GET", "a"), Command("GET", "b")])
+    assert replies.values[1:] == [b"3", b"2"]
     await backend.aclose()
