@@ -166,6 +166,8 @@ COUNTERS_KEPT = (
     "recserve_event_loop_lag_seconds_bucket{",
     "recserve_stage_latency_seconds_bucket{",
     "recserve_stage_latency_seconds_count{",
+    "recserve_redis_calls_per_batch_sum ",
+    "recserve_redis_calls_per_batch_count ",
     "recserve_gc_pause_seconds_sum{",
     "recserve_gc_pause_seconds_count{",
 )
@@ -219,6 +221,9 @@ def _sample_forever(environment: Environment, recorder: Recorder) -> None:
             # Time in full (generation 2) collections, and how many: pauses every request waits out.
             point["gc_full_s"] = counters.get('recserve_gc_pause_seconds_sum{generation="2"}', 0.0)
             point["gc_full_count"] = counters.get('recserve_gc_pause_seconds_count{generation="2"}', 0.0)
+            # Store calls and the round trips they took (coalescing): calls per batch = their ratio.
+            point["redis_calls"] = counters.get("recserve_redis_calls_per_batch_sum", 0.0)
+            point["redis_batches"] = counters.get("recserve_redis_calls_per_batch_count", 0.0)
             point["stages_over_30ms"] = _stages_over(counters, 'le="0.03"')
             # Event-loop lag samples (every 5 ms) at or under each bound: the backlog the requests wait behind.
             point["loop_lag_at_most"] = {

@@ -28,6 +28,11 @@ LOOP_LAG = Histogram(
     "How late the event loop ran a timer (sampled every 5 ms): the backlog every await waits behind.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25),
 )
+REDIS_CALLS_PER_BATCH = Histogram(
+    "recserve_redis_calls_per_batch",
+    "Store calls sent to Redis together (orchestrator/store/coalesce.py): one round trip per shard per batch.",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+)
 GC_PAUSE = Histogram(
     "recserve_gc_pause_seconds",
     "Garbage-collection pauses of the serving process, by generation (2: full collection).",

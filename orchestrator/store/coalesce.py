@@ -17,6 +17,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from orchestrator import metrics
 from orchestrator.store.backend import Backend, Command, Replies
 
 
@@ -38,6 +39,7 @@ class CoalescingBackend:
 
     def _send(self) -> None:
         queued, self._queued = self._queued, []
+        metrics.REDIS_CALLS_PER_BATCH.observe(len(queued))
         batch = asyncio.ensure_future(self._run(queued))
         self._batches.add(batch)
         batch.add_done_callback(self._batches.discard)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from orchestrator.store.backend import Command, Replies
 from orchestrator.store.coalesce import CoalescingBackend
@@ -46,6 +47,9 @@ def gets(*keys: str) -> list[Command]:
 async def test_calls_of_one_iteration_make_one_batch_and_each_gets_its_own_replies() -> None:
     inner = RecordingBackend()
     backend = CoalescingBackend(inner)
+    calls_before, batches_before = (
+        REGISTRY.get_sample_value(f"recserve_redis_calls_per_batch_{s}") for s in ("sum", "count")
+    )
     a, b, c = await asyncio.gather(
         backend.execute(gets("a1", "a2")), backend.execute(gets("down:b1")), backend.execute(gets("c1"))
     )
@@ -53,6 +57,8 @@ async def test_calls_of_one_iteration_make_one_batch_and_each_gets_its_own_repli
     assert (a.values, a.unavailable.tolist(), a.down) == (["a1", "a2"], [False, False], ())
     assert (b.values, b.unavailable.tolist(), b.down) == ([None], [True], ("shard-b",))
     assert (c.values, c.down) == (["c1"], ())
+    assert REGISTRY.get_sample_value("recserve_redis_calls_per_batch_sum") == (calls_before or 0) + 3
+    assert REGISTRY.get_sample_value("recserve_redis_calls_per_batch_count") == (batches_before or 0) + 1
     # Calls made one after another are not held back for each other.
     await backend.execute(gets("d1"))
     await backend.execute(gets("e1"))
