@@ -12,12 +12,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Literal, get_args
 
+import orjson
 from fastapi import APIRouter, FastAPI, Header, Path, Query, Request
 from fastapi.responses import ORJSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
 
 from orchestrator import gc_pauses, metrics, schema
@@ -25,7 +26,7 @@ from orchestrator.cache import InvalidationFeed, LayeredCache, LocalTTLCache, No
 from orchestrator.config import Settings
 from orchestrator.events import EventRecorder
 from orchestrator.guards import AdmissionControl, BodySizeLimit, RateLimiter, Scope, api_key_matches
-from orchestrator.hot_route import HotRoute, QueryRules, recommendation_body
+from orchestrator.hot_route import HotEvents, HotRoute, QueryRules, recommendation_body
 from orchestrator.loop_lag import LoopLagMonitor
 from orchestrator.naive import OneByOneBackend
 from orchestrator.popular import PopularLists
@@ -205,7 +206,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # route (well-formed recommendation GETs), the body size cap, then FastAPI's routing.
     app.add_middleware(BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
     if app.state.settings.hot_route_enabled:
-        app.add_middleware(HotRoute, rules=HOT_ROUTE_RULES, recommender_of=recommender_of)
+        events_route = HotEvents(hot_event, app.state.settings.max_body_bytes)
+        app.add_middleware(HotRoute, rules=HOT_ROUTE_RULES, recommender_of=recommender_of, events=events_route)
     app.add_middleware(AdmissionControl, max_in_flight=app.state.settings.max_in_flight)
     return app
 
@@ -315,29 +317,54 @@ async def events(
     request: Request,
     event: EventIn,
     x_api_key: Annotated[str | None, Header(description="Required when the service has an API key")] = None,
-) -> Any:
+) -> ORJSONResponse:
+    outcome = await take_event(services_of(request), event, x_api_key, request.client.host if request.client else None)
+    return ORJSONResponse(outcome.body, status_code=outcome.status, headers=outcome.headers)
+
+
+@dataclass(frozen=True)
+class EventOutcome:
+    status: int
+    body: dict[str, str]
+    headers: dict[str, str]
+
+
+async def take_event(
+    services: Services, event: EventIn, x_api_key: str | None, client_host: str | None
+) -> EventOutcome:
+    """Everything ``POST /v1/events`` does once the body is valid; the hot route calls it too."""
     started = time.perf_counter()
-    services = services_of(request)
     expected = services.settings.api_key.get_secret_value() if services.settings.api_key else None
     if not api_key_matches(expected, x_api_key):
         metrics.REJECTED_WRITES.labels("auth").inc()
-        return ORJSONResponse({"detail": "missing or invalid X-API-Key header"}, status_code=401)
-    client = x_api_key or (request.client.host if request.client else "unknown")
-    wait_s = services.event_limiter.acquire(client)
+        return EventOutcome(401, {"detail": "missing or invalid X-API-Key header"}, {})
+    wait_s = services.event_limiter.acquire(x_api_key or client_host or "unknown")
     if wait_s > 0:
         metrics.REJECTED_WRITES.labels("rate_limit").inc()
-        return ORJSONResponse(
+        return EventOutcome(
+            429,
             {"detail": f"rate limit of {services.settings.events_rate_per_s:g} events/s exceeded"},
-            status_code=429,
-            headers={"Retry-After": str(max(1, round(wait_s)))},
+            {"Retry-After": str(max(1, round(wait_s)))},
         )
     try:
         entry = await services.events.record(event.user_id, event.item_id, event.type)
     except StoreUnavailable as exc:
         metrics.REQUEST_LATENCY.labels("events", "error").observe(time.perf_counter() - started)
-        return ORJSONResponse({"detail": f"event not stored: {exc}"}, status_code=503, headers={"Retry-After": "1"})
+        return EventOutcome(503, {"detail": f"event not stored: {exc}"}, {"Retry-After": "1"})
     metrics.REQUEST_LATENCY.labels("events", "stored").observe(time.perf_counter() - started)
-    return {"status": "accepted", "id": entry}
+    return EventOutcome(202, {"status": "accepted", "id": entry}, {})
+
+
+async def hot_event(scope: Scope, body: bytes, x_api_key: str | None) -> tuple[int, bytes, dict[str, str]] | None:
+    """The hot route's events handler: None (let FastAPI answer) unless ``body`` is a valid event."""
+    try:
+        event = EventIn.model_validate_json(body)
+    except ValidationError:
+        return None
+    client = scope.get("client")
+    services: Services = scope["app"].state.services
+    outcome = await take_event(services, event, x_api_key, client[0] if client else None)
+    return outcome.status, orjson.dumps(outcome.body), outcome.headers
 
 
 @router.get(

@@ -1,5 +1,5 @@
-"""The hot route: ``GET /v1/recommendations/{user_id}`` with well-formed parameters, answered below
-FastAPI's routing, dependency solving and response classes.
+"""The hot route: ``GET /v1/recommendations/{user_id}`` with well-formed parameters, and ``POST /v1/events``
+with a valid JSON body, answered below FastAPI's routing, dependency solving and response classes.
 
 Why: a cache hit does a dictionary lookup, yet FastAPI's per-request machinery costs several times that
 (profiled: routing, dependency solving and the response object took more than half of a hit's CPU). The flow
@@ -8,24 +8,28 @@ behind it is the same ``Recommender.recommend`` and the body the same ``recommen
 The parser accepts only a canonical subset it can validate exactly as the FastAPI route does (the route
 still declares the API: OpenAPI, 422 messages). Anything else — a bad or percent-encoded value, a
 repeated parameter, ``debug``, a trailing slash, a method other than GET — goes to FastAPI untouched,
-so every error message and every edge case keeps FastAPI's behaviour.
+so every error message and every edge case keeps FastAPI's behaviour. An event is taken only with
+``Content-Type: application/json``, a ``Content-Length`` within the body limit, at most one ``X-API-Key``
+and a body the route's own model accepts; otherwise the body read so far is handed to FastAPI as it came.
+What happens to a valid event is one function for both (``take_event`` in orchestrator/app.py).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from orchestrator import metrics
-from orchestrator.guards import ASGIApp, Receive, Scope, Send
+from orchestrator.guards import ASGIApp, Message, Receive, Scope, Send
 from orchestrator.recommender import Recommendation, RequestContext
 
 PREFIX = "/v1/recommendations/"
+EVENTS_PATH = "/v1/events"
 DEFAULT_N = 20
 
 
@@ -95,18 +99,38 @@ def recommendation_body(result: Recommendation, timings_ms: Mapping[str, float] 
 
 JSON_HEADERS = (b"content-type", b"application/json")
 
+# (scope, body, X-API-Key) -> (status, body, headers), or None where the body is not a valid event.
+EventHandler = Callable[[Scope, bytes, str | None], Awaitable[tuple[int, bytes, dict[str, str]] | None]]
+
+
+@dataclass(frozen=True)
+class HotEvents:
+    handle: EventHandler
+    max_body_bytes: int
+
 
 class HotRoute:
-    """ASGI middleware: answers what ``rules`` accepts with ``recommender_of(scope)``, passes the rest on."""
+    """ASGI middleware: answers what ``rules`` accepts with ``recommender_of(scope)``, and valid events with
+    ``events``; passes the rest on."""
 
-    def __init__(self, app: ASGIApp, rules: QueryRules, recommender_of: Callable[[Scope], Any]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        rules: QueryRules,
+        recommender_of: Callable[[Scope], Any],
+        events: HotEvents | None = None,
+    ) -> None:
         self.app = app
         self.rules = rules
         self.recommender_of = recommender_of
+        self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hot = None
         if scope["type"] == "http":
+            if self.events is not None and scope["path"] == EVENTS_PATH and scope["method"] == "POST":
+                await self._event(scope, receive, send, self.events)
+                return
             hot = self.rules.parse(scope["method"], scope["path"], scope["query_string"])
         if hot is None:
             await self.app(scope, receive, send)
@@ -123,3 +147,54 @@ class HotRoute:
         )
         await send({"type": "http.response.body", "body": body})
         metrics.REQUEST_LATENCY.labels("recommendations", result.source).observe(time.perf_counter() - started)
+
+    async def _event(self, scope: Scope, receive: Receive, send: Send, events: HotEvents) -> None:
+        length, content_type, api_keys = None, None, []
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"x-api-key":
+                api_keys.append(value.decode("latin-1"))
+        canonical = (
+            content_type == b"application/json"
+            and length is not None
+            and length.isdigit()
+            and int(length) <= events.max_body_bytes
+            and len(api_keys) <= 1
+        )
+        if not canonical:
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nothing to answer
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        answer = await events.handle(scope, body, api_keys[0] if api_keys else None)
+        if answer is None:
+            await self.app(scope, _replay(body, receive), send)
+            return
+        status, content, headers = answer
+        raw_headers = [JSON_HEADERS, (b"content-length", str(len(content)).encode())]
+        raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The request body once more (already read here), then whatever the connection says next."""
+    sent = False
+
+    async def again() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again

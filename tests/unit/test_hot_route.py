@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from types import SimpleNamespace
 
@@ -10,7 +11,9 @@ import pytest
 
 from orchestrator.app import HOT_ROUTE_RULES, create_app
 from orchestrator.config import Settings
+from orchestrator.guards import RateLimiter
 from orchestrator.recommender import Recommendation, RequestContext
+from orchestrator.store.errors import StoreUnavailable
 
 
 class EchoRecommender:
@@ -112,3 +115,74 @@ def test_canonical_requests_are_taken(path: str, query: bytes, expected: tuple[s
 )
 def test_everything_else_is_left_to_fastapi(method: str, path: str, query: bytes) -> None:
     assert HOT_ROUTE_RULES.parse(method, path, query) is None
+
+
+class CountingRecorder:
+    """Stores nothing: numbers the events it takes, and fails those whose item is "down"."""
+
+    def __init__(self) -> None:
+        self.taken: list[tuple[str, str, str]] = []
+
+    async def record(self, user_id: str, item_id: str, event_type: str) -> str:
+        if item_id == "down":
+            raise StoreUnavailable("append to the events stream", ("shard-0",))
+        self.taken.append((user_id, item_id, event_type))
+        return f"{len(self.taken)}-0"
+
+
+def events_client_for(hot_route: bool, api_key: str | None) -> tuple[httpx.AsyncClient, CountingRecorder]:
+    settings = Settings(hot_route_enabled=hot_route, api_key=api_key, events_rate_per_s=1, events_burst=400)
+    app = create_app(settings)
+    recorder = CountingRecorder()
+    # A burst the test does not exhaust except for one client ("greedy"), whose 429 must match too.
+    limiter = RateLimiter(rate_per_s=1, burst=400)
+    for _ in range(400):
+        limiter.acquire("greedy")
+    app.state.services = SimpleNamespace(settings=settings, event_limiter=limiter, events=recorder)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test"), recorder
+
+
+def random_event(rng: random.Random, api_key: str | None) -> tuple[bytes, dict[str, str]]:
+    """Mostly valid events with a perturbation or two, so that both sides of every check get exercised."""
+    event: dict[str, object] = {
+        "user_id": rng.choice(VALID_IDS) if rng.random() < 0.8 else rng.choice([*ODD_IDS, 7, None]),
+        "item_id": rng.choice(["12", "i:9", "down"]) if rng.random() < 0.85 else rng.choice(["", "a b", 3.5]),
+        "type": rng.choice(["view", "click", "add_to_cart", "purchase"]) if rng.random() < 0.85 else "like",
+    }
+    if rng.random() < 0.1:
+        event.pop(rng.choice(list(event)))
+    if rng.random() < 0.05:
+        event["extra"] = 1
+    body = json.dumps(event).encode()
+    if rng.random() < 0.05:
+        body = body.replace(b'"type"', b'"type": "view", "type"', 1)  # a repeated key
+    if rng.random() < 0.05:
+        body = rng.choice([b"", b"{", b"[]", b"null", body + b"x", b" " + body + b"\n"])
+    headers = {"content-type": "application/json"}
+    if rng.random() < 0.08:
+        headers["content-type"] = rng.choice(["text/plain", "application/json; charset=utf-8", "APPLICATION/JSON"])
+    if rng.random() < 0.3:
+        headers["x-api-key"] = rng.choice(["wrong", "", "greedy"])
+    elif api_key is not None:
+        headers["x-api-key"] = api_key
+    return body, headers
+
+
+@pytest.mark.parametrize("api_key", [None, "secret"])
+async def test_both_routes_take_the_same_events_and_refuse_the_rest_alike(api_key: str | None) -> None:
+    hot, hot_recorder = events_client_for(True, api_key)
+    plain, plain_recorder = events_client_for(False, api_key)
+    rng = random.Random(11)
+    async with hot, plain:
+        statuses = set()
+        for _ in range(600):
+            body, headers = random_event(rng, api_key)
+            got = await hot.post("/v1/events", content=body, headers=headers)
+            expected = await plain.post("/v1/events", content=body, headers=headers)
+            assert (got.status_code, got.content) == (expected.status_code, expected.content), (body, headers)
+            for name in ("content-type", "retry-after"):
+                assert got.headers.get(name) == expected.headers.get(name), (body, headers, name)
+            statuses.add(got.status_code)
+    assert hot_recorder.taken == plain_recorder.taken and len(hot_recorder.taken) > 100
+    # Every kind of answer was compared, not only the common ones.
+    assert statuses >= {202, 422, 503} | ({401} if api_key else {429})
