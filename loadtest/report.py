@@ -265,7 +265,7 @@ def collapse_lines(results: dict[str, Any]) -> list[str]:
 
 
 def overload_lines(results: dict[str, Any], scenario: str = "mix90") -> list[str]:
-    """The steps past the reference mix's best one: did the service degrade and recover, or collapse?"""
+    """The steps past the reference mix's best one: did the service shed load, or collapse?"""
     run = next((r for r in first_runs(results) if r["scenario"] == scenario), None)
     if run is None:
         return []
@@ -274,7 +274,6 @@ def overload_lines(results: dict[str, Any], scenario: str = "mix90") -> list[str
     if best is None or best is steps[-1]:
         return []
     past = steps[steps.index(best) + 1 :]
-    collapsed = any(step["fallback_share"] > 0.5 for step in past)
     rows = [
         [
             f"{step['users']}",
@@ -286,32 +285,36 @@ def overload_lines(results: dict[str, Any], scenario: str = "mix90") -> list[str
         ]
         for step in [best, *past]
     ]
-    if collapsed:
-        verdict = "collapsed: most answers became fallbacks (see above)"
+    missed = sorted(
+        {
+            reason
+            for step in past
+            for reason, failed in (
+                ("p99", step["p99_ms"] is None or step["p99_ms"] >= SLO_P99_MS),
+                ("failures", step["failure_share"] >= MAX_FAILURE_SHARE),
+                ("fallbacks", step["fallback_share"] >= MAX_FALLBACK_SHARE),
+            )
+            if failed
+        }
+    )
+    costs = [c for c in (requests_per_cpu_s(step) for step in past) if c]
+    best_cost = requests_per_cpu_s(best)
+    cost_ratio = best_cost / min(costs) if costs and best_cost else None
+    lowest = min(step["achieved_rps"] for step in past)
+    # Collapse: the work per answer grows or the answers per second fall as the load rises (the criterion of
+    # the section above). Shedding: throughput holds at the same cost, and what cannot be computed in time
+    # is answered from the fallbacks.
+    if (cost_ratio is not None and cost_ratio > 1.4) or lowest < 0.9 * best["achieved_rps"]:
+        verdict = "collapsed: past the best step, throughput fell or each answer cost the server more CPU"
     else:
-        missed = sorted(
-            {
-                reason
-                for step in past
-                for reason, failed in (
-                    ("p99", step["p99_ms"] is None or step["p99_ms"] >= SLO_P99_MS),
-                    ("failures", step["failure_share"] >= MAX_FAILURE_SHARE),
-                    ("fallbacks", step["fallback_share"] >= MAX_FALLBACK_SHARE),
-                )
-                if failed
-            }
-        )
-        costs = [c for c in (requests_per_cpu_s(step) for step in past) if c]
-        best_cost = requests_per_cpu_s(best)
-        cpu_note = (
-            f"; the server's CPU per request past it was at most {best_cost / min(costs):.2f}x the best step's"
-            if costs and best_cost
-            else ""
-        )
         verdict = (
-            f"degraded without collapsing: no step past the best had most answers as fallbacks; what they "
-            f"missed: {', '.join(missed) or 'nothing'}{cpu_note}. When and why answers fell back, second by "
-            "second: loadtest_overload.png"
+            f"shed load rather than collapsing: past the best step throughput held ({lowest:,.0f} req/s or "
+            f"more, against {best['achieved_rps']:,.0f} at the best)"
+            + (f" at the same CPU per request (at most {cost_ratio:.2f}x the best step's)" if cost_ratio else "")
+            + f", and what the process could not compute in time it answered from the fallbacks (up to "
+            f"{max(step['fallback_share'] for step in past):.0%} of answers); what those steps missed: "
+            f"{', '.join(missed) or 'nothing'}. When and why answers fell back, second by second: "
+            "loadtest_overload.png"
         )
     return [
         f"### Past the best step ({scenario})",

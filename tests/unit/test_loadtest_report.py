@@ -60,14 +60,16 @@ def mix90_results(*steps: dict[str, object]) -> dict[str, object]:
 
 def test_past_the_best_step_a_run_that_kept_answering_is_told_apart_from_a_collapse() -> None:
     best = step(160, True, p99_ms=34.0)
-    degraded = step(180, False, p99_ms=70.0, fallback_share=0.013, cpu_s={"server": 1.1}, requests=16_000)
-    (_title, _, text, _, table, _end) = overload_lines(mix90_results(best, degraded))
-    rows = table.splitlines()[2:]
-    assert "degraded without collapsing" in text and "what they missed: fallbacks;" in text
-    assert "at most 1.10x the best step's" in text
-    assert rows[1].startswith("| 180 | 1,800 | 70.0 ms | 1.3% | 0.0% |")
-    collapsed = step(180, False, p99_ms=150.0, fallback_share=0.6)
-    assert "collapsed: most answers became fallbacks" in overload_lines(mix90_results(best, collapsed))[2]
+    shedding = step(180, False, p99_ms=120.0, fallback_share=0.6, cpu_s={"server": 1.1}, requests=16_000)
+    (_title, _, text, _, table, _end) = overload_lines(mix90_results(best, shedding))
+    assert "shed load rather than collapsing" in text and "(1,800 req/s or more, against 1,600" in text
+    assert "at most 1.10x the best step's" in text and "(up to 60% of answers)" in text
+    assert "what those steps missed: fallbacks, p99." in text
+    assert table.splitlines()[3].startswith("| 180 | 1,800 | 120.0 ms | 60.0% | 0.0% |")
+    costlier = step(180, False, p99_ms=150.0, fallback_share=0.6, cpu_s={"server": 2.0}, requests=16_000)
+    assert "collapsed: past the best step" in overload_lines(mix90_results(best, costlier))[2]
+    fewer = step(180, False, p99_ms=150.0, fallback_share=0.6, achieved_rps=1200.0)
+    assert "collapsed: past the best step" in overload_lines(mix90_results(best, fewer))[2]
     assert overload_lines(mix90_results(best)) == []  # nothing was run past it
 
 
