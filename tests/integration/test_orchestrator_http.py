@@ -11,6 +11,7 @@ from export.model_repository import render_profile_repository
 from export.precompute import Candidates, PrecomputeConfig, offline_top_n
 from export.triton_config import ranker_models
 from export.triton_launcher import TritonServer
+from orchestrator.cache import invalidation_message
 from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.retrieval import FaissRetriever
 from orchestrator.store import keys
@@ -30,12 +31,17 @@ def recs(base: str, user: str, **params: str | int) -> dict:
 
 
 def forget(stack: Stack, user: str) -> None:
-    """Drop the user's shared cache entries: other tests (the load test, the fuzzer) share this Redis."""
+    """Invalidate the user's cached lists as an event would (other tests, the load-test smoke run and the
+    fuzzer among them, share this Redis and these orchestrators): the generation bump and the published
+    message evict the lists from every orchestrator's local layer too, not only from Redis."""
     import redis
 
     client = redis.Redis.from_url(stack.redis.url)
+    generation = client.incr(keys.generation(user))
     client.delete(keys.rec_cache(user))
+    client.publish(keys.INVALIDATION_CHANNEL, invalidation_message(user, int(generation)))
     client.close()
+    time.sleep(0.1)  # the message travels to each orchestrator on its own connection
 
 
 def test_known_user_gets_realtime_then_cache(app_url: str, stack: Stack) -> None:
