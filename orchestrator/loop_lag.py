@@ -24,8 +24,9 @@ class LoopLagMonitor:
 
     Why so few milliseconds: a computation awaits a dozen times in sequence (Redis, the single-flight task,
     Triton), and each await waits behind the loop's backlog; at a steady 5 ms of lag that alone is most of
-    the real-time budget. Measured in the load test (docs/BENCHMARKS.md): under 1 ms on average at the
-    highest load that met the objective, 6 ms and more once computations had started to miss deadlines.
+    the real-time budget. Measured in the load test's timeline (``loop_lag_at_most`` in
+    build/loadtest/<run>/steps.json): at the highest load that met the objective 1-3% of samples ran more
+    than 5 ms late; once computations had started to miss their deadlines, 40-70% did.
     """
 
     def __init__(

@@ -59,10 +59,10 @@ class FaissRetriever:
                 ivf.nprobe = self.manifest.nprobe
         self.search_s = self._typical_search_s()
         # A thread hop costs more than a small search: the result comes back only once the worker gets the
-        # GIL, and a busy event loop hands it over every 5 ms (sys.getswitchinterval). Under load that
-        # convoy capped retrieval near a hundred searches a second and every computation timed out
-        # waiting for it (load test, 1,700 items). Searches this short run on the loop; long ones
-        # (large or exact indexes) still go to a thread so that they do not stall it.
+        # GIL, which a busy event loop hands over every 5 ms (sys.getswitchinterval). Measured (service bench,
+        # docs/BENCHMARKS.md, 1,700 items): the retrieval stage took 0.12-0.21 ms on the loop against
+        # 0.27-3.28 ms through a thread at 1-16 concurrent clients, for a 0.04 ms search. Long searches (large
+        # or exact indexes) still go to a thread so that they do not stall the loop.
         self.inline = self.search_s <= inline_max_s
 
     def _typical_search_s(self, runs: int = 15) -> float:
