@@ -149,16 +149,16 @@ class HotRoute:
         metrics.REQUEST_LATENCY.labels("recommendations", result.source).observe(time.perf_counter() - started)
 
     async def _event(self, scope: Scope, receive: Receive, send: Send, events: HotEvents) -> None:
-        length, content_type, api_keys = None, None, []
+        length, content_types, api_keys = None, [], []
         for name, value in scope["headers"]:
             if name == b"content-length":
                 length = value
             elif name == b"content-type":
-                content_type = value
+                content_types.append(value)
             elif name == b"x-api-key":
                 api_keys.append(value.decode("latin-1"))
         canonical = (
-            content_type == b"application/json"
+            content_types == [b"application/json"]  # exactly one: with two, which one counts is FastAPI's call
             and length is not None
             and length.isdigit()
             and int(length) <= events.max_body_bytes

@@ -142,7 +142,7 @@ def events_client_for(hot_route: bool, api_key: str | None) -> tuple[httpx.Async
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test"), recorder
 
 
-def random_event(rng: random.Random, api_key: str | None) -> tuple[bytes, dict[str, str]]:
+def random_event(rng: random.Random, api_key: str | None) -> tuple[bytes, list[tuple[str, str]]]:
     """Mostly valid events with a perturbation or two, so that both sides of every check get exercised."""
     event: dict[str, object] = {
         "user_id": rng.choice(VALID_IDS) if rng.random() < 0.8 else rng.choice([*ODD_IDS, 7, None]),
@@ -158,13 +158,18 @@ def random_event(rng: random.Random, api_key: str | None) -> tuple[bytes, dict[s
         body = body.replace(b'"type"', b'"type": "view", "type"', 1)  # a repeated key
     if rng.random() < 0.05:
         body = rng.choice([b"", b"{", b"[]", b"null", body + b"x", b" " + body + b"\n"])
-    headers = {"content-type": "application/json"}
+    content_type = "application/json"
     if rng.random() < 0.08:
-        headers["content-type"] = rng.choice(["text/plain", "application/json; charset=utf-8", "APPLICATION/JSON"])
+        content_type = rng.choice(["text/plain", "application/json; charset=utf-8", "APPLICATION/JSON"])
+    headers = [("content-type", content_type)]
+    if rng.random() < 0.03:  # a second one, before or after: which one counts is the framework's call
+        headers.insert(rng.randrange(2), ("content-type", rng.choice(["text/plain", "application/json"])))
     if rng.random() < 0.3:
-        headers["x-api-key"] = rng.choice(["wrong", "", "greedy"])
+        headers.append(("x-api-key", rng.choice(["wrong", "", "greedy"])))
     elif api_key is not None:
-        headers["x-api-key"] = api_key
+        headers.append(("x-api-key", api_key))
+    if rng.random() < 0.03:
+        headers.append(("x-api-key", rng.choice(["secret", "wrong"])))
     return body, headers
 
 
