@@ -189,6 +189,15 @@ def _scrape(url: str) -> dict[str, float] | None:
     return found
 
 
+def _by_label(counters: dict[str, float], prefix: str, label: str) -> dict[str, float]:
+    """The series of one metric (``prefix``, up to its ``{``) keyed by the value of one of its labels."""
+    return {
+        name.partition(f'{label}="')[2].partition('"')[0]: value
+        for name, value in counters.items()
+        if name.startswith(prefix)
+    }
+
+
 def _stages_over(counters: dict[str, float], bound: str) -> dict[str, float]:
     """Per stage of the request flow, how many took longer than ``bound`` (a bucket label such as
     ``le="0.03"``): which part a burst of late answers waited on."""
@@ -213,11 +222,7 @@ def _sample_forever(environment: Environment, recorder: Recorder) -> None:
             point["hits_redis"] = counters.get('recserve_cache_hits_total{layer="redis"}', 0.0)
             point["misses"] = counters.get('recserve_cache_misses_total{layer="redis"}', 0.0)
             # Why answers were not computed, over time: shows what set off an overload and what kept it going.
-            point["fallbacks"] = {
-                name.partition('reason="')[2].rstrip('"}'): value
-                for name, value in counters.items()
-                if name.startswith("recserve_fallbacks_total{")
-            }
+            point["fallbacks"] = _by_label(counters, "recserve_fallbacks_total{", "reason")
             # Time in full (generation 2) collections, and how many: pauses every request waits out.
             point["gc_full_s"] = counters.get('recserve_gc_pause_seconds_sum{generation="2"}', 0.0)
             point["gc_full_count"] = counters.get('recserve_gc_pause_seconds_count{generation="2"}', 0.0)
@@ -226,11 +231,7 @@ def _sample_forever(environment: Environment, recorder: Recorder) -> None:
             point["redis_batches"] = counters.get("recserve_redis_calls_per_batch_count", 0.0)
             point["stages_over_30ms"] = _stages_over(counters, 'le="0.03"')
             # Event-loop lag samples (every 5 ms) at or under each bound: the backlog the requests wait behind.
-            point["loop_lag_at_most"] = {
-                name.partition('le="')[2].rstrip('"}'): value
-                for name, value in counters.items()
-                if name.startswith("recserve_event_loop_lag_seconds_bucket{")
-            }
+            point["loop_lag_at_most"] = _by_label(counters, "recserve_event_loop_lag_seconds_bucket{", "le")
         point["cpu"] = recorder.cpu()
         recorder.timeline.append(point)
         gevent.sleep(SAMPLE_EVERY_S)

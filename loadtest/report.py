@@ -301,9 +301,9 @@ def overload_lines(results: dict[str, Any], scenario: str = "mix90") -> list[str
     best_cost = requests_per_cpu_s(best)
     cost_ratio = best_cost / min(costs) if costs and best_cost else None
     lowest = min(step["achieved_rps"] for step in past)
-    # Collapse: the work per answer grows or the answers per second fall as the load rises (the criterion of
-    # the section above). Shedding: throughput holds at the same cost, and what cannot be computed in time
-    # is answered from the fallbacks.
+    # Collapse: the work per answer grows or the answers per second fall as the load rises (the section above
+    # names a collapse only where, besides, most answers were fallbacks). Shedding: throughput holds at the
+    # same cost, and what cannot be computed in time is answered from the fallbacks.
     if (cost_ratio is not None and cost_ratio > 1.4) or lowest < 0.9 * best["achieved_rps"]:
         verdict = "collapsed: past the best step, throughput fell or each answer cost the server more CPU"
     else:

@@ -40,14 +40,12 @@ class LoopLagMonitor:
         self.interval_s = interval_s
         self.smoothing = smoothing
         self.clock = clock
-        self.lag_s = 0.0  # the last sample
         self.average_lag_s = 0.0
 
     def overloaded(self) -> bool:
         return self.average_lag_s >= self.threshold_s
 
     def record(self, lag_s: float) -> None:
-        self.lag_s = lag_s
         self.average_lag_s += self.smoothing * (lag_s - self.average_lag_s)
         metrics.LOOP_LAG.observe(lag_s)
 

@@ -139,7 +139,7 @@ async def gather_groups(
 
     At the deadline the caller stops waiting but the group's commands are not cancelled: redis-py drops
     a connection whose command was cancelled, so under a burst (an event loop running late fires many
-    deadlines at once, often with the replies already in the socket) every missed deadline would cost a
+    deadlines at once, some possibly with their replies already in the socket) every missed deadline would cost a
     reconnect, and the reconnects would make the loop later still: the service would not come back
     from the burst (seen in the load test). Left to finish, the reply is read and the connection goes
     back to the pool. The pool size and ``ConnectionOptions.reply_timeout_s`` bound what is left running.
@@ -155,7 +155,7 @@ async def gather_groups(
 
     names = list(groups)
     if len(names) == 1:
-        # The common case (one shard, or keys sharing a hash tag): no task to create for one awaitable.
+        # The common case (one shard, or keys sharing a hash tag): no gather, and no task wrapping it, for one group.
         outcomes: list[list[Any] | _Down | BaseException] = [await guarded(names[0], groups[names[0]])]
     else:
         # return_exceptions: a bug in one group must not leave the others running unobserved.
