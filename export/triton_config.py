@@ -4,7 +4,7 @@ Profiles:
 - ``gpu-t4`` (production, committed as ``model_repository/<model>/config.pbtxt``): the native ONNX
   Runtime (with TensorRT FP16) and LibTorch backends on the GPU.
 - ``cpu`` (local and CI, rendered under ``build/``): the very same model files served by the Python
-  backend (``export/triton_python_model.py``) on the CPU.
+  backend (``export/triton_python_backend/model.py``) on the CPU.
 
 Both share the dynamic-batching block, so what is measured locally is the same policy that ships.
 """

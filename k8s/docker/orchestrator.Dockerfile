@@ -34,5 +34,6 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 EXPOSE 8080
 # One worker per pod: Prometheus counters stay in one process, and scaling is the HPA's job.
-ENTRYPOINT ["uvicorn", "orchestrator.app:app", "--host", "0.0.0.0", "--port", "8080", \
-            "--timeout-graceful-shutdown", "20", "--no-access-log"]
+# The app is built by a factory (wiring happens in the lifespan, nothing at import time): --factory.
+ENTRYPOINT ["uvicorn", "--factory", "orchestrator.app:create_app", "--host", "0.0.0.0", "--port", "8080", \
+            "--loop", "uvloop", "--http", "httptools", "--timeout-graceful-shutdown", "20", "--no-access-log"]

@@ -599,8 +599,27 @@ def test_dockerfiles_pin_the_base_and_run_as_non_root(name: str) -> None:
 def test_online_image_has_no_torch_and_jobs_image_has_the_export_extra() -> None:
     online = _dockerfile("orchestrator")
     assert ".[export" not in online and "pip install -c constraints.txt ." in online
-    assert "orchestrator.app:app" in online
     assert '".[export]"' in _dockerfile("jobs")
+
+
+def test_online_image_entrypoint_names_an_app_that_exists() -> None:
+    """uvicorn must find what the ENTRYPOINT names: an ASGI app, or with --factory a callable that builds one."""
+    import importlib
+    import json
+
+    found = re.search(r"^ENTRYPOINT (\[.*?\])$", _dockerfile("orchestrator"), re.M | re.S)
+    assert found is not None, "orchestrator.Dockerfile: expected an exec-form ENTRYPOINT"
+    argv = json.loads(found.group(1).replace("\\\n", " "))
+    assert argv[0] == "uvicorn", argv
+    targets = [a for a in argv[1:] if re.fullmatch(r"[\w.]+:\w+", a)]
+    assert len(targets) == 1, f"expected one module:attribute target in {argv}"
+    module_name, attribute = targets[0].split(":")
+    target = getattr(importlib.import_module(module_name), attribute, None)
+    assert target is not None, f"{module_name} has no attribute {attribute!r}: every pod would crash-loop"
+    if "--factory" in argv:
+        from fastapi import FastAPI
+
+        assert callable(target) and isinstance(target(), FastAPI), f"{targets[0]} must build a FastAPI app"
 
 
 # Variables the offline CLI reads itself (not orchestrator settings).
