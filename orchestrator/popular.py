@@ -30,16 +30,24 @@ class PopularLists:
         return found
 
     async def refresh(self) -> int:
-        lists = await asyncio.gather(*(self.store.get_popular(s) for s in schema.SEGMENTS))
-        fresh = {segment: recs for segment, recs in zip(schema.SEGMENTS, lists, strict=True) if recs is not None}
-        if fresh:
-            self._lists = fresh
+        """Re-read every segment's list; returns how many came back. A segment whose read failed or found
+        nothing keeps its last good list: the last resort must never become worse than it was."""
+        results = await asyncio.gather(*(self.store.get_popular(s) for s in schema.SEGMENTS), return_exceptions=True)
+        fresh: dict[str, Recommendations] = {}
+        failures: list[BaseException] = []
+        for segment, result in zip(schema.SEGMENTS, results, strict=True):
+            if isinstance(result, StoreUnavailable | OSError | TimeoutError):
+                failures.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            elif result is not None:
+                fresh[segment] = result
+        self._lists = {**self._lists, **fresh}
+        if failures:
+            log.warning("%d popular list(s) not refreshed (%s); keeping the ones in memory", len(failures), failures[0])
         return len(fresh)
 
     async def refresh_forever(self, every_s: float) -> None:
         while True:
-            try:
-                await self.refresh()
-            except (StoreUnavailable, OSError, TimeoutError) as exc:
-                log.warning("popular lists not refreshed (%s); keeping the ones in memory", exc)
+            await self.refresh()
             await asyncio.sleep(every_s if self.loaded else min(every_s, 1.0))

@@ -79,6 +79,8 @@ class RedisPrecomputedStore:
     async def get_popular(self, segment: str) -> Recommendations | None:
         key = keys.popular(check_segment(segment))
         replies = await self.backend.execute([Command("GET", key)])
+        # A shard that did not answer is not a missing list: callers keep what they had.
+        replies.raise_if_down(f"get_popular({segment})")
         raw = replies.values[0]
         return None if raw is None else decode(key, raw)
 
