@@ -10,7 +10,7 @@ DATASET ?= synthetic
 
 help:
 	@echo "make up       start the whole local stack (Redis, Triton, orchestrator on :8080)"
-	@echo "make test     install, then ruff + mypy + pytest (what CI runs)"
+	@echo "make test     install, then ruff + import contracts + mypy + pytest (what CI runs)"
 	@echo "make export   train + export + FAISS index (DATASET=synthetic|movielens)"
 	@echo "make bench    run the benchmarks and rewrite docs/BENCHMARKS.md"
 	@echo "make loadtest side-by-side locust load runs (naive, full, ablations, ceiling) + plots"
@@ -34,9 +34,10 @@ system-deps:
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: venv
-	$(VENV)/bin/mypy export orchestrator loadtest tests
+	$(VENV)/bin/mypy export orchestrator stack bench loadtest tests
 
 pytest: venv system-deps
 	$(VENV)/bin/pytest -q -ra
@@ -50,14 +51,14 @@ export: venv
 	$(PY) -m export all --dataset $(DATASET)
 
 bench: venv system-deps
-	$(PY) -m export bench
+	$(PY) -m bench
 
 # ~25 min on 2 cores: starts its own Redis + Tritons; results under build/loadtest/, figures in docs/.
 loadtest: venv system-deps
 	$(PY) -m loadtest
 
 up: venv system-deps
-	$(PY) -m export up --dataset $(DATASET)
+	$(PY) -m stack up --dataset $(DATASET)
 
 clean:
 	rm -rf build model_repository/*/[0-9]*/

@@ -1,4 +1,7 @@
-"""``python -m export <command>``: the offline pipeline's one CLI."""
+"""``python -m export <command>``: the offline pipeline's one CLI.
+
+The local stack (``up``, ``triton``) is ``python -m stack``; the benchmarks are ``python -m bench``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from export import bench, cli_capacity, cli_dataplane, pipeline
+from export import cli_capacity, cli_dataplane, pipeline
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, artifacts_dir
 from export.data import SyntheticSpec, generate_synthetic
 from export.errors import ExportError
@@ -40,34 +43,10 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_triton(args: argparse.Namespace) -> int:
-    import time
-
-    from export.model_repository import render_profile_repository
-    from export.triton_launcher import TritonServer
-
-    repo = render_profile_repository("cpu")
-    with TritonServer(repo) as server:
-        print(f"Triton ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}")
-        print(f"log: {server.log_path}; Ctrl-C stops it", flush=True)
-        try:
-            while server.process is not None and server.process.poll() is None:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
-    return 0
-
-
 def _cmd_metrics(args: argparse.Namespace) -> int:
     metrics = json.loads((artifacts_dir(args.dataset, Path(args.build_dir)) / "metrics.json").read_text())
     print(pipeline.format_metrics(metrics))
     return 0
-
-
-def _cmd_up(args: argparse.Namespace) -> int:
-    from export import stack
-
-    return stack.run(args.dataset, args.port, use_triton=not args.no_triton)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,23 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--max-queue-delay-us", type=int, default=BatchingSpec.max_queue_delay_microseconds)
     render.set_defaults(func=_cmd_render)
 
-    triton = commands.add_parser("triton", help="serve the cpu profile with a local tritonserver")
-    triton.set_defaults(func=_cmd_triton)
-
     metrics = commands.add_parser("metrics", help="print the offline evaluation of a bundle")
     metrics.add_argument("--dataset", choices=pipeline.DATASETS, default="synthetic")
     metrics.add_argument("--build-dir", default=str(BUILD_DIR))
     metrics.set_defaults(func=_cmd_metrics)
 
-    up = commands.add_parser("up", help="the whole local stack: Redis, Triton, load, pre-compute, orchestrator")
-    up.add_argument("--dataset", choices=pipeline.DATASETS, default="synthetic")
-    up.add_argument("--port", type=int, default=8080)
-    up.add_argument("--no-triton", action="store_true", help="rank in process with ONNX Runtime instead")
-    up.set_defaults(func=_cmd_up)
-
     cli_capacity.add_commands(commands)
     cli_dataplane.add_commands(commands)
-    bench.add_commands(commands)
     return parser
 
 

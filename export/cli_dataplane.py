@@ -14,12 +14,10 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from export.artifacts import MODEL_REPOSITORY, artifacts_dir, load_bundle
+from export import dataplane
+from export.artifacts import artifacts_dir, load_bundle
+from export.dataplane import Backend, StoreError, default_onnx_model
 from export.errors import ExportError
-from orchestrator.store.backend import Backend
-from orchestrator.store.cluster import ClusterBackend
-from orchestrator.store.errors import StoreError
-from orchestrator.store.sharded import ShardedBackend
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 T = TypeVar("T")
@@ -60,11 +58,9 @@ def _add_bundle_args(parser: argparse.ArgumentParser) -> None:
 
 async def open_backend(args: argparse.Namespace) -> Backend:
     urls = [u.strip() for u in args.redis.split(",") if u.strip()]
-    if args.cluster:
-        if len(urls) != 1:
-            raise ValueError(f"--cluster takes one seed URL, got {len(urls)}")
-        return await ClusterBackend.connect(urls[0], timeout_ms=args.timeout_ms)
-    return ShardedBackend.from_urls(urls, timeout_ms=args.timeout_ms)
+    if args.cluster and len(urls) != 1:
+        raise ValueError(f"--cluster takes one seed URL, got {len(urls)}")
+    return await dataplane.open_backend(urls, cluster=args.cluster, timeout_ms=args.timeout_ms)
 
 
 def _bundle_path(args: argparse.Namespace) -> Path:
@@ -99,14 +95,8 @@ def _cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_onnx_model(bundle_manifest: dict[str, object], repo: Path = MODEL_REPOSITORY) -> Path:
-    return repo / "ranker_onnx" / str(bundle_manifest.get("triton_version", 1)) / "model.onnx"
-
-
 def _cmd_precompute(args: argparse.Namespace) -> int:
     from export.precompute import PrecomputeConfig, precompute
-    from orchestrator.ranking.onnx_ranker import OnnxRanker
-    from orchestrator.retrieval import FaissRetriever
 
     path = _bundle_path(args)
     bundle = load_bundle(path)
@@ -121,8 +111,10 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
         shard_count=args.shard_count,
     )
     cfg.validate()
-    retriever = FaissRetriever(args.index or path / "item_index.faiss")
-    ranker = OnnxRanker(args.model or default_onnx_model(bundle.manifest), bundle.model_version, args.threads)
+    retriever = dataplane.faiss_retriever(args.index or path / "item_index.faiss")
+    ranker = dataplane.onnx_ranker(
+        args.model or default_onnx_model(bundle.manifest), bundle.model_version, args.threads
+    )
 
     async def run() -> None:
         backend = await open_backend(args)
@@ -144,13 +136,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     spec = PlanInput(args.users, args.items, args.dim, args.dtype, args.shard_memory_gb, args.max_fill)
     spec.validate()
+    if args.measure and not args.redis:
+        raise DataPlaneError(
+            "plan --measure needs a Redis to measure in, but --redis was not given: pass --redis URL (a scratch "
+            "server: the sample is written, measured and deleted), or run `python -m stack plan ... --measure`, "
+            "which starts a throw-away redis-server"
+        )
     measured = measure(args.redis, args.dim, args.dtype, args.sample) if args.measure else None
     result = plan(spec, measured["memory_usage_per_key"] if measured else None)
     if measured:
         result["measurement"] = measured
     if args.reference:
-        per_dim = {d: measure(args.redis, d, "fp32", args.sample)["memory_usage_per_key"] for d in (128, 256)}
-        result["reference"] = reference_rows(args.shard_memory_gb, args.max_fill, per_dim if args.measure else None)
+        per_dim = (
+            {d: measure(args.redis, d, "fp32", args.sample)["memory_usage_per_key"] for d in (128, 256)}
+            if args.measure
+            else None
+        )
+        result["reference"] = reference_rows(args.shard_memory_gb, args.max_fill, per_dim)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -194,7 +196,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--shard-memory-gb", type=float, default=8.0, help="memory per shard (decimal GB)")
     plan.add_argument("--max-fill", type=float, default=0.6, help="fraction of a shard the data may use")
     plan.add_argument("--measure", action="store_true", help="measure bytes per embedding in a real Redis")
-    plan.add_argument("--redis", default=None, help="Redis to measure in (default: a throw-away local server)")
+    plan.add_argument(
+        "--redis", default=None, help="Redis to measure in (`python -m stack plan` starts a throw-away one)"
+    )
     plan.add_argument("--sample", type=int, default=20_000, help="embeddings loaded to measure")
     plan.add_argument("--reference", action="store_true", help="also print the reference table recomputed")
     plan.add_argument("--json", action="store_true", help="print one JSON object")

@@ -39,13 +39,3 @@ class ModelRepositoryError(ExportError):
 
 class IndexBuildError(ExportError):
     pass
-
-
-class TritonLaunchError(ExportError):
-    def __init__(self, what: str, log_path: Path | None, log_tail: str = "") -> None:
-        msg = f"tritonserver {what}"
-        if log_path is not None:
-            msg += f" (log: {log_path})"
-        if log_tail:
-            msg += f"\n--- last lines of the log ---\n{log_tail}"
-        super().__init__(msg)

@@ -1,5 +1,6 @@
 """Memory planner (``python -m export plan``): raw embedding arithmetic, shards for a given memory per
-shard, and ``--measure``: real bytes per embedding from ``MEMORY USAGE`` in a real Redis.
+shard, and ``--measure``: real bytes per embedding from ``MEMORY USAGE`` in a real Redis (``--redis``;
+``python -m stack plan`` runs the same command against a throw-away redis-server).
 
 Units are decimal (1 GB = 1e9 bytes), as in the reference table. Shards = ceil(bytes / usable), with
 usable = shard memory x max fill: Redis needs headroom for the copy-on-write of a fork (BGSAVE, full
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 from redis.asyncio import Redis
 
+from orchestrator import schema
 from orchestrator.store import keys
 from orchestrator.store.codec import DTYPES, EmbeddingCodec
+from orchestrator.store.features import encode_rows
 
 # The issue's reference table (raw arithmetic, 4-byte floats): name, users, items, dim, total, shards.
 REFERENCE: tuple[tuple[str, int, int, int, str, str], ...] = (
@@ -173,14 +176,32 @@ async def _scan_batches(client: Redis, pattern: str):  # type: ignore[no-untyped
         yield batch
 
 
-def measure(url: str | None, dim: int, dtype: str, sample: int = 20_000) -> dict[str, float]:
-    """``measure_bytes_per_entity`` against ``url``, or a throw-away local redis-server."""
-    if url is not None:
-        return asyncio.run(measure_bytes_per_entity(url, dim, dtype, sample))
-    from export.redis_local import start_server
+def measure(url: str, dim: int, dtype: str, sample: int = 20_000) -> dict[str, float]:
+    """``measure_bytes_per_entity`` against the Redis at ``url`` (``python -m stack plan`` starts a
+    throw-away redis-server and passes its URL)."""
+    return asyncio.run(measure_bytes_per_entity(url, dim, dtype, sample))
 
-    server = start_server()
+
+async def measure_small_values(url: str, user_ids: list[str], version: str = "plan-measure") -> dict[str, float]:
+    """MEMORY USAGE of a 3-field user feature row packed (int32, as stored, under data version ``version``)
+    vs a hash, and the mean of the stored top-N lists of ``user_ids[:200]`` (0 when none is stored)."""
+    client = Redis.from_url(url)
     try:
-        return asyncio.run(measure_bytes_per_entity(server.url, dim, dtype, sample))
+        row = np.array([[3, 2, 15]])
+        packed_key, hash_key = keys.features(version, "user", "1"), f"{version}-hash:{{u:1}}"
+        await client.set(packed_key, encode_rows("user", row)[0])
+        await client.hset(
+            hash_key, mapping={name: int(v) for (name, _), v in zip(schema.USER_FEATURES, row[0], strict=True)}
+        )
+        packed = await client.memory_usage(packed_key, samples=0)
+        hashed = await client.memory_usage(hash_key, samples=0)
+        await client.unlink(packed_key, hash_key)
+        recs = [await client.memory_usage(keys.recs(u), samples=0) for u in user_ids[:200]]
+        present = [r for r in recs if r]
+        return {
+            "feature_row_packed": float(packed or 0),
+            "feature_row_hash": float(hashed or 0),
+            "precomputed_list": float(np.mean(present)) if present else 0.0,
+        }
     finally:
-        server.stop()
+        await client.aclose()

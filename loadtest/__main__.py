@@ -62,7 +62,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from export.bench import Machine
+    from bench.runner import Machine
     from loadtest import plots, report
 
     args = parse_args(argv)

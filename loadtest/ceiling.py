@@ -1,5 +1,6 @@
 """The framework's ceiling: one FastAPI route that returns a fixed body, served exactly as the
-orchestrator is (uvicorn, uvloop, httptools, 1 worker, no access log; see orchestrator/__main__.py).
+orchestrator is (uvicorn, uvloop, httptools, 1 worker, no access log: ``stack.launch.serve``, whose options
+tests/unit/test_layering.py pins to those of orchestrator/__main__.py).
 
 It answers the recommendation URL with a body of the same shape and size as a real 20-item answer, so
 that the same locust user (``CacheHitUser``) can be pointed at either and the difference is what the
@@ -16,7 +17,7 @@ import orjson
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from orchestrator.__main__ import serve
+from stack.launch import serve
 
 BODY = orjson.dumps(
     {

@@ -22,8 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, Bundle, load_bundle
-from export.stack import Orchestrator, start_http_service
+from export.artifacts import BUILD_DIR, Bundle, load_bundle
+from stack.launch import HttpService, start_http_service
+
+# The orchestrator's shared recommendation cache: one hash per user, ``rc:{u:<user id>}`` (the store's
+# key builder ``rec_cache``; tests/unit/test_layering.py pins that this pattern matches it). The load
+# test reaches the service over HTTP only, so it names the key shape instead of importing it.
+REC_CACHE_PATTERN = "rc:*"
 
 LOADTEST_DIR = BUILD_DIR / "loadtest"
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -63,7 +68,7 @@ class Scenario:
 
     @property
     def cached(self) -> bool:
-        return not self.ceiling and self.env.get("RECSERVE_CACHE_ENABLED", "true") != "false"
+        return not self.ceiling and self.env.get("RECSERVE_ABLATION_CACHE_ENABLED", "true") != "false"
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -74,27 +79,31 @@ SCENARIOS: dict[str, Scenario] = {
             "the classic design run straight: no cache, no single-flight, one Redis GET per key, "
             "Triton with dynamic batching off",
             {
-                "RECSERVE_CACHE_ENABLED": "false",
-                "RECSERVE_SINGLE_FLIGHT_ENABLED": "false",
-                "RECSERVE_STORE_READS": "one_by_one",
-                "RECSERVE_REDIS_COALESCE": "false",
+                "RECSERVE_ABLATION_CACHE_ENABLED": "false",
+                "RECSERVE_ABLATION_SINGLE_FLIGHT_ENABLED": "false",
+                "RECSERVE_ABLATION_STORE_READS": "one_by_one",
+                "RECSERVE_ABLATION_REDIS_COALESCE": "false",
                 # The classic design has no deadline fallback: let it compute every answer, so that its
                 # latency is its own and not the fallback's.
-                "RECSERVE_DEADLINE_MS": "2000",
-                "RECSERVE_FALLBACK_RESERVE_MS": "200",
+                "RECSERVE_DEADLINE_REQUEST_MS": "2000",
+                "RECSERVE_DEADLINE_FALLBACK_RESERVE_MS": "200",
             },
             batching=False,
         ),
         Scenario("full", "the system as shipped"),
-        Scenario("no_cache", "full, without any cache (every request computed)", {"RECSERVE_CACHE_ENABLED": "false"}),
+        Scenario(
+            "no_cache", "full, without any cache (every request computed)", {"RECSERVE_ABLATION_CACHE_ENABLED": "false"}
+        ),
         Scenario("no_batching", "full, ranking on a Triton with dynamic batching off", batching=False),
         Scenario(
-            "no_local_cache", "full, without the in-process cache layer", {"RECSERVE_LOCAL_CACHE_ENABLED": "false"}
+            "no_local_cache",
+            "full, without the in-process cache layer",
+            {"RECSERVE_ABLATION_LOCAL_CACHE_ENABLED": "false"},
         ),
         Scenario(
             "no_single_flight",
             "full, letting concurrent misses of one key all compute",
-            {"RECSERVE_SINGLE_FLIGHT_ENABLED": "false"},
+            {"RECSERVE_ABLATION_SINGLE_FLIGHT_ENABLED": "false"},
         ),
         Scenario(
             "mix90",
@@ -122,7 +131,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "no_hot_route",
             "cache_hit, with every recommendation GET routed through FastAPI's full request handling",
-            {"RECSERVE_HOT_ROUTE_ENABLED": "false"},
+            {"RECSERVE_ABLATION_HOT_ROUTE_ENABLED": "false"},
             user_class="CacheHitUser",
             steps=HIT_STEPS,
             prime_cache=True,
@@ -190,14 +199,15 @@ def log(message: str) -> None:
 @contextmanager
 def local_stack(dataset: str) -> Iterator[Stack]:
     """Redis, Triton with batching on (as shipped) and off, the bundle loaded and pre-computed."""
+    from export.dataplane import default_onnx_model, load_and_precompute
     from export.model_repository import render_profile_repository
-    from export.redis_local import start_server
-    from export.stack import ensure_artifacts, load_and_precompute
     from export.triton_config import BatchingSpec
-    from export.triton_launcher import TritonServer
+    from stack.redis_local import start_server
+    from stack.triton_launcher import TritonServer
+    from stack.up import ensure_artifacts
 
     bundle = load_bundle(ensure_artifacts(dataset))
-    onnx_path = MODEL_REPOSITORY / "ranker_onnx" / str(bundle.manifest.get("triton_version", 1)) / "model.onnx"
+    onnx_path = default_onnx_model(bundle.manifest)
     with ExitStack() as stack:
         redis = start_server()
         stack.callback(redis.stop)
@@ -222,12 +232,9 @@ def flush_cache(redis_url: str) -> int:
     """Drop every cached list so that each scenario starts cold (the benchmark's reset, never a request path)."""
     from redis import Redis
 
-    from orchestrator.store import keys
-
-    prefix = keys.rec_cache("0").split("{", 1)[0]
     client = Redis.from_url(redis_url)
     try:
-        doomed = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        doomed = list(client.scan_iter(match=REC_CACHE_PATTERN, count=1000))
         for start in range(0, len(doomed), 1000):
             client.delete(*doomed[start : start + 1000])
         return len(doomed)
@@ -235,7 +242,7 @@ def flush_cache(redis_url: str) -> int:
         client.close()
 
 
-def start_ceiling(port: int, log_path: Path, timeout_s: float = 30.0) -> Orchestrator:
+def start_ceiling(port: int, log_path: Path, timeout_s: float = 30.0) -> HttpService:
     """The trivial FastAPI app, started and awaited exactly as the orchestrator is."""
     return start_http_service("loadtest.ceiling", {}, port, log_path, timeout_s)
 
@@ -302,9 +309,8 @@ def run_locust(
 
 
 def run_scenario(stack: Stack, scenario: Scenario, label: str, options: RunOptions) -> dict[str, Any]:
-    from export.bench_service import prime_cache
-    from export.stack import start_orchestrator
-    from export.triton_launcher import free_port
+    from bench.service import prime_cache
+    from stack.launch import free_port, start_orchestrator
 
     folder = options.out_dir / label
     steps = scenario.steps[:4] if options.quick else scenario.steps

@@ -1,5 +1,5 @@
 """The figures of a load run, as ratios: docs/BENCHMARKS.md sections ``loadtest`` and ``ablations``,
-docs/img/loadtest_*.png and the orchestrator keys of docs/measurements.json (through ``export.bench``,
+docs/img/loadtest_*.png and the orchestrator keys of docs/measurements.json (through ``bench.runner``,
 the one writer of those files)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from export.bench import (
+from bench.runner import (
     BENCHMARKS_PATH,
     IMAGES_DIR,
     MEASUREMENTS_PATH,
@@ -253,7 +253,7 @@ def collapse_lines(results: dict[str, Any]) -> list[str]:
         "One step past the best, most answers became fallbacks and each request cost the server several times "
         "the CPU: " + "; ".join(found) + ". What the service does past saturation (docs/RELIABILITY.md, "
         "Overload): while the event loop runs late (`RECSERVE_OVERLOAD_LOOP_LAG_MS`) or the cache lookup ate "
-        "the budget (`RECSERVE_MIN_COMPUTE_MS`), a cache miss answers from the pre-computed list at once "
+        "the budget (`RECSERVE_DEADLINE_MIN_COMPUTE_MS`), a cache miss answers from the pre-computed list at once "
         "(`fallback_reason: overload`) and that answer is held for the user (`RECSERVE_OVERLOAD_HOLD_S`); a "
         "computation stops at its own deadline; Redis reads and Triton calls past their deadline finish "
         "rather than being cancelled (no reconnects; the breaker opens only on Triton's own errors). Answers "
@@ -640,7 +640,7 @@ def ablations_markdown(results: dict[str, Any]) -> str:
             ),
             "",
             "Dynamic batching on Triton in isolation (concurrency 1..64, `max_queue_delay` 0/1/5/10 ms) is the "
-            "`batching` section (`export/bench_batching.py`): on the CPU it gains little, which is why "
+            "`batching` section (`bench/batching.py`): on the CPU it gains little, which is why "
             "`no_batching` is close to `full` here.",
             "",
             "<details><summary>Every step of every run</summary>",

@@ -1,6 +1,6 @@
 """The layered recommendation cache: an in-process TTL-LRU in front of a shared Redis layer.
 
-Freshness after an event (the documented bound is ``invalidation_max_silence_s``, 1 s by default):
+Freshness after an event (the documented bound is ``cache.invalidation_max_silence_s``, 1 s by default):
 - Redis layer: every user has a generation counter beside the cached lists (same hash tag, so one
   pipeline reads both). An invalidation bumps it (and drops the lists); a list stamped with an older
   generation is a miss. So a list computed while the event happened can never be served from Redis.
@@ -9,8 +9,8 @@ Freshness after an event (the documented bound is ``invalidation_max_silence_s``
   event (the client retries). Pub/sub drops messages only with the connection, so each replica's
   ``InvalidationFeed`` proves its subscription alive: a PONG to a PING sent at time t, on the same
   ordered connection, means every message published before t has arrived. The local layer answers only
-  while that proof is at most ``invalidation_max_silence_s`` old (else lookups go to the generation-checked
-  Redis layer), and is emptied on every (re)subscription. Hence a long local TTL (``local_cache_ttl_s``,
+  while that proof is at most ``cache.invalidation_max_silence_s`` old (else lookups go to the generation-checked
+  Redis layer), and is emptied on every (re)subscription. Hence a long local TTL (``cache.local_ttl_s``,
   which bounds only changes that are not events, such as a new model version) without a stale answer
   beyond the bound.
 - A read or computation in flight across an invalidation must not refill the local layer with what it
@@ -55,8 +55,8 @@ class CachedList:
     scores: tuple[float, ...]
     model_version: str
     generation: int
-    # Set on a fallback answer held for a moment under overload (``hold_fallback``): what it is and why,
-    # so that a hit on it says so. Such lists live in the local layer only, never in Redis.
+    # Set on a fallback answer held for a moment under overload (orchestrator/overload.py): what it is and
+    # why, so that a hit on it says so. Such lists live in the local layer only, never in Redis.
     source: str = "realtime"
     fallback_reason: str | None = None
 
@@ -82,10 +82,6 @@ class RecommendationCache(Protocol):
     async def set(self, user_id: str, context_key: str, value: CachedList) -> None: ...
 
     async def invalidate(self, user_id: str) -> None: ...
-
-    def hold_fallback(self, user_id: str, context_key: str, value: CachedList, ttl_s: float) -> None:
-        """Keep a fallback answer in this process for ``ttl_s`` (evicted like any list by an event)."""
-        ...
 
 
 class LocalTTLCache:
@@ -202,11 +198,6 @@ class LayeredCache:
             [Command("HSET", key, (context_key, value.encode())), Command("EXPIRE", key, (self.redis_ttl_s,))]
         )
 
-    def hold_fallback(self, user_id: str, context_key: str, value: CachedList, ttl_s: float) -> None:
-        if value.generation == UNKNOWN_GENERATION:
-            return  # as in ``set``: without the user's generation an older list could come back
-        self.local.set(user_id, context_key, value, ttl_s)
-
     async def invalidate(self, user_id: str) -> None:
         metrics.INVALIDATIONS.labels("event").inc()
         self.local.evict_user(user_id)  # at once, even if Redis then fails (the event is retried)
@@ -225,7 +216,7 @@ class LayeredCache:
 
 
 def invalidation_message(user_id: str, generation: int) -> str:
-    return f"{user_id} {generation}"  # user ids never hold a space (orchestrator/app.py ID_PATTERN)
+    return f"{user_id} {generation}"  # ids never hold a space (ID_PATTERN, orchestrator/api/shared.py)
 
 
 def parse_invalidation(data: bytes | str) -> tuple[str, int | None]:
@@ -323,7 +314,4 @@ class NoCache:
         return None
 
     async def invalidate(self, user_id: str) -> None:
-        return None
-
-    def hold_fallback(self, user_id: str, context_key: str, value: CachedList, ttl_s: float) -> None:
         return None

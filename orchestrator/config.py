@@ -1,202 +1,378 @@
-"""Service settings: typed, with units in the names, read from ``RECSERVE_*`` environment variables and
-validated at start (a bad value stops the service with the rule it broke)."""
+"""Service settings, grouped by concern: typed, with units in the names, read from ``RECSERVE_<GROUP>_<FIELD>``
+environment variables (``RECSERVE_REDIS_TIMEOUT_MS`` is ``redis.timeout_ms``) and validated at start (a bad
+value stops the service with the rule it broke; a misspelt field of a group, too).
+
+The switches that only the benchmarks flip are not production settings: they are ``Ablations``
+(``RECSERVE_ABLATION_*``, docs/LOADTEST.md). README's configuration table is printed from these classes
+(``python -m orchestrator.config --markdown``) and a unit test pins that the two agree.
+"""
 
 from __future__ import annotations
 
+import argparse
+import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.store.backend import ConnectionOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "RECSERVE_"
+ABLATION_ENV_PREFIX = "RECSERVE_ABLATION_"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RECSERVE_", extra="ignore")
+def _positive(value: float) -> float:
+    if not value > 0:  # NaN too
+        raise ValueError(f"must be > 0, got {value}")
+    return value
 
-    redis_urls: str = Field(
-        "redis://127.0.0.1:6379/0",
-        description="Comma-separated Redis URLs. Standalone mode: one or more shards on a hash ring. "
-        "Cluster mode: any one node of the Redis Cluster.",
-    )
-    redis_mode: Literal["sharded", "cluster"] = Field("sharded", description="Topology of redis_urls.")
-    redis_timeout_ms: float = Field(25.0, description="Per-shard deadline of one batch read.")
-    redis_username: str | None = Field(
-        None, description="Redis ACL user (unset: the URL's user, else 'default'). A user in the URL wins."
-    )
-    redis_password: SecretStr | None = Field(
-        None, description="Password of the Redis ACL user (from a Secret); never logged. A password in the URL wins."
-    )
-    redis_tls_ca_file: Path | None = Field(
-        None, description="CA bundle that signed the Redis servers' certificates; used with rediss:// URLs."
-    )
-    redis_max_connections: int = Field(
-        64, description="Connections per Redis shard/node per process; a burst beyond it waits for a free one."
-    )
-    redis_pool_timeout_ms: float = Field(
-        1000.0,
-        description="How long a command waits for a free pooled connection before the shard counts as "
-        "unavailable (on the request path the per-shard deadline usually ends the wait first).",
-    )
-    triton_url: str | None = Field(
-        None,
-        description="Triton gRPC address (host:port, or dns:///name:port for client-side round robin over a "
-        "headless Service). Unset: rank in process with ONNX Runtime.",
-    )
-    triton_model: str = Field("ranker_onnx", description="Triton model that ranks.")
-    triton_max_connection_age_s: float = Field(
-        300.0, description="Reconnect (and re-resolve DNS) this often, so new Triton pods get traffic."
-    )
-    onnx_model_path: Path = Field(
-        REPO_ROOT / "model_repository" / "ranker_onnx" / "1" / "model.onnx",
-        description="Ranker for the in-process backend (used when triton_url is unset).",
-    )
-    index_path: Path = Field(
-        REPO_ROOT / "build" / "artifacts" / "synthetic" / "item_index.faiss",
-        description="FAISS item index; its manifest sits beside it (.json).",
-    )
-    deadline_ms: float = Field(100.0, description="End-to-end budget of one recommendation request.")
-    fallback_reserve_ms: float = Field(
-        20.0, description="Part of the deadline kept for the fallback path (pre-computed, then popular)."
-    )
-    min_compute_ms: float = Field(
-        20.0,
-        description="Compute in real time only if this much of the budget is left after the cache lookup; "
-        "else answer from the fallback at once (sheds work when the process is saturated).",
-    )
-    overload_loop_lag_ms: float = Field(
-        5.0,
-        description="While the event loop runs this late (moving average), a cache miss answers from the "
-        "fallback instead of computing (orchestrator/loop_lag.py); 0 turns it off.",
-    )
-    overload_hold_s: float = Field(
-        2.0,
-        description="A fallback answered because this process was overloaded (overload, deadline) is kept in the "
-        "local cache this long, so that the user's next requests do not compute under the same overload; an "
-        "event evicts it like any list. 0 turns it off.",
-    )
-    retrieval_inline_max_ms: float = Field(
-        1.0,
-        description="FAISS searches measured at start to take at most this long run on the event loop (a thread "
-        "hop costs more than a short search); longer ones run in a thread; 0: always a thread.",
-    )
-    n_candidates: int = Field(200, description="Candidates retrieved from FAISS and ranked per request.")
-    max_n: int = Field(100, description="Longest list a client may ask for; the cached list has this length.")
-    local_cache_size: int = Field(100_000, description="Entries in the in-process LRU cache.")
-    local_cache_ttl_s: float = Field(
-        30.0,
-        description="Lifetime of a local cache entry: bounds what events do not invalidate (a new model version).",
-    )
-    invalidation_max_silence_s: float = Field(
-        1.0,
-        description="Hard bound on cross-replica staleness after an event: the local layer answers only while "
-        "the invalidation channel has proven itself alive this recently (else the Redis layer answers).",
-    )
-    redis_cache_ttl_s: int = Field(300, description="Lifetime of a shared (Redis) cache entry.")
-    segment_max_age_s: int = Field(60, description="Cache-Control max-age of the anonymous segment lists.")
-    popular_refresh_s: float = Field(60.0, description="How often popular lists are re-read from Redis.")
-    breaker_failures: int = Field(5, description="Consecutive ranker failures that open the circuit.")
-    breaker_reset_s: float = Field(2.0, description="How long an open circuit waits before probing again.")
-    warmup_timeout_s: float = Field(
-        5.0,
-        description="At start, before serving, one pass over the compute path with a zero user vector (retrieval, "
-        "the candidates' Redis reads, one Triton ranking) may take this long; 0 skips it.",
-    )
-    max_in_flight: int = Field(256, description="Requests inside the service at once; beyond it: 503 + Retry-After.")
-    max_body_bytes: int = Field(4096, description="Largest request body accepted (413 beyond it).")
-    api_key: SecretStr | None = Field(None, description="If set, writes (POST /v1/events) need this X-API-Key.")
-    events_rate_per_s: float = Field(50.0, description="Sustained events per second per client (429 beyond it).")
-    events_burst: int = Field(100, description="Events a client may send in a burst above the sustained rate.")
-    # Switches for ablation benchmarks (loadtest/): each turns one piece of the design off.
-    cache_enabled: bool = Field(True, description="Ablation: false computes every request (no cache at all).")
-    local_cache_enabled: bool = Field(True, description="Ablation: false drops the in-process cache layer.")
-    single_flight_enabled: bool = Field(True, description="Ablation: false lets concurrent misses all compute.")
-    hot_route_enabled: bool = Field(
-        True, description="Ablation: false routes every recommendation GET through FastAPI's full request handling."
-    )
-    redis_coalesce: bool = Field(
-        True,
-        description="Store calls made in the same event-loop iteration go to Redis as one round trip per shard "
-        "(orchestrator/store/coalesce.py); false: one round trip per call.",
-    )
-    store_reads: Literal["pipelined", "one_by_one"] = Field(
-        "pipelined", description="Ablation: one_by_one issues one Redis GET at a time (the naive design)."
-    )
 
-    @field_validator(
-        "redis_timeout_ms",
-        "redis_pool_timeout_ms",
-        "deadline_ms",
-        "local_cache_ttl_s",
-        "invalidation_max_silence_s",
-        "triton_max_connection_age_s",
-        "breaker_reset_s",
-        "events_rate_per_s",
-    )
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError(f"must be > 0, got {value}")
-        return value
+def _at_least_one(value: int) -> int:
+    if value < 1:
+        raise ValueError(f"must be an integer >= 1, got {value}")
+    return value
 
-    @field_validator(
-        "n_candidates",
-        "max_n",
-        "local_cache_size",
-        "redis_cache_ttl_s",
-        "breaker_failures",
-        "max_in_flight",
-        "redis_max_connections",
-        "max_body_bytes",
-        "events_burst",
-    )
-    @classmethod
-    def _at_least_one(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be an integer >= 1, got {value}")
-        return value
 
-    @field_validator("warmup_timeout_s", "overload_loop_lag_ms", "overload_hold_s", "retrieval_inline_max_ms")
-    @classmethod
-    def _not_negative(cls, value: float) -> float:
-        if not value >= 0:  # NaN too
-            raise ValueError(f"must be >= 0 (0 turns it off), got {value}")
-        return value
+def _off_or_positive(value: float) -> float:
+    if not value >= 0:  # NaN too
+        raise ValueError(f"must be >= 0 (0 turns it off), got {value}")
+    return value
+
+
+def _not_negative(value: int) -> int:
+    if value < 0:
+        raise ValueError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+# The rule travels with the type: every field of one of these types is checked the same way.
+Positive = Annotated[float, AfterValidator(_positive)]
+AtLeastOne = Annotated[int, AfterValidator(_at_least_one)]
+ZeroTurnsOff = Annotated[float, AfterValidator(_off_or_positive)]
+NotNegative = Annotated[int, AfterValidator(_not_negative)]
+
+
+class Group(BaseModel):
+    # extra="forbid": RECSERVE_REDIS_TIMOUT_MS (a typo) stops the service instead of being ignored.
+    # Field docstrings are the descriptions: README's table is printed from them. An error names the field and
+    # the rule, never the input: the input of the redis group holds the password.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, hide_input_in_errors=True)
+
+
+class RedisSettings(Group):
+    """The Redis deployment behind every store, the cache and the invalidation channel."""
+
+    urls: str = "redis://127.0.0.1:6379/0"
+    """Comma-separated Redis URLs. Standalone mode: one or more shards on a hash ring. Cluster mode: any one node
+    of the Redis Cluster."""
+    mode: str = "sharded"
+    """Topology of the URLs: `sharded` (standalone servers on a hash ring) or `cluster` (Redis Cluster); the
+    composition root's table (orchestrator/composition.py) names the known ones."""
+    timeout_ms: Positive = 25.0
+    """Per-shard deadline of one batch read."""
+    username: str | None = None
+    """Redis ACL user (unset: the URL's user, else 'default'). A user in the URL wins."""
+    password: SecretStr | None = None
+    """Password of the Redis ACL user (from a Secret); never logged. A password in the URL wins."""
+    tls_ca_file: Path | None = None
+    """CA bundle that signed the Redis servers' certificates; used with rediss:// URLs."""
+    max_connections: AtLeastOne = 64
+    """Connections per Redis shard/node per process; a burst beyond it waits for a free one."""
+    pool_timeout_ms: Positive = 1000.0
+    """How long a command waits for a free pooled connection before the shard counts as unavailable (on the
+    request path the per-shard deadline usually ends the wait first)."""
 
     @model_validator(mode="after")
-    def _budget(self) -> Settings:
-        if not 0 <= self.fallback_reserve_ms < self.deadline_ms:
-            raise ValueError(
-                f"fallback_reserve_ms must be in 0..deadline_ms ({self.deadline_ms}), got {self.fallback_reserve_ms}"
-            )
-        if not 0 <= self.min_compute_ms <= self.deadline_ms - self.fallback_reserve_ms:
-            raise ValueError(
-                f"min_compute_ms must be in 0..deadline_ms - fallback_reserve_ms "
-                f"({self.deadline_ms - self.fallback_reserve_ms}), got {self.min_compute_ms}"
-            )
-        if self.max_n > self.n_candidates:
-            raise ValueError(f"max_n ({self.max_n}) must be <= n_candidates ({self.n_candidates})")
-        if not self.redis_url_list:
-            raise ValueError("redis_urls must name at least one Redis URL")
-        if self.redis_tls_ca_file is not None and not self.redis_tls_ca_file.is_file():
-            raise ValueError(f"redis_tls_ca_file must be a readable file, got {str(self.redis_tls_ca_file)!r}")
+    def _reachable(self) -> RedisSettings:
+        if not self.url_list:
+            raise ValueError("urls must name at least one Redis URL")
+        if self.tls_ca_file is not None and not self.tls_ca_file.is_file():
+            raise ValueError(f"tls_ca_file must be a readable file, got {str(self.tls_ca_file)!r}")
         return self
 
     @property
-    def redis_connection(self) -> ConnectionOptions:
-        """How every Redis client of this process connects (credentials, TLS, bounded pools)."""
-        return ConnectionOptions(
-            username=self.redis_username,
-            password=self.redis_password.get_secret_value() if self.redis_password else None,
-            ca_file=self.redis_tls_ca_file,
-            max_connections=self.redis_max_connections,
-            pool_timeout_s=self.redis_pool_timeout_ms / 1000,
-            connect_timeout_s=max(self.redis_timeout_ms / 1000, 0.5),
-        )
+    def url_list(self) -> list[str]:
+        return [url.strip() for url in self.urls.split(",") if url.strip()]
 
     @property
-    def redis_url_list(self) -> list[str]:
-        return [url.strip() for url in self.redis_urls.split(",") if url.strip()]
+    def connection(self) -> ConnectionOptions:
+        """How every Redis client of this process connects (credentials, TLS, bounded pools)."""
+        return ConnectionOptions(
+            username=self.username,
+            password=self.password.get_secret_value() if self.password else None,
+            ca_file=self.tls_ca_file,
+            max_connections=self.max_connections,
+            pool_timeout_s=self.pool_timeout_ms / 1000,
+            connect_timeout_s=max(self.timeout_ms / 1000, 0.5),
+        )
+
+
+class TritonSettings(Group):
+    """The production ranker: Triton over gRPC, behind a circuit breaker."""
+
+    url: str | None = None
+    """Triton gRPC address (host:port, or dns:///name:port for client-side round robin over a headless
+    Service). Unset: rank in process with ONNX Runtime."""
+    model: str = "ranker_onnx"
+    """Triton model that ranks."""
+    max_connection_age_s: Positive = 300.0
+    """Reconnect (and re-resolve DNS) this often, so new Triton pods get traffic."""
+    breaker_failures: AtLeastOne = 5
+    """Consecutive Triton failures that open the circuit (calls then fail at once, to the fallback)."""
+    breaker_reset_s: Positive = 2.0
+    """How long an open circuit waits before letting one probe call through."""
+
+
+class OnnxSettings(Group):
+    """The embedded ranker: ONNX Runtime in process, used when no Triton address is set."""
+
+    model_path: Path = REPO_ROOT / "model_repository" / "ranker_onnx" / "1" / "model.onnx"
+    """Ranker model of the in-process backend (used when RECSERVE_TRITON_URL is unset)."""
+
+
+class IndexSettings(Group):
+    """The FAISS item index, in process."""
+
+    path: Path = REPO_ROOT / "build" / "artifacts" / "synthetic" / "item_index.faiss"
+    """FAISS item index; its manifest sits beside it (.json)."""
+    inline_max_ms: ZeroTurnsOff = 1.0
+    """FAISS searches measured at start to take at most this long run on the event loop (a thread hop costs
+    more than a short search); longer ones run in a thread; 0: always a thread."""
+
+
+class RankingSettings(Group):
+    """How much is ranked per request, and how much of the ranking is kept."""
+
+    n_candidates: AtLeastOne = 200
+    """Candidates retrieved from the index and ranked per request."""
+    list_length: AtLeastOne = 100
+    """Items kept of each list ranked in real time: the list cached per user and context, of which a request
+    for n items gets the first n. Not the API's limit (n is at most 100 there): a request for more than this
+    gets this many."""
+
+    @model_validator(mode="after")
+    def _fits(self) -> RankingSettings:
+        if self.list_length > self.n_candidates:
+            raise ValueError(f"list_length ({self.list_length}) must be <= n_candidates ({self.n_candidates})")
+        return self
+
+
+class DeadlineSettings(Group):
+    """The time budget of one recommendation request."""
+
+    request_ms: Positive = 100.0
+    """End-to-end budget of one recommendation request."""
+    fallback_reserve_ms: float = 20.0
+    """Part of the budget kept for the fallback path (pre-computed, then popular)."""
+    min_compute_ms: float = 20.0
+    """Compute in real time only if this much of the budget is left after the cache lookup; else answer from
+    the fallback at once (sheds work when the process is saturated)."""
+
+    @model_validator(mode="after")
+    def _budget(self) -> DeadlineSettings:
+        if not 0 <= self.fallback_reserve_ms < self.request_ms:
+            raise ValueError(
+                f"fallback_reserve_ms must be in 0..request_ms ({self.request_ms}), got {self.fallback_reserve_ms}"
+            )
+        realtime_ms = self.request_ms - self.fallback_reserve_ms
+        if not 0 <= self.min_compute_ms <= realtime_ms:
+            raise ValueError(
+                f"min_compute_ms must be in 0..request_ms - fallback_reserve_ms ({realtime_ms}), "
+                f"got {self.min_compute_ms}"
+            )
+        return self
+
+
+class WarmupSettings(Group):
+    """The pass over the compute path before the first request."""
+
+    timeout_s: ZeroTurnsOff = 5.0
+    """At start, before serving, one pass over the compute path with a zero user vector (retrieval, the
+    candidates' Redis reads, one Triton ranking) may take this long; 0 skips it."""
+
+
+class OverloadSettings(Group):
+    """How the process answers while it cannot keep up (docs/RELIABILITY.md)."""
+
+    loop_lag_ms: ZeroTurnsOff = 5.0
+    """While the event loop runs this late (moving average), a cache miss answers from the fallback instead of
+    computing (orchestrator/loop_lag.py); 0 turns it off."""
+    hold_s: ZeroTurnsOff = 2.0
+    """A fallback answered because this process was overloaded (overload, deadline) is kept in the local cache
+    this long, so that the user's next requests do not compute under the same overload; an event evicts it
+    like any list. 0 turns it off."""
+
+
+class CacheSettings(Group):
+    """The recommendation cache: the in-process layer, the shared Redis layer, and invalidation."""
+
+    local_size: AtLeastOne = 100_000
+    """Entries in the in-process LRU cache."""
+    local_ttl_s: Positive = 30.0
+    """Lifetime of a local cache entry: bounds what events do not invalidate (a new model version)."""
+    invalidation_max_silence_s: Positive = 1.0
+    """Hard bound on cross-replica staleness after an event: the local layer answers only while the
+    invalidation channel has proven itself alive this recently (else the Redis layer answers)."""
+    redis_ttl_s: AtLeastOne = 300
+    """Lifetime of a shared (Redis) cache entry."""
+
+
+class PopularSettings(Group):
+    """The popular lists per segment: the last fallback, and the anonymous segment endpoint."""
+
+    refresh_s: Positive = 60.0
+    """How often popular lists are re-read from Redis."""
+    segment_max_age_s: NotNegative = 60
+    """Cache-Control max-age of the anonymous segment lists."""
+
+
+class LimitsSettings(Group):
+    """What one process takes in at once."""
+
+    max_in_flight: AtLeastOne = 256
+    """Requests inside the service at once; beyond it: 503 + Retry-After."""
+    max_body_bytes: AtLeastOne = 4096
+    """Largest request body accepted (413 beyond it)."""
+
+
+class EventsSettings(Group):
+    """Who may write events (POST /v1/events), and how fast."""
+
+    api_key: SecretStr | None = None
+    """If set, writes (POST /v1/events) need this X-API-Key."""
+    rate_per_s: Positive = 50.0
+    """Sustained events per second per client (429 beyond it)."""
+    burst: AtLeastOne = 100
+    """Events a client may send in a burst above the sustained rate."""
+
+
+class Settings(BaseSettings):
+    """The orchestrator's production settings, one group per concern."""
+
+    # RECSERVE_CACHE_LOCAL_TTL_S -> cache.local_ttl_s: the first word after the prefix names the group.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="ignore",  # RECSERVE_DATASET and the ablations share the prefix; they are not settings
+        use_attribute_docstrings=True,
+        hide_input_in_errors=True,
+    )
+
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    onnx: OnnxSettings = Field(default_factory=OnnxSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    ranking: RankingSettings = Field(default_factory=RankingSettings)
+    deadline: DeadlineSettings = Field(default_factory=DeadlineSettings)
+    warmup: WarmupSettings = Field(default_factory=WarmupSettings)
+    overload: OverloadSettings = Field(default_factory=OverloadSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    popular: PopularSettings = Field(default_factory=PopularSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
+
+
+class Ablations(BaseSettings):
+    """Switches the benchmarks flip to measure what one piece of the design is worth (docs/LOADTEST.md).
+    Production leaves them all at their defaults; the composition root reads them."""
+
+    model_config = SettingsConfigDict(env_prefix=ABLATION_ENV_PREFIX, extra="ignore", use_attribute_docstrings=True)
+
+    cache_enabled: bool = True
+    """false: no cache at all; every request computes."""
+    local_cache_enabled: bool = True
+    """false: drops the in-process cache layer (every cache read goes to Redis)."""
+    single_flight_enabled: bool = True
+    """false: concurrent misses of one user and context all compute."""
+    hot_route_enabled: bool = True
+    """false: every recommendation GET goes through FastAPI's full request handling."""
+    redis_coalesce: bool = True
+    """false: every store call is its own round trip per shard, instead of one for all the calls made in the
+    same event-loop iteration (orchestrator/store/coalesce.py)."""
+    store_reads: str = "pipelined"
+    """one_by_one: one Redis GET at a time, the naive design (orchestrator/naive.py); pipelined: one round trip
+    per shard."""
+
+
+# -- the documentation, printed from the classes above --------------------------------------------------
+
+
+def environment_variables(settings_class: type[BaseSettings] = Settings) -> Iterator[tuple[str, FieldInfo]]:
+    """Every variable a settings class reads, with its field, in declaration order: RECSERVE_<GROUP>_<FIELD>
+    for a class of groups (``Settings``), <prefix><FIELD> for a flat one (``Ablations``)."""
+    prefix = settings_class.model_config.get("env_prefix", "")
+    for name, field in settings_class.model_fields.items():
+        group = field.annotation
+        if isinstance(group, type) and issubclass(group, Group):
+            for member, member_field in group.model_fields.items():
+                yield f"{prefix}{name.upper()}_{member.upper()}", member_field
+        else:
+            yield f"{prefix}{name.upper()}", field
+
+
+def _default(field: FieldInfo) -> str:
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return "unset"
+    if isinstance(value, Path):
+        value = value.relative_to(REPO_ROOT) if value.is_relative_to(REPO_ROOT) else value
+    elif isinstance(value, bool):
+        value = str(value).lower()
+    return f"`{value}`"
+
+
+def _meaning(field: FieldInfo) -> str:
+    return re.sub(r"\s+", " ", field.description or "").strip().replace("|", "\\|")
+
+
+def markdown_table(settings_class: type[BaseSettings] = Settings) -> str:
+    """The configuration table of README.md (``Settings``) or docs/LOADTEST.md (``Ablations``)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [
+        f"| `{name}` | {_default(field)} | {_meaning(field)} |" for name, field in environment_variables(settings_class)
+    ]
+    return "\n".join(rows) + "\n"
+
+
+BEGIN = "<!-- BEGIN {name} table: generated by `python -m orchestrator.config --update {path}` -->\n"
+END = "<!-- END {name} table -->\n"
+TABLES: dict[str, tuple[str, type[BaseSettings]]] = {
+    "README.md": ("settings", Settings),
+    "docs/LOADTEST.md": ("ablations", Ablations),
+}
+
+
+def with_table(text: str, path: str) -> str:
+    """``text`` (the file at ``path``, relative to the repository) with its generated table rewritten."""
+    name, settings_class = TABLES[path]
+    begin, end = BEGIN.format(name=name, path=path), END.format(name=name)
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise ValueError(f"{path} must hold the lines {begin.strip()!r} and {end.strip()!r}, in that order")
+    return text[: start + len(begin)] + markdown_table(settings_class) + text[stop:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.config", description=__doc__)
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--markdown", action="store_true", help="print the settings table (README.md)")
+    action.add_argument("--ablations", action="store_true", help="print the ablations table (docs/LOADTEST.md)")
+    action.add_argument("--update", choices=sorted(TABLES), help="rewrite the generated table in this file")
+    args = parser.parse_args(argv)
+    if args.update:
+        target = REPO_ROOT / args.update
+        target.write_text(with_table(target.read_text(), args.update))
+    else:
+        sys.stdout.write(markdown_table(Ablations if args.ablations else Settings))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,154 +1,55 @@
-"""The hot route: ``GET /v1/recommendations/{user_id}`` with well-formed parameters, and ``POST /v1/events``
-with a valid JSON body, answered below FastAPI's routing, dependency solving and response classes.
+"""The hot route: ``GET /v1/recommendations/{user_id}`` and ``POST /v1/events`` answered below FastAPI's
+routing, dependency solving and response classes.
 
 Why: a cache hit does a dictionary lookup, yet FastAPI's per-request machinery costs several times that
-(profiled: routing, dependency solving and the response object took more than half of a hit's CPU). The flow
-behind it is the same ``Recommender.recommend`` and the body the same ``recommendation_body``.
+(profiled: routing, dependency solving and the response object took more than half of a hit's CPU).
 
-The parser accepts only a canonical subset it can validate exactly as the FastAPI route does (the route
-still declares the API: OpenAPI, 422 messages). Anything else — a bad or percent-encoded value, a
-repeated parameter, ``debug``, a trailing slash, a method other than GET — goes to FastAPI untouched,
-so every error message and every edge case keeps FastAPI's behaviour. An event is taken only with
-``Content-Type: application/json``, a ``Content-Length`` within the body limit, at most one ``X-API-Key``
-and a body the route's own model accepts; otherwise the body read so far is handed to FastAPI as it came.
-What happens to a valid event is one function for both (``take_event`` in orchestrator/app.py).
+What is valid is not decided here. Each endpoint's module owns its parser (``parse`` in
+``orchestrator/api/recommendations.py``, ``parse_event`` in ``orchestrator/api/events.py``) and what it does
+with a valid request (``answer``, ``take_event``); the FastAPI routes call the same functions. This route
+takes a request only where FastAPI's routing would send it to that endpoint and the parser accepts it.
+Everything else goes to FastAPI untouched, so every error and edge case keeps FastAPI's answer: a request
+the parser refuses (FastAPI's route parses it again and answers the 422), a trailing slash, another
+method, and an event without exactly one ``Content-Type: application/json``, without a ``Content-Length``
+within the body limit, or with more than one ``X-API-Key`` (the body read so far is handed on as it came).
 """
 
 from __future__ import annotations
 
-import re
-import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
-
 import orjson
 
-from orchestrator import metrics
+from orchestrator.api import events, recommendations
+from orchestrator.api.shared import services_of
 from orchestrator.guards import ASGIApp, Message, Receive, Scope, Send
-from orchestrator.recommender import Recommendation, RequestContext
-
-PREFIX = "/v1/recommendations/"
-EVENTS_PATH = "/v1/events"
-DEFAULT_N = 20
-
-
-@dataclass(frozen=True)
-class HotRequest:
-    user_id: str
-    n: int
-    context: RequestContext
-
-
-class QueryRules:
-    """What the FastAPI route accepts, from the same constants (orchestrator/app.py builds it)."""
-
-    def __init__(
-        self, id_pattern: str, id_max_length: int, max_n: int, page_types: frozenset[str], devices: frozenset[str]
-    ) -> None:
-        self.id_pattern = re.compile(id_pattern)
-        self.id_max_length = id_max_length
-        self.max_n = max_n
-        self.page_types = page_types
-        self.devices = devices
-
-    def parse(self, method: str, path: str, query_string: bytes) -> HotRequest | None:
-        """The request, if it is a well-formed one in the canonical subset; None: let FastAPI handle it."""
-        if method != "GET" or not path.startswith(PREFIX):
-            return None
-        user_id = path[len(PREFIX) :]
-        if not 1 <= len(user_id) <= self.id_max_length or self.id_pattern.fullmatch(user_id) is None:
-            return None
-        params: dict[str, str] = {}
-        if query_string:
-            for part in query_string.decode("latin-1").split("&"):
-                key, sep, value = part.partition("=")
-                if not sep or key in params or not key.isascii() or not key.replace("_", "").isalnum():
-                    return None  # malformed, repeated, or an encoded key that might decode to a known one
-                params[key] = value
-        n = DEFAULT_N
-        if "n" in params:
-            raw = params["n"]
-            # Plain decimal only (no sign, no leading zero): pydantic's other spellings go to FastAPI.
-            if not (raw.isascii() and raw.isdigit() and raw[0] != "0" and len(raw) <= 4):
-                return None
-            n = int(raw)
-            if n > self.max_n:
-                return None
-        page_type = params.get("page_type", "home")
-        device = params.get("device", "web")
-        if page_type not in self.page_types or device not in self.devices or "debug" in params:
-            return None
-        return HotRequest(user_id, n, RequestContext(page_type, device))
-
-
-def recommendation_body(result: Recommendation, timings_ms: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """The JSON answer of both routes (the schema is ``RecommendationsResponse`` in orchestrator/app.py)."""
-    body: dict[str, Any] = {
-        "user_id": result.user_id,
-        "items": [{"item_id": item, "score": score} for item, score in result.items],
-        "source": result.source,
-        "model_version": result.model_version,
-    }
-    if result.fallback_reason:
-        body["fallback_reason"] = result.fallback_reason
-    if timings_ms is not None:
-        body["timings_ms"] = dict(timings_ms)
-    return body
-
 
 JSON_HEADERS = (b"content-type", b"application/json")
 
-# (scope, body, X-API-Key) -> (status, body, headers), or None where the body is not a valid event.
-EventHandler = Callable[[Scope, bytes, str | None], Awaitable[tuple[int, bytes, dict[str, str]] | None]]
-
-
-@dataclass(frozen=True)
-class HotEvents:
-    handle: EventHandler
-    max_body_bytes: int
-
 
 class HotRoute:
-    """ASGI middleware: answers what ``rules`` accepts with ``recommender_of(scope)``, and valid events with
-    ``events``; passes the rest on."""
+    """ASGI middleware: answers what the endpoints' parsers accept, passes the rest on."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        rules: QueryRules,
-        recommender_of: Callable[[Scope], Any],
-        events: HotEvents | None = None,
-    ) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
-        self.rules = rules
-        self.recommender_of = recommender_of
-        self.events = events
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hot = None
         if scope["type"] == "http":
-            if self.events is not None and scope["path"] == EVENTS_PATH and scope["method"] == "POST":
-                await self._event(scope, receive, send, self.events)
+            method, path = scope["method"], scope["path"]
+            if method == "GET" and path.startswith(recommendations.PREFIX):
+                user_id = path[len(recommendations.PREFIX) :]
+                # FastAPI's route matches one non-empty path segment.
+                if user_id and "/" not in user_id:
+                    query = recommendations.parse(user_id, scope["query_string"])
+                    if isinstance(query, recommendations.RecommendationQuery):
+                        body = await recommendations.answer(recommendations.recommender_of(scope["app"]), query)
+                        await _respond(send, 200, body, {})
+                        return
+            elif method == "POST" and path == events.PATH:
+                await self._event(scope, receive, send)
                 return
-            hot = self.rules.parse(scope["method"], scope["path"], scope["query_string"])
-        if hot is None:
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        result: Recommendation = await self.recommender_of(scope).recommend(hot.user_id, hot.n, hot.context)
-        body = orjson.dumps(recommendation_body(result))
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [JSON_HEADERS, (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-        metrics.REQUEST_LATENCY.labels("recommendations", result.source).observe(time.perf_counter() - started)
+        await self.app(scope, receive, send)
 
-    async def _event(self, scope: Scope, receive: Receive, send: Send, events: HotEvents) -> None:
+    async def _event(self, scope: Scope, receive: Receive, send: Send) -> None:
         length, content_types, api_keys = None, [], []
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -161,7 +62,7 @@ class HotRoute:
             content_types == [b"application/json"]  # exactly one: with two, which one counts is FastAPI's call
             and length is not None
             and length.isdigit()
-            and int(length) <= events.max_body_bytes
+            and int(length) <= self.max_body_bytes
             and len(api_keys) <= 1
         )
         if not canonical:
@@ -175,15 +76,21 @@ class HotRoute:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        answer = await events.handle(scope, body, api_keys[0] if api_keys else None)
-        if answer is None:
+        event = events.parse_event("application/json", body)
+        if isinstance(event, events.InvalidEvent):
             await self.app(scope, _replay(body, receive), send)
             return
-        status, content, headers = answer
-        raw_headers = [JSON_HEADERS, (b"content-length", str(len(content)).encode())]
-        raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": content})
+        client = scope.get("client")
+        key = api_keys[0] if api_keys else None
+        outcome = await events.take_event(services_of(scope["app"]), event, key, client[0] if client else None)
+        await _respond(send, outcome.status, orjson.dumps(outcome.body), outcome.headers)
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    raw_headers = [JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -1,5 +1,5 @@
 """The naive store access the benchmarks compare against: one Redis command per round trip, one after
-another, the way the classic design fetches features. Only for ablations (``RECSERVE_STORE_READS``)."""
+another, the way the classic design fetches features. Only for ablations (``RECSERVE_ABLATION_STORE_READS``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.readiness import Readiness
 from orchestrator.store.backend import Backend, Command, Replies
 
 
@@ -31,6 +32,9 @@ class OneByOneBackend:
 
     async def delete_matching(self, pattern: str, batch: int = 1000) -> int:
         return await self.inner.delete_matching(pattern, batch)
+
+    async def ready(self) -> Readiness:
+        return await self.inner.ready()
 
     async def aclose(self) -> None:
         await self.inner.aclose()

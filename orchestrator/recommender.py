@@ -3,13 +3,15 @@
     cache (local -> Redis)
       miss -> single-flight per (user, context):
         user embedding + features + seen set (Redis, concurrently)
-        -> FAISS candidates (off the event loop) -> candidate embeddings + features (Redis, per shard)
+        -> FAISS candidates (on the event loop when short, else a thread) -> candidate embeddings + features (Redis, per shard)
         -> ranking (Triton over gRPC, within what is left of the deadline)
         -> exclude seen/purchased -> top N -> cache write
       deadline missed or a part down -> pre-computed list (Redis) -> popular list for the segment (memory)
 
-Fallbacks catch the declared dependency errors only (timeouts, ``StoreUnavailable``,
-``RankerUnavailable``); anything else is a bug and propagates.
+What answers when the real-time path cannot is the fallback chain the recommender is given
+(``orchestrator/fallback.py``, built by the composition root): its fallbacks catch the errors they declare
+only; anything else is a bug and propagates. An answer given because this process was overloaded is held
+for a moment by ``orchestrator/overload.py``, which the flow asks after every fallback.
 """
 
 from __future__ import annotations
@@ -26,15 +28,19 @@ import numpy as np
 from orchestrator import metrics, schema
 from orchestrator.cache import UNKNOWN_GENERATION, CachedList, RecommendationCache
 from orchestrator.config import Settings
-from orchestrator.popular import PopularLists
+from orchestrator.errors import Overloaded, UnknownUser
+from orchestrator.fallback import FallbackChain, FallbackRequest
+from orchestrator.overload import HoldSlot, OverloadHold
 from orchestrator.ranking import Ranker, RankerUnavailable, RankingRequest
 from orchestrator.retrieval import Retriever
 from orchestrator.singleflight import SingleFlight
-from orchestrator.store import EmbeddingStore, FeatureStore, PrecomputedStore
+from orchestrator.store import EmbeddingStore, FeatureStore
 from orchestrator.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+# What a dependency raises when it cannot answer in time: a cache lookup that fails is a miss, a failed
+# warm-up stage stays cold, and the fallback chain (orchestrator/composition.py) answers for these.
 DEPENDENCY_ERRORS = (TimeoutError, StoreUnavailable, RankerUnavailable)
 
 
@@ -82,10 +88,6 @@ class Recommendation:
     fallback_reason: str | None = None
 
 
-class UnknownUser(Exception):
-    """No embedding for this user: nothing to personalise with."""
-
-
 class StageTimer:
     def __init__(self) -> None:
         self.timings_ms: dict[str, float] = {}
@@ -99,18 +101,6 @@ class StageTimer:
             elapsed = time.perf_counter() - started
             self.timings_ms[name] = round(elapsed * 1000, 3)
             metrics.STAGE_LATENCY.labels(name).observe(elapsed)
-
-
-# Fallbacks caused by this process's own load (not by a dependency being down): worth holding for a moment.
-HELD_REASONS = frozenset({"overload", "deadline"})
-
-
-@dataclass(frozen=True)
-class HeldFallback:
-    """Where a fallback answer may be held: the request's cache key and the user's generation at lookup."""
-
-    context_key: str
-    generation: int
 
 
 @dataclass
@@ -128,8 +118,8 @@ class Recommender:
         features: FeatureStore,
         retriever: Retriever,
         ranker: Ranker,
-        precomputed: PrecomputedStore,
-        popular: PopularLists,
+        fallbacks: FallbackChain,
+        hold: OverloadHold,
         n_items: int,
         single_flight: bool = True,
         overloaded: Callable[[], bool] = lambda: False,
@@ -140,8 +130,8 @@ class Recommender:
         self.features = features
         self.retriever = retriever
         self.ranker = ranker
-        self.precomputed = precomputed
-        self.popular = popular
+        self.fallbacks = fallbacks  # orchestrator/fallback.py: pre-computed, then popular
+        self.hold = hold  # orchestrator/overload.py
         self.n_items = n_items
         self.single_flight: SingleFlight[Computed] | None = SingleFlight() if single_flight else None
         self.overloaded = overloaded  # orchestrator/loop_lag.py
@@ -156,7 +146,7 @@ class Recommender:
         opens its Redis connections and the Triton channel and runs the index and the model for the first
         time here, not past a user's deadline. Milliseconds per stage that succeeded; a stage that fails is
         logged and left cold (requests then fall back, as they would have anyway)."""
-        n = min(self.settings.n_candidates, self.n_items)
+        n = min(self.settings.ranking.n_candidates, self.n_items)
         candidates: list[str] = []
 
         async def retrieval() -> None:
@@ -202,8 +192,8 @@ class Recommender:
 
     async def recommend(self, user_id: str, n: int, context: RequestContext) -> Recommendation:
         started = time.perf_counter()
-        deadline = started + self.settings.deadline_ms / 1000
-        realtime_budget_s = (self.settings.deadline_ms - self.settings.fallback_reserve_ms) / 1000
+        deadline = started + self.settings.deadline.request_ms / 1000
+        realtime_budget_s = (self.settings.deadline.request_ms - self.settings.deadline.fallback_reserve_ms) / 1000
         timer = StageTimer()
         with timer.stage("cache"):
             try:
@@ -215,11 +205,13 @@ class Recommender:
             return self._answer(user_id, lookup.value, n, "cache", timer.timings_ms)
         generation = lookup.generation if lookup is not None else UNKNOWN_GENERATION
         remaining_s = realtime_budget_s - (time.perf_counter() - started)
-        held = HeldFallback(context.cache_key, generation)
-        if remaining_s * 1000 < self.settings.min_compute_ms or self.overloaded():
+        slot = HoldSlot(context.cache_key, generation)
+        starved = remaining_s * 1000 < self.settings.deadline.min_compute_ms
+        if starved or self.overloaded():
             # The cache lookup alone ate the budget, or the event loop runs late: the process is saturated.
             # Computing now would only add load and still miss the deadline, so answer from the fallback at once.
-            return await self._fallback(user_id, n, "overload", deadline, timer, held=held)
+            why = "the cache lookup past the budget" if starved else "an event loop that runs late"
+            return await self._fallback(user_id, n, Overloaded(why), deadline, timer, slot)
         try:
             async with asyncio.timeout(max(remaining_s, 0.0)):
                 work = lambda: self._compute(user_id, context, generation, started + realtime_budget_s)  # noqa: E731
@@ -227,10 +219,8 @@ class Recommender:
                     computed, joined = await work(), False
                 else:
                     computed, joined = await self.single_flight.do(f"{user_id}|{context.cache_key}", work)
-        except UnknownUser:
-            return await self._fallback(user_id, n, "unknown_user", deadline, timer, try_precomputed=False)
-        except DEPENDENCY_ERRORS as exc:
-            return await self._fallback(user_id, n, _reason(exc), deadline, timer, held=held)
+        except self.fallbacks.catches as exc:
+            return await self._fallback(user_id, n, exc, deadline, timer, slot)
         if joined:
             metrics.SINGLE_FLIGHT_JOINS.inc()
         timer.timings_ms.update(computed.timings_ms)
@@ -264,9 +254,9 @@ class Recommender:
         seen = seen_sets[0]
 
         with timer.stage("retrieval"):
-            k = min(self.n_items, self.settings.n_candidates + len(seen))
+            k = min(self.n_items, self.settings.ranking.n_candidates + len(seen))
             found_ids, _ = await self.retriever.search(user_vectors.matrix[:1], k)
-            candidates = [i for i in found_ids[0] if i not in seen][: self.settings.n_candidates]
+            candidates = [i for i in found_ids[0] if i not in seen][: self.settings.ranking.n_candidates]
 
         with timer.stage("item_features"):
             item_vectors, item_rows = await asyncio.gather(
@@ -294,7 +284,7 @@ class Recommender:
                 raise TimeoutError("no time left to rank")
             scores = await self.ranker.score(request, timeout_s=timeout_s)
 
-        order = np.argsort(-scores, kind="stable")[: self.settings.max_n]
+        order = np.argsort(-scores, kind="stable")[: self.settings.ranking.list_length]
         value = CachedList(
             tuple(kept[i] for i in order), tuple(float(scores[i]) for i in order), self.model_version, generation
         )
@@ -302,68 +292,13 @@ class Recommender:
         return Computed(value, timer.timings_ms)
 
     async def _fallback(
-        self,
-        user_id: str,
-        n: int,
-        reason: str,
-        deadline: float,
-        timer: StageTimer,
-        try_precomputed: bool = True,
-        held: HeldFallback | None = None,
+        self, user_id: str, n: int, cause: Exception, deadline: float, timer: StageTimer, slot: HoldSlot
     ) -> Recommendation:
-        metrics.FALLBACKS.labels(reason).inc()
-        seen: set[str] = set()
-        if try_precomputed:
-            with timer.stage("precomputed"):
-                try:
-                    async with asyncio.timeout(max(deadline - time.perf_counter(), 0.0)):
-                        (stored,), (seen_now,) = await asyncio.gather(
-                            self.precomputed.get_recs([user_id]), self.features.seen([user_id])
-                        )
-                except DEPENDENCY_ERRORS:
-                    stored, seen_now = None, None
-            seen = seen_now or set()
-            if stored is not None:
-                # Purchases since the list was computed must not come back.
-                items = [(i, s) for i, s in zip(stored.items, stored.scores, strict=True) if i not in seen]
-                if items:
-                    self._hold(user_id, held, reason, "precomputed", items, stored.model_version)
-                    return Recommendation(
-                        user_id, items[:n], "precomputed", stored.model_version, timer.timings_ms, reason
-                    )
-        popular = self.popular.get(schema.GLOBAL_SEGMENT)
-        items = [(i, s) for i, s in zip(popular.items, popular.scores, strict=True) if i not in seen]
-        self._hold(user_id, held, reason, "popular", items, popular.model_version)
-        return Recommendation(user_id, items[:n], "popular", popular.model_version, timer.timings_ms, reason)
-
-    def _hold(
-        self,
-        user_id: str,
-        held: HeldFallback | None,
-        reason: str,
-        source: str,
-        items: list[tuple[str, float]],
-        model_version: str,
-    ) -> None:
-        """Under overload, the user's next requests get this answer from the local cache for a moment.
-
-        Why: a list that failed to compute is not cached, so every later request of that user misses again
-        and, under the same overload, fails again; and each purchase adds a user to that set. Left alone
-        the misses outgrow what the process can compute and it never leaves overload, even after the
-        burst that caused it (load test). Held for ``overload_hold_s``, those users are hits again until
-        the loop has caught up; an event evicts the held answer like any list.
-        """
-        if held is None or reason not in HELD_REASONS or self.settings.overload_hold_s <= 0 or not items:
-            return
-        value = CachedList(
-            tuple(i for i, _ in items[: self.settings.max_n]),
-            tuple(s for _, s in items[: self.settings.max_n]),
-            model_version,
-            held.generation,
-            source,
-            reason,
+        answer = await self.fallbacks.answer(cause, FallbackRequest(user_id, deadline, timer))
+        self.hold.keep(user_id, slot, answer)
+        return Recommendation(
+            user_id, answer.items[:n], answer.source, answer.model_version, timer.timings_ms, answer.reason
         )
-        self.cache.hold_fallback(user_id, held.context_key, value, self.settings.overload_hold_s)
 
     def _answer(
         self, user_id: str, value: CachedList, n: int, source: str, timings: dict[str, float]
@@ -391,11 +326,3 @@ class Recommender:
         """Wait for background cache writes (shutdown, tests)."""
         if self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "deadline"
-    if isinstance(exc, RankerUnavailable):
-        return "ranker_unavailable"
-    return "store_unavailable"

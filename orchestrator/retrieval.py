@@ -12,11 +12,18 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
+from orchestrator.readiness import Readiness
+
 
 class Retriever(Protocol):
-    """``search`` returns item ids (row per query, best first) and their scores, both [n_queries, k]."""
+    """``search`` returns item ids (row per query, best first) and their scores, both [n_queries, k].
+    ``ready`` says whether it can search now (for /readyz); ``aclose`` releases what it holds."""
 
     async def search(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]: ...
+
+    async def ready(self) -> Readiness: ...
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -88,3 +95,9 @@ class FaissRetriever:
             return self.search_sync(user_vectors, k)
         # FAISS releases the GIL during search: run it off the event loop.
         return await asyncio.to_thread(self.search_sync, user_vectors, k)
+
+    async def ready(self) -> Readiness:
+        return Readiness(True, f"ok ({len(self.item_ids)} items)")  # loaded in the constructor, or it raised
+
+    async def aclose(self) -> None:
+        """Nothing to release: the index is memory the object holds."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ from orchestrator import schema
 
 
 def random_bundle(path: Path, n_users: int = 500, n_items: int = 400, dim: int = 8, version: str = "t-v1") -> Bundle:
-    rng = np.random.default_rng(abs(hash(version)) % 2**32)
+    # Seeded from the version's bytes: hash() of a str changes with every interpreter (PYTHONHASHSEED).
+    rng = np.random.default_rng(zlib.crc32(version.encode()))
     users = [f"u{i}" for i in range(n_users)]
     items = [f"i{i}" for i in range(n_items)]
 

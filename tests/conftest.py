@@ -16,6 +16,10 @@ from export.artifacts import Bundle
 from export.data import SyntheticSpec, movielens_dir
 from export.train import TrainConfig
 from export.triton_config import BatchingSpec
+from tests.service_guard import GUARD, MARKER
+
+# Test folders whose every test is in the integration tier (they train models or start services).
+INTEGRATION_DIRS = ("integration", "faults")
 
 SMALL_DATA = SyntheticSpec(n_users=300, n_items=400, mean_interactions_per_user=40)
 SMALL_TRAINING = TrainConfig(embedding_dim=32, retrieval_epochs=3, ranker_epochs=1)
@@ -32,6 +36,30 @@ MOVIELENS_TRAINING = TrainConfig(
     ranker_batch_size=4096,
     ranker_lr=3e-3,
 )
+
+
+# -- only tests marked integration start services (tests/service_guard.py) -------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    GUARD.install(config)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test of the service tiers carries the marker in its own module (not left to the guard to find)."""
+    tests = Path(__file__).parent
+    unmarked = [
+        item.nodeid
+        for item in items
+        if item.path.is_relative_to(tests)
+        and item.path.relative_to(tests).parts[0] in INTEGRATION_DIRS
+        and item.get_closest_marker(MARKER) is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"tests under tests/{{{','.join(INTEGRATION_DIRS)}}} must be marked {MARKER} "
+            f"(`pytestmark = pytest.mark.{MARKER}`), but these are not: {', '.join(unmarked[:5])}"
+        )
 
 
 @dataclass
@@ -82,7 +110,7 @@ def triton(exported: Exported, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """A real tritonserver on the cpu profile of the small exported model."""
     from export.model_repository import render_profile_repository
     from export.triton_config import ranker_models
-    from export.triton_launcher import TritonServer
+    from stack.triton_launcher import TritonServer
 
     tmp = tmp_path_factory.mktemp("triton")
     models = ranker_models(exported.bundle.dim, exported.batching)
@@ -107,8 +135,8 @@ class Stack:
             "RECSERVE_INDEX_PATH": str(self.exported.bundle_path / "item_index.faiss"),
             "RECSERVE_ONNX_MODEL_PATH": str(self.onnx_path),
             # Generous for a shared 2-core CI machine; the deadline tests set their own.
-            "RECSERVE_DEADLINE_MS": "1000",
-            "RECSERVE_FALLBACK_RESERVE_MS": "200",
+            "RECSERVE_DEADLINE_REQUEST_MS": "1000",
+            "RECSERVE_DEADLINE_FALLBACK_RESERVE_MS": "200",
             "RECSERVE_REDIS_TIMEOUT_MS": "200",
         }
         if triton_url:
@@ -120,8 +148,8 @@ class Stack:
 def stack(exported: Exported) -> Iterator[Stack]:
     import asyncio
 
-    from export.redis_local import start_server
-    from export.stack import load_and_precompute
+    from export.dataplane import load_and_precompute
+    from stack.redis_local import start_server
 
     server = start_server()
     onnx_path = exported.repo / "ranker_onnx" / "1" / "model.onnx"
@@ -132,8 +160,7 @@ def stack(exported: Exported) -> Iterator[Stack]:
 
 @contextmanager
 def running_orchestrator(env: dict[str, str], log_path: Path) -> Iterator[Any]:
-    from export.stack import start_orchestrator
-    from export.triton_launcher import free_port
+    from stack.launch import free_port, start_orchestrator
 
     orchestrator = start_orchestrator(env, free_port(), log_path=log_path)
     try:

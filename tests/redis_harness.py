@@ -1,6 +1,6 @@
 """Redis servers owned by the tests: standalone shards and a 3-master cluster on free ports.
 
-Thin layer over ``export.redis_local`` (which the benchmarks and ``plan --measure`` use too), plus a
+Thin layer over ``stack.redis_local`` (which the benchmarks and ``python -m stack plan`` use too), plus a
 helper to empty servers between tests. Never uses a system Redis.
 """
 
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from export.redis_local import LocalCluster, RedisServer, start_cluster, start_server
+from stack.redis_local import LocalCluster, RedisServer, start_cluster, start_server
 
 __all__ = [
     "LocalCluster",

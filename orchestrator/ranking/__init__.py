@@ -8,6 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from orchestrator import schema
+from orchestrator.readiness import Readiness
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,17 @@ class Ranker(Protocol):
     """Scores candidates for one user; returns float32 [n_candidates], one score per candidate.
 
     ``timeout_s`` is what is left of the caller's deadline; past it the call raises RankerUnavailable.
+    ``ready`` says whether it can score now (for /readyz, within a fraction of a second); ``aclose`` lets
+    calls in flight finish and releases what it holds.
     """
 
     model_version: str
 
     async def score(self, request: RankingRequest, timeout_s: float | None = None) -> np.ndarray: ...
+
+    async def ready(self) -> Readiness: ...
+
+    async def aclose(self) -> None: ...
 
 
 class RankerUnavailable(Exception):

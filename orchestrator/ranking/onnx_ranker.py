@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from orchestrator.ranking import RankerUnavailable, RankingRequest, check_scores
+from orchestrator.readiness import Readiness
 
 
 class OnnxRanker:
@@ -37,3 +38,9 @@ class OnnxRanker:
         except TimeoutError as exc:
             raise RankerUnavailable(f"onnxruntime did not answer within {timeout_s:.3f} s") from exc
         return check_scores(scores, request.n_candidates, "onnxruntime")
+
+    async def ready(self) -> Readiness:
+        return Readiness(True, "ok (in-process onnxruntime)")  # loaded in the constructor, or it raised
+
+    async def aclose(self) -> None:
+        """Nothing to release: the session goes with the object."""

@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 from orchestrator import metrics
 from orchestrator.ranking import RankerUnavailable, RankingRequest, check_scores
 from orchestrator.ranking.breaker import CircuitBreaker
+from orchestrator.readiness import Readiness
 
 TRITON_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 InputT = TypeVar("InputT")
@@ -135,12 +136,14 @@ class TritonRanker:
         self.breaker.record_success()
         return result
 
-    async def ready(self, timeout_s: float = 0.5) -> bool:
+    async def ready(self, timeout_s: float = 0.5) -> Readiness:
         try:
             async with asyncio.timeout(timeout_s):
-                return bool(await self._current_client().is_model_ready(self.model))
+                if await self._current_client().is_model_ready(self.model):
+                    return Readiness(True, "ok (triton)")
         except (InferenceServerException, OSError, TimeoutError):
-            return False
+            pass
+        return Readiness(False, f"unreachable (triton, circuit {self.breaker.state})")
 
     async def aclose(self) -> None:
         if self._outstanding:  # let calls in flight finish rather than cancel them (see score)

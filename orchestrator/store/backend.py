@@ -20,6 +20,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from orchestrator.readiness import Readiness
+from orchestrator.store import keys
 from orchestrator.store.errors import StoreConfigError, StoreUnavailable
 
 
@@ -113,7 +115,21 @@ class Backend(Protocol):
         """SCAN (never KEYS) every node for ``pattern`` and UNLINK what matches; for background jobs."""
         ...
 
+    async def ready(self) -> Readiness:
+        """Whether the node that owns control keys answers now (for /readyz, within a fraction of a second)."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+async def answers_ping(backend: Backend, timeout_s: float = 0.5) -> Readiness:
+    """``ready`` of a topology: a PING routed like the version pointer answers within ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await backend.control(Command("PING", keys.ACTIVE_POINTER))
+    except (StoreUnavailable, TimeoutError, OSError):
+        return Readiness(False, "unreachable")
+    return Readiness(True, "ok")
 
 
 # What "the shard did not answer" looks like; anything else (WRONGTYPE, a bug) propagates.

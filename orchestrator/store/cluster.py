@@ -23,7 +23,16 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from orchestrator.store.backend import UNAVAILABLE_ERRORS, Command, ConnectionOptions, Replies, gather_groups, is_tls
+from orchestrator.readiness import Readiness
+from orchestrator.store.backend import (
+    UNAVAILABLE_ERRORS,
+    Command,
+    ConnectionOptions,
+    Replies,
+    answers_ping,
+    gather_groups,
+    is_tls,
+)
 from orchestrator.store.errors import StoreConfigError, StoreUnavailable
 
 UNCOVERED = "slots-not-covered"
@@ -162,6 +171,9 @@ class ClusterBackend:
         for key in keys:
             pipe.execute_command("UNLINK", key)
         return sum(await pipe.execute())
+
+    async def ready(self) -> Readiness:
+        return await answers_ping(self)
 
     async def aclose(self) -> None:
         if self._refresh is not None:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from orchestrator import metrics
+from orchestrator.readiness import Readiness
 from orchestrator.store.backend import Backend, Command, Replies
 
 
@@ -69,6 +70,9 @@ class CoalescingBackend:
 
     async def delete_matching(self, pattern: str, batch: int = 1000) -> int:
         return await self.inner.delete_matching(pattern, batch)
+
+    async def ready(self) -> Readiness:
+        return await self.inner.ready()
 
     async def aclose(self) -> None:
         if self._batches:

@@ -16,7 +16,15 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
-from orchestrator.store.backend import UNAVAILABLE_ERRORS, Command, ConnectionOptions, Replies, gather_groups
+from orchestrator.readiness import Readiness
+from orchestrator.store.backend import (
+    UNAVAILABLE_ERRORS,
+    Command,
+    ConnectionOptions,
+    Replies,
+    answers_ping,
+    gather_groups,
+)
 from orchestrator.store.errors import StoreConfigError, StoreUnavailable
 from orchestrator.store.ring import HashRing
 
@@ -115,6 +123,9 @@ class ShardedBackend:
             return deleted
 
         return sum(await asyncio.gather(*(one(c) for c in self._clients.values())))
+
+    async def ready(self) -> Readiness:
+        return await answers_ping(self)
 
     async def aclose(self) -> None:
         await asyncio.gather(*(c.aclose() for c in self._clients.values()))

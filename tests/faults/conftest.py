@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from export.redis_local import RedisServer, start_server
+from stack.redis_local import RedisServer, start_server
 from tests.conftest import Exported, Stack
 from tests.faults.harness import FIGURES_DIR
 from tests.faults.report import load_figures, render
@@ -31,7 +31,7 @@ def triton_repo(exported: Exported, folder: Path) -> Path:
 
 def load_stack(redis: Any, stack: Stack) -> None:
     """Load the small model and pre-compute every user's list into ``redis`` (URL(s) or a backend)."""
-    from export.stack import load_and_precompute
+    from export.dataplane import load_and_precompute
 
     asyncio.run(load_and_precompute(redis, stack.exported.bundle, stack.onnx_path, progress=False))
 

@@ -24,6 +24,7 @@ from typing import Any, Self
 import httpx
 
 from export.artifacts import BUILD_DIR
+from tests.waiting import poll
 
 FIGURES_DIR = BUILD_DIR / "faults"
 CONTEXTS = [(p, d) for p in ("home", "product", "cart", "search", "category") for d in ("web", "ios", "android", "tv")]
@@ -171,17 +172,6 @@ class Load(BackgroundLoad):
             # Paced, not back-to-back: a fixed offered load whatever the latency (open-loop-ish).
             next_at += self.interval_s
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-
-
-def poll(condition: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.05) -> float:
-    """Seconds until ``condition()`` held; fails the test after ``timeout_s``."""
-    started = time.monotonic()
-    pause = threading.Event()
-    while not condition():
-        elapsed = time.monotonic() - started
-        assert elapsed < timeout_s, f"{what}: not after {timeout_s} s"
-        pause.wait(every_s)
-    return time.monotonic() - started
 
 
 def metric(base_url: str, name: str, labels: str = "") -> float:
@@ -332,6 +322,7 @@ class EventLoad(BackgroundLoad):
                     self.refused[response.status_code] += 1
             except httpx.HTTPError:
                 self.refused[0] += 1
+            # Paced like Load: a fixed offered rate of events whatever the answers take.
             next_at += self.interval_s
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 

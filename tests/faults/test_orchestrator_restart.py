@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from export.stack import start_orchestrator
-from export.triton_launcher import free_port
 from orchestrator.store import keys
+from stack.launch import free_port, start_orchestrator
 from tests.conftest import Stack
 from tests.faults.conftest import users
 from tests.faults.harness import EventLoad, Figures, stream_ids

@@ -13,9 +13,9 @@ import orjson
 import pytest
 import redis
 
-from export.redis_local import start_server
 from orchestrator.store.backend import Command, ConnectionOptions
 from orchestrator.store.sharded import ShardedBackend
+from stack.redis_local import start_server
 from tests.conftest import Stack, running_orchestrator
 from tests.faults.conftest import users
 from tests.faults.harness import CONTEXTS, Figures, Sample, Window, p99
@@ -70,10 +70,10 @@ def test_beyond_max_in_flight_requests_are_shed_at_once_and_admitted_ones_keep_t
     )
     env = stack.env(
         triton.grpc_url,
-        RECSERVE_MAX_IN_FLIGHT=str(MAX_IN_FLIGHT),
-        RECSERVE_DEADLINE_MS=str(DEADLINE_MS),
-        RECSERVE_FALLBACK_RESERVE_MS="15",
-        RECSERVE_CACHE_ENABLED="false",
+        RECSERVE_LIMITS_MAX_IN_FLIGHT=str(MAX_IN_FLIGHT),
+        RECSERVE_DEADLINE_REQUEST_MS=str(DEADLINE_MS),
+        RECSERVE_DEADLINE_FALLBACK_RESERVE_MS="15",
+        RECSERVE_ABLATION_CACHE_ENABLED="false",
     )
     with running_orchestrator(env, tmp_path / "app.log") as app:
         # Not measured: the first requests of a fresh process open the Triton channel and page in the index.

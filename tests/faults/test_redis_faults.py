@@ -12,14 +12,15 @@ from typing import Any
 import httpx
 import pytest
 
-from export.redis_local import RedisServer, start_cluster, start_server
 from orchestrator.store import keys
 from orchestrator.store.cluster import ClusterBackend
 from orchestrator.store.sharded import ShardedBackend, shard_name
+from stack.redis_local import RedisServer, start_cluster, start_server
 from tests.conftest import Stack, running_orchestrator
 from tests.faults.conftest import load_stack, users
-from tests.faults.harness import CONTEXTS, Figures, Load, metric, poll, stream_ids
+from tests.faults.harness import CONTEXTS, Figures, Load, metric, stream_ids
 from tests.redis_harness import require_redis, start_servers
+from tests.waiting import poll
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 DEADLINE_MS, RESERVE_MS, MARGIN_MS = 300, 100, 150
@@ -31,8 +32,8 @@ LOAD = f"{RATE:g} req/s, {WORKERS} clients, random users and contexts"
 def fault_env(stack: Stack, triton: Any, **overrides: str) -> dict[str, str]:
     return stack.env(
         triton.grpc_url,
-        RECSERVE_DEADLINE_MS=str(DEADLINE_MS),
-        RECSERVE_FALLBACK_RESERVE_MS=str(RESERVE_MS),
+        RECSERVE_DEADLINE_REQUEST_MS=str(DEADLINE_MS),
+        RECSERVE_DEADLINE_FALLBACK_RESERVE_MS=str(RESERVE_MS),
         RECSERVE_EVENTS_RATE_PER_S="1000",
         **overrides,
     )
@@ -90,7 +91,7 @@ def test_a_killed_shard_degrades_answers_but_they_come(stack: Stack, triton: Any
 async def _load_cluster_and_find_victims(url: str, stack: Stack, victim: str) -> list[str]:
     backend = await ClusterBackend.connect(url, timeout_ms=5000)
     try:
-        from export.stack import load_and_precompute
+        from export.dataplane import load_and_precompute
 
         await load_and_precompute(backend, stack.exported.bundle, stack.onnx_path, progress=False)
         return [u for u in users(stack) if backend.node_name(keys.seen(u)) == victim]

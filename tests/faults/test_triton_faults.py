@@ -10,10 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from export.triton_launcher import TritonServer
+from stack.triton_launcher import TritonServer
 from tests.conftest import Stack, running_orchestrator
 from tests.faults.conftest import triton_repo, users
-from tests.faults.harness import DelayProxy, Figures, Load, metric, poll
+from tests.faults.harness import DelayProxy, Figures, Load, metric
+from tests.waiting import poll
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 DEADLINE_MS, RESERVE_MS = 300, 100
@@ -23,7 +24,7 @@ BREAKER_RESET_S = 1.0
 RATE, WORKERS = 40.0, 4
 # No recommendation cache here: every request goes to the ranker, so the figures measure the ranker
 # fault itself rather than how many answers the cache happened to hold.
-NO_CACHE = {"RECSERVE_CACHE_ENABLED": "false"}
+NO_CACHE = {"RECSERVE_ABLATION_CACHE_ENABLED": "false"}
 
 
 def readyz(url: str) -> dict[str, Any]:
@@ -42,10 +43,10 @@ def test_triton_killed_under_load_falls_back_then_resumes_realtime(stack: Stack,
     triton = TritonServer(repo, log_path=tmp_path / "triton.log").start()
     env = stack.env(
         triton.grpc_url,
-        RECSERVE_DEADLINE_MS=str(DEADLINE_MS),
-        RECSERVE_FALLBACK_RESERVE_MS=str(RESERVE_MS),
-        RECSERVE_BREAKER_FAILURES="5",
-        RECSERVE_BREAKER_RESET_S=str(BREAKER_RESET_S),
+        RECSERVE_DEADLINE_REQUEST_MS=str(DEADLINE_MS),
+        RECSERVE_DEADLINE_FALLBACK_RESERVE_MS=str(RESERVE_MS),
+        RECSERVE_TRITON_BREAKER_FAILURES="5",
+        RECSERVE_TRITON_BREAKER_RESET_S=str(BREAKER_RESET_S),
         **NO_CACHE,
     )
     restarted: TritonServer | None = None
@@ -107,9 +108,9 @@ def test_triton_slowed_keeps_p99_within_the_deadline_and_falls_back(stack: Stack
     with DelayProxy(host, int(port)) as proxy:
         env = stack.env(
             proxy.address,
-            RECSERVE_DEADLINE_MS=str(DEADLINE_MS),
-            RECSERVE_FALLBACK_RESERVE_MS=str(RESERVE_MS),
-            RECSERVE_BREAKER_RESET_S=str(BREAKER_RESET_S),
+            RECSERVE_DEADLINE_REQUEST_MS=str(DEADLINE_MS),
+            RECSERVE_DEADLINE_FALLBACK_RESERVE_MS=str(RESERVE_MS),
+            RECSERVE_TRITON_BREAKER_RESET_S=str(BREAKER_RESET_S),
             **NO_CACHE,
         )
         with running_orchestrator(env, tmp_path / "app.log") as app, Load(app.url, users(stack), RATE, WORKERS) as load:

@@ -11,6 +11,8 @@ from export.model_repository import check_repository, render_profile_repository
 from export.triton_config import parse, ranker_models
 from tests.conftest import Exported
 
+pytestmark = pytest.mark.integration
+
 
 def test_bundle_and_manifest_describe_the_export(exported: Exported) -> None:
     manifest = exported.bundle.manifest

@@ -5,7 +5,6 @@ that cannot be published fails instead of leaving other replicas stale."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from orchestrator.store.backend import ConnectionOptions
 from orchestrator.store.errors import StoreUnavailable
 from orchestrator.store.sharded import ShardedBackend
 from tests.redis_harness import RedisServer, running_servers
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 MAX_SILENCE_S = 0.4
@@ -54,20 +54,12 @@ async def replica(backend: ShardedBackend, pubsub_url: str) -> AsyncIterator[Rep
     task = asyncio.create_task(feed.run())
     try:
         await asyncio.wait_for(feed.subscribed.wait(), 5)
-        await until(feed.alive)
+        await until(feed.alive, 5, "the new replica's feed proven alive")
         yield Replica(LayeredCache(local, backend, pubsub, 300, local_trusted=feed.alive), feed)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await pubsub.aclose()
-
-
-async def until(condition: object, timeout_s: float = 5.0) -> float:
-    started = time.monotonic()
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() - started < timeout_s, "condition never held"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
 
 
 async def cached_everywhere(user: str, *replicas: Replica) -> CachedList:
@@ -85,7 +77,8 @@ async def test_an_invalidation_empties_the_other_replicas_local_layer_at_once(
     async with replica(backend, servers[1].url) as a, replica(backend, servers[1].url) as b:
         stale = await cached_everywhere("u1", a, b)
         await a.cache.invalidate("u1")
-        assert await until(lambda: b.cache.local.get("u1", CONTEXT) is None) < MAX_SILENCE_S
+        waited = await until(lambda: b.cache.local.get("u1", CONTEXT) is None, 5, "u1 evicted from B's local layer")
+        assert waited < MAX_SILENCE_S
         assert (await b.cache.get("u1", CONTEXT)).value is None  # and Redis says miss too
         # A computation that read generation 0 before the event must not refill B's local layer.
         assert not b.cache.local.set("u1", CONTEXT, stale)
@@ -99,13 +92,13 @@ async def test_a_silent_channel_stops_local_answers_within_the_bound(
         await cached_everywhere("u2", b)
         servers[1].pause()  # the channel stays open but nothing comes through it: messages may be lost
         try:
-            waited = await until(lambda: not b.feed.alive())
+            waited = await until(lambda: not b.feed.alive(), 5, "the paused channel's feed no longer alive")
             assert waited <= MAX_SILENCE_S + 0.1
             lookup = await b.cache.get("u2", CONTEXT)
             assert lookup.layer == "redis", "the local layer answered without proof of freshness"
         finally:
             servers[1].resume()
-        await until(b.feed.alive)
+        await until(b.feed.alive, 5, "the feed alive again once the channel resumed")
         assert (await b.cache.get("u2", CONTEXT)).layer in {"local", "redis"}
 
 
@@ -117,7 +110,7 @@ async def test_a_lost_subscription_empties_the_local_layer(backend: ShardedBacke
         assert killed >= 1
         await asyncio.wait_for(b.feed.subscribed.wait(), 5)  # resubscribed...
         assert len(b.cache.local) == 0  # ...having forgotten what it may have missed invalidations for
-        await until(b.feed.alive)
+        await until(b.feed.alive, 5, "the resubscribed feed proven alive")
 
 
 async def test_an_invalidation_that_cannot_be_published_fails(

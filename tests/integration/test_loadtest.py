@@ -17,6 +17,7 @@ from loadtest.results import StepSamples, best_step, summarize
 from loadtest.traffic import Traffic, Weighted, source_of
 from tests.conftest import Exported
 
+pytestmark = pytest.mark.integration
 LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py"
 
 

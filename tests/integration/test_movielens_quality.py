@@ -4,7 +4,7 @@ import pytest
 
 from tests.conftest import Exported
 
-pytestmark = pytest.mark.movielens
+pytestmark = [pytest.mark.integration, pytest.mark.movielens]
 
 
 def test_retrieval_plus_ranking_beats_popularity_on_ndcg10(movielens_exported: Exported) -> None:

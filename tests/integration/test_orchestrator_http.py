@@ -10,12 +10,13 @@ import pytest
 from export.model_repository import render_profile_repository
 from export.precompute import Candidates, PrecomputeConfig, offline_top_n
 from export.triton_config import ranker_models
-from export.triton_launcher import TritonServer
 from orchestrator.cache import invalidation_message
 from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.retrieval import FaissRetriever
 from orchestrator.store import keys
+from stack.triton_launcher import TritonServer
 from tests.conftest import Stack, running_orchestrator
+from tests.waiting import poll
 
 pytestmark = pytest.mark.integration
 
@@ -30,22 +31,32 @@ def recs(base: str, user: str, **params: str | int) -> dict:
     return get(f"{base}/v1/recommendations/{user}", **params)
 
 
-def forget(stack: Stack, user: str) -> None:
+def invalidations_heard(base: str) -> float:
+    """How many published invalidations this orchestrator has applied to its local layer (/metrics)."""
+    wanted = 'recserve_invalidations_total{cause="pubsub"} '
+    lines = httpx.get(f"{base}/metrics", timeout=10).text.splitlines()
+    return next((float(line.split()[-1]) for line in lines if line.startswith(wanted)), 0.0)
+
+
+def forget(stack: Stack, user: str, replica: str) -> None:
     """Invalidate the user's cached lists as an event would (other tests, the load-test smoke run and the
     fuzzer among them, share this Redis and these orchestrators): the generation bump and the published
-    message evict the lists from every orchestrator's local layer too, not only from Redis."""
+    message evict the lists from every orchestrator's local layer too, not only from Redis. Returns once
+    ``replica`` (the orchestrator the test asks next) has applied the message."""
     import redis
 
+    heard = invalidations_heard(replica)
     client = redis.Redis.from_url(stack.redis.url)
     generation = client.incr(keys.generation(user))
     client.delete(keys.rec_cache(user))
     client.publish(keys.INVALIDATION_CHANNEL, invalidation_message(user, int(generation)))
     client.close()
-    time.sleep(0.1)  # the message travels to each orchestrator on its own connection
+    # The message reaches each orchestrator on its own connection.
+    poll(lambda: invalidations_heard(replica) > heard, 5, f"{replica} applied the invalidation of {user}")
 
 
 def test_known_user_gets_realtime_then_cache(app_url: str, stack: Stack) -> None:
-    forget(stack, "11")
+    forget(stack, "11", app_url)
     first = recs(app_url, "11", n=10)
     second = recs(app_url, "11", n=10)
     assert first["source"] == "realtime" and second["source"] == "cache"
@@ -152,7 +163,7 @@ def test_malformed_json_is_a_422(app_url: str) -> None:
 
 
 def test_debug_adds_per_stage_timings(app_url: str, stack: Stack) -> None:
-    forget(stack, "44")
+    forget(stack, "44", app_url)
     body = recs(app_url, "44", n=5, debug="true")
     assert body["source"] == "realtime"
     assert {"cache", "user_features", "retrieval", "item_features", "ranking", "total"} <= set(body["timings_ms"])
@@ -175,7 +186,10 @@ def test_with_triton_stopped_answers_are_precomputed_and_readyz_says_degraded(st
     triton = TritonServer(repo, log_path=tmp_path / "triton.log").start()
     # No cache: other tests share this Redis, and this one is about ranking and its fallback.
     env = stack.env(
-        triton.grpc_url, RECSERVE_DEADLINE_MS="300", RECSERVE_FALLBACK_RESERVE_MS="100", RECSERVE_CACHE_ENABLED="false"
+        triton.grpc_url,
+        RECSERVE_DEADLINE_REQUEST_MS="300",
+        RECSERVE_DEADLINE_FALLBACK_RESERVE_MS="100",
+        RECSERVE_ABLATION_CACHE_ENABLED="false",
     )
     try:
         with running_orchestrator(env, tmp_path / "app.log") as app:

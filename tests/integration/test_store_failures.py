@@ -128,11 +128,14 @@ async def test_a_read_past_its_deadline_finishes_and_keeps_its_connection(doomed
 
     server.pause()
     started = time.perf_counter()
+    running = asyncio.all_tasks()
     lookup = await store.get_batch("item", IDS)
     assert lookup.down == (shard_name(server.url),)  # the caller got its answer at the deadline...
     assert (time.perf_counter() - started) * 1000 < 50 + 250
+    late = asyncio.all_tasks() - running
+    assert late, "no read was left running past the deadline"
     server.resume()
-    await asyncio.sleep(1.0)  # ...while the read itself went on and got its reply (in a millisecond; slack for CI)
+    await asyncio.wait_for(asyncio.gather(*late), 5)  # ...while the read itself went on and got its reply
 
     for _ in range(5):
         lookup = await store.get_batch("item", IDS)

@@ -11,13 +11,13 @@ import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from export.errors import TritonLaunchError
 from export.model_export import eager_scores, example_inputs
 from export.model_repository import render_profile_repository
 from export.pipeline import load_ranker
 from export.triton_config import ModelSpec, ranker_models
-from export.triton_launcher import TritonServer
 from orchestrator.ranking.triton_ranker import infer_inputs
+from stack.errors import TritonLaunchError
+from stack.triton_launcher import TritonServer
 from tests.conftest import Exported
 
 pytestmark = pytest.mark.integration

@@ -12,12 +12,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from export.redis_local import RedisServer, start_server
-from orchestrator.config import Settings
+from orchestrator.config import EventsSettings, RedisSettings, Settings
 from orchestrator.store import keys
 from orchestrator.store.backend import Command, ConnectionOptions
 from orchestrator.store.errors import StoreUnavailable
 from orchestrator.store.sharded import ShardedBackend
+from stack.redis_local import RedisServer, start_server
 from tests.conftest import Stack, running_orchestrator
 from tests.faults.conftest import load_stack
 from tests.redis_harness import require_redis
@@ -50,10 +50,10 @@ def secured_app(
         RECSERVE_REDIS_URLS=acl_redis.url,  # no credentials in the URL: they come from their own variables
         RECSERVE_REDIS_USERNAME=REDIS_USER,
         RECSERVE_REDIS_PASSWORD=REDIS_PASSWORD,
-        RECSERVE_API_KEY=API_KEY,
+        RECSERVE_EVENTS_API_KEY=API_KEY,
         RECSERVE_EVENTS_RATE_PER_S="0.5",
         RECSERVE_EVENTS_BURST="3",
-        RECSERVE_MAX_BODY_BYTES="512",
+        RECSERVE_LIMITS_MAX_BODY_BYTES="512",
     )
     with running_orchestrator(env, log) as app:
         app.log_path = log
@@ -119,8 +119,10 @@ def test_no_secret_in_the_log_or_in_reprs(secured_app: Any) -> None:
     log = Path(secured_app.log_path).read_text(errors="replace")
     for secret in (REDIS_PASSWORD, API_KEY):
         assert secret not in log
-    settings = Settings(redis_password=SecretStr(REDIS_PASSWORD), api_key=SecretStr(API_KEY))
-    for text in (repr(settings), str(settings), settings.model_dump_json(), repr(settings.redis_connection)):
+    settings = Settings(
+        redis=RedisSettings(password=SecretStr(REDIS_PASSWORD)), events=EventsSettings(api_key=SecretStr(API_KEY))
+    )
+    for text in (repr(settings), str(settings), settings.model_dump_json(), repr(settings.redis.connection)):
         assert REDIS_PASSWORD not in text and API_KEY not in text
 
 

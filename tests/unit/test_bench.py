@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from export.bench import (
+from bench.batching import Sweep, recommend
+from bench.ranker import pinned_to, two_cores
+from bench.runner import (
     BenchContext,
     Machine,
     Measured,
@@ -24,8 +26,7 @@ from export.bench import (
     run_sections,
     update_measurements,
 )
-from export.bench_batching import LoadResult, Point, Sweep, noise, recommend, windowed_rates
-from export.bench_ranker import pinned_to, two_cores
+from bench.triton_load import LoadResult, Point, noise, windowed_rates
 
 
 def test_replace_section_appends_a_missing_section_with_markers(tmp_path: Path) -> None:
@@ -131,7 +132,7 @@ def test_update_measurements_sets_measured_keys_and_keeps_the_rest(tmp_path: Pat
 def test_run_sections_writes_what_ran_and_keeps_a_failed_sections_block(tmp_path: Path) -> None:
     md, measurements = tmp_path / "B.md", tmp_path / "m.json"
     replace_section(md, "b", "old b")
-    ctx = BenchContext("python -m export bench --only a b", "2026-01-01", Machine(2, "test CPU"), work_dir=tmp_path)
+    ctx = BenchContext("python -m bench --only a b", "2026-01-01", Machine(2, "test CPU"), work_dir=tmp_path)
 
     def boom(ctx: BenchContext) -> SectionResult:
         raise RuntimeError("broken")
@@ -140,7 +141,7 @@ def test_run_sections_writes_what_ran_and_keeps_a_failed_sections_block(tmp_path
     assert run_sections(["a", "b"], ctx, md, measurements, sections) == ["b"]
     text = md.read_text()
     assert text.startswith("<!-- section:header -->")
-    assert "Command: `python -m export bench --only a b`" in text and "2 cores (test CPU)" in text
+    assert "Command: `python -m bench --only a b`" in text and "2 cores (test CPU)" in text
     assert "old b" in text
     assert json.loads(measurements.read_text())["measurements"]["k"]["source"] == ctx.source()
 

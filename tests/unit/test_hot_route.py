@@ -9,9 +9,11 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from orchestrator.app import HOT_ROUTE_RULES, create_app
-from orchestrator.config import Settings
-from orchestrator.guards import RateLimiter
+from orchestrator.api import recommendations
+from orchestrator.app import create_app
+from orchestrator.config import Ablations, EventsSettings, Settings
+from orchestrator.guards import Message, RateLimiter, Receive, Scope, Send
+from orchestrator.hot_route import HotRoute
 from orchestrator.recommender import Recommendation, RequestContext
 from orchestrator.store.errors import StoreUnavailable
 
@@ -29,7 +31,7 @@ class EchoRecommender:
 
 
 def client_for(hot_route: bool) -> tuple[httpx.AsyncClient, EchoRecommender]:
-    app = create_app(Settings(hot_route_enabled=hot_route))
+    app = create_app(Settings(), Ablations(hot_route_enabled=hot_route))
     recommender = EchoRecommender()
     app.state.services = SimpleNamespace(recommender=recommender)  # no lifespan: only the recommender is used
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test"), recommender
@@ -86,17 +88,44 @@ async def test_both_routes_give_the_same_status_and_body_for_any_request() -> No
 
 
 @pytest.mark.parametrize(
-    ("path", "query", "expected"),
+    ("user_id", "query", "expected"),
     [
-        ("/v1/recommendations/7", b"", ("7", 20, "home", "web")),
-        ("/v1/recommendations/u:1", b"n=5&page_type=cart&device=ios", ("u:1", 5, "cart", "ios")),
-        ("/v1/recommendations/7", b"utm_source=mail&n=100", ("7", 100, "home", "web")),
+        ("7", b"", ("7", 20, "home", "web", False)),
+        ("u:1", b"n=5&page_type=cart&device=ios", ("u:1", 5, "cart", "ios", False)),
+        ("7", b"utm_source=mail&n=100", ("7", 100, "home", "web", False)),
+        # Spellings FastAPI's own parameters accept too: both routes take them, through the one parser.
+        ("7", b"debug=true", ("7", 20, "home", "web", True)),
+        ("7", b"n=05", ("7", 5, "home", "web", False)),
+        ("7", b"n=5&n=6", ("7", 6, "home", "web", False)),
+        ("7", b"page_type=%68ome", ("7", 20, "home", "web", False)),
+        ("7", b"page%5Ftype=cart", ("7", 20, "cart", "web", False)),
     ],
 )
-def test_canonical_requests_are_taken(path: str, query: bytes, expected: tuple[str, int, str, str]) -> None:
-    hot = HOT_ROUTE_RULES.parse("GET", path, query)
-    assert hot is not None
-    assert (hot.user_id, hot.n, hot.context.page_type, hot.context.device) == expected
+def test_valid_requests_are_parsed_into_their_query(
+    user_id: str, query: bytes, expected: tuple[str, int, str, str, bool]
+) -> None:
+    parsed = recommendations.parse(user_id, query)
+    assert isinstance(parsed, recommendations.RecommendationQuery)
+    assert (parsed.user_id, parsed.n, parsed.context.page_type, parsed.context.device, parsed.debug) == expected
+
+
+async def hot_route_answers(method: str, path: str, query: bytes = b"") -> bool:
+    """Whether the hot route answers this request itself (else it hands it to FastAPI, the app within)."""
+    handed_on: list[str] = []
+
+    async def fastapi(scope: Scope, receive: Receive, send: Send) -> None:
+        handed_on.append(scope["path"])
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        return None
+
+    app = SimpleNamespace(state=SimpleNamespace(services=SimpleNamespace(recommender=EchoRecommender())))
+    scope = {"type": "http", "method": method, "path": path, "query_string": query, "headers": [], "app": app}
+    await HotRoute(fastapi, max_body_bytes=4096)(scope, receive, send)
+    return not handed_on
 
 
 @pytest.mark.parametrize(
@@ -104,17 +133,25 @@ def test_canonical_requests_are_taken(path: str, query: bytes, expected: tuple[s
     [
         ("POST", "/v1/recommendations/7", b""),
         ("GET", "/v1/recommendations/7/", b""),
+        ("GET", "/v1/recommendations/7/x", b""),
         ("GET", "/v1/recommendations/", b""),
-        ("GET", "/v1/recommendations/7", b"debug=true"),
-        ("GET", "/v1/recommendations/7", b"n=05"),
-        ("GET", "/v1/recommendations/7", b"n=5&n=6"),
-        ("GET", "/v1/recommendations/7", b"page_type=%68ome"),
-        ("GET", "/v1/recommendations/7", b"page%5Ftype=cart"),
+        ("GET", "/v1/recommendations/a b", b""),
+        ("GET", "/v1/recommendations/7", b"n=0"),
+        ("GET", "/v1/recommendations/7", b"n=5&n=101"),
+        ("GET", "/v1/recommendations/7", b"page_type=fridge"),
+        ("GET", "/v1/recommendations/7", b"debug=maybe"),
         ("GET", "/v1/segments/all/recommendations", b""),
+        ("GET", "/v1/events", b""),
     ],
 )
-def test_everything_else_is_left_to_fastapi(method: str, path: str, query: bytes) -> None:
-    assert HOT_ROUTE_RULES.parse(method, path, query) is None
+async def test_what_fastapi_routes_elsewhere_or_the_parser_refuses_is_left_to_fastapi(
+    method: str, path: str, query: bytes
+) -> None:
+    assert not await hot_route_answers(method, path, query)
+
+
+async def test_a_valid_request_is_answered_by_the_hot_route() -> None:
+    assert await hot_route_answers("GET", "/v1/recommendations/u:1", b"n=5&page_type=cart&device=ios")
 
 
 class CountingRecorder:
@@ -131,8 +168,8 @@ class CountingRecorder:
 
 
 def events_client_for(hot_route: bool, api_key: str | None) -> tuple[httpx.AsyncClient, CountingRecorder]:
-    settings = Settings(hot_route_enabled=hot_route, api_key=api_key, events_rate_per_s=1, events_burst=400)
-    app = create_app(settings)
+    settings = Settings(events=EventsSettings(api_key=api_key, rate_per_s=1, burst=400))
+    app = create_app(settings, Ablations(hot_route_enabled=hot_route))
     recorder = CountingRecorder()
     # A burst the test does not exhaust except for one client ("greedy"), whose 429 must match too.
     limiter = RateLimiter(rate_per_s=1, burst=400)

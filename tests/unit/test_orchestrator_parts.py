@@ -1,15 +1,14 @@
-"""Unit tests of the orchestrator's parts: cache, single-flight, breaker, settings. No services."""
+"""Unit tests of the orchestrator's parts: cache, single-flight, breaker. No services (settings:
+test_settings.py)."""
 
 import asyncio
 import gc
 
 import pytest
 from prometheus_client import REGISTRY
-from pydantic import ValidationError
 
 from orchestrator import gc_pauses
 from orchestrator.cache import CachedList, LocalTTLCache
-from orchestrator.config import Settings
 from orchestrator.ranking.breaker import CircuitBreaker
 from orchestrator.singleflight import SingleFlight
 
@@ -55,17 +54,18 @@ def test_evicting_a_user_drops_every_context_and_nobody_else() -> None:
 
 async def test_single_flight_runs_the_work_once_for_concurrent_callers() -> None:
     flight: SingleFlight[int] = SingleFlight()
-    release = asyncio.Event()
+    started, release = asyncio.Event(), asyncio.Event()
     calls = 0
 
     async def work() -> int:
         nonlocal calls
         calls += 1
+        started.set()
         await release.wait()
         return 42
 
     waiters = [asyncio.ensure_future(flight.do("k", work)) for _ in range(5)]
-    await asyncio.sleep(0)  # let every waiter reach the flight
+    await started.wait()  # the work task starts after every waiter (scheduled before it) reached the flight
     assert flight.in_flight == 1
     release.set()
     results = await asyncio.gather(*waiters)
@@ -77,14 +77,15 @@ async def test_single_flight_runs_the_work_once_for_concurrent_callers() -> None
 
 async def test_single_flight_gives_every_waiter_the_error() -> None:
     flight: SingleFlight[int] = SingleFlight()
-    release = asyncio.Event()
+    started, release = asyncio.Event(), asyncio.Event()
 
     async def work() -> int:
+        started.set()
         await release.wait()
         raise ConnectionError("shard down")
 
     waiters = [asyncio.ensure_future(flight.do("k", work)) for _ in range(3)]
-    await asyncio.sleep(0)
+    await started.wait()
     release.set()
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert all(isinstance(r, ConnectionError) for r in results)
@@ -92,15 +93,16 @@ async def test_single_flight_gives_every_waiter_the_error() -> None:
 
 async def test_a_waiters_deadline_does_not_cancel_the_shared_work() -> None:
     flight: SingleFlight[int] = SingleFlight()
-    release = asyncio.Event()
+    started, release = asyncio.Event(), asyncio.Event()
 
     async def work() -> int:
+        started.set()
         await release.wait()
         return 7
 
     impatient = asyncio.ensure_future(flight.do("k", work))
     patient = asyncio.ensure_future(flight.do("k", work))
-    await asyncio.sleep(0)
+    await started.wait()  # both wait on the shared work
     impatient.cancel()
     release.set()
     assert (await patient)[0] == 7
@@ -133,49 +135,14 @@ def test_breaker_rejects_a_bad_threshold() -> None:
         CircuitBreaker(failures=0, reset_s=1.0)
 
 
-def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RECSERVE_DEADLINE_MS", "80")
-    monkeypatch.setenv("RECSERVE_REDIS_URLS", "redis://a:1/0, redis://b:2/0")
-    settings = Settings()
-    assert settings.deadline_ms == 80.0
-    assert settings.redis_url_list == ["redis://a:1/0", "redis://b:2/0"]
-
-
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [
-        ({"RECSERVE_DEADLINE_MS": "0"}, "must be > 0, got 0.0"),
-        ({"RECSERVE_FALLBACK_RESERVE_MS": "150"}, r"fallback_reserve_ms must be in 0..deadline_ms \(100.0\)"),
-        ({"RECSERVE_MAX_N": "300"}, r"max_n \(300\) must be <= n_candidates \(200\)"),
-        ({"RECSERVE_REDIS_MODE": "ring"}, "redis_mode"),
-        ({"RECSERVE_REDIS_URLS": " , "}, "redis_urls must name at least one Redis URL"),
-    ],
-)
-def test_bad_settings_stop_the_service_with_the_rule(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
-) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(ValidationError, match=message):
-        Settings()
-
-
 def test_api_vocabularies_match_the_schema() -> None:
     from typing import get_args
 
     from orchestrator import schema
-    from orchestrator.app import Device, PageType
+    from orchestrator.api.recommendations import Device, PageType
 
     assert set(get_args(PageType)) == set(schema.PAGE_TYPES[1:])
     assert set(get_args(Device)) == set(schema.DEVICES[1:])
-
-
-def test_the_readme_documents_every_setting() -> None:
-    from orchestrator.config import REPO_ROOT
-
-    readme = (REPO_ROOT / "README.md").read_text()
-    missing = [name for name in Settings.model_fields if f"`RECSERVE_{name.upper()}`" not in readme]
-    assert not missing, f"README.md's configuration table lacks {missing}"
 
 
 def test_an_entry_may_have_a_shorter_life_than_the_cache_default() -> None:

@@ -9,13 +9,17 @@ import pytest
 
 from orchestrator import schema
 from orchestrator.cache import CachedList, CacheLookup
-from orchestrator.config import Settings
+from orchestrator.composition import fallback_chain
+from orchestrator.config import DeadlineSettings, RankingSettings, Settings
 from orchestrator.loop_lag import LoopLagMonitor
+from orchestrator.overload import OverloadHold
 from orchestrator.popular import PopularLists
 from orchestrator.ranking import RankerUnavailable, RankingRequest
+from orchestrator.readiness import Readiness
 from orchestrator.recommender import Recommender, RequestContext
 from orchestrator.store import Lookup, Recommendations, SessionEvent
 from orchestrator.store.errors import StoreUnavailable
+from tests.waiting import until
 
 DIM = 4
 ITEMS = [str(i) for i in range(1, 11)]
@@ -67,6 +71,11 @@ class FakeRetriever:
     async def search(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         return [ITEMS[:k]], np.zeros((1, k), np.float32)
 
+    async def ready(self) -> Readiness:
+        return Readiness(True, "ok")
+
+    async def aclose(self) -> None: ...
+
 
 class FakeRanker:
     """Scores by reverse retrieval order; or waits on ``gate`` forever; or fails."""
@@ -89,6 +98,11 @@ class FakeRanker:
         if self.error is not None:
             raise self.error
         return np.arange(request.n_candidates, dtype=np.float32)
+
+    async def ready(self) -> Readiness:
+        return Readiness(True, "ok")
+
+    async def aclose(self) -> None: ...
 
 
 class FakePrecomputed:
@@ -122,8 +136,24 @@ class FakeCache:
     async def invalidate(self, user_id: str) -> None:
         self.stored = {k: v for k, v in self.stored.items() if k[0] != user_id}
 
-    def hold_fallback(self, user_id: str, context_key: str, value: CachedList, ttl_s: float) -> None:
-        self.stored[(user_id, context_key)] = value  # the ttl is LocalTTLCache's to honour (tested there)
+
+class HeldInFakeCache:
+    """The local layer the overload hold writes to: here, the fake cache's own lists."""
+
+    def __init__(self, cache: FakeCache) -> None:
+        self.cache = cache
+
+    def set(self, user_id: str, context_key: str, value: CachedList, ttl_s: float | None = None) -> bool:
+        self.cache.stored[(user_id, context_key)] = value  # the ttl is LocalTTLCache's to honour (tested there)
+        return True
+
+
+def small_settings(request_ms: float, min_compute_ms: float = 20.0) -> Settings:
+    """A small budget (20 ms of it kept for the fallback), 8 candidates ranked, 5 kept."""
+    return Settings(
+        deadline=DeadlineSettings(request_ms=request_ms, fallback_reserve_ms=20, min_compute_ms=min_compute_ms),
+        ranking=RankingSettings(n_candidates=8, list_length=5),
+    )
 
 
 PRECOMPUTED = {"1": Recommendations(("5", "6", "7"), (0.9, 0.8, 0.7), "v-old", 0.0)}
@@ -135,16 +165,17 @@ async def make(
     precomputed = FakePrecomputed(PRECOMPUTED)
     popular = PopularLists(precomputed)
     await popular.refresh()
-    settings = Settings(deadline_ms=50, fallback_reserve_ms=20, n_candidates=8, max_n=5)
+    settings = small_settings(request_ms=50)
+    cache, features = FakeCache(), FakeFeatures(seen)
     return Recommender(
         settings,
-        FakeCache(),
+        cache,
         embeddings or FakeEmbeddings(),
-        FakeFeatures(seen),
+        features,
         FakeRetriever(),
         ranker,
-        precomputed,
-        popular,
+        fallback_chain(precomputed, features, popular),
+        OverloadHold(HeldInFakeCache(cache), settings.overload.hold_s, settings.ranking.list_length),
         n_items=len(ITEMS),
     )
 
@@ -171,12 +202,14 @@ async def test_a_ranker_past_the_deadline_falls_back_to_precomputed_in_time() ->
     assert loop.time() - started < 0.05 + 0.02  # the 50 ms deadline, plus scheduling
 
 
-class SlowRetriever(FakeRetriever):
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
+class GatedRetriever(FakeRetriever):
+    """Answers only once ``gate`` is set: a retrieval as slow as the test says."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
 
     async def search(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
-        await asyncio.sleep(self.delay_s)
+        await self.gate.wait()
         return await super().search(user_vectors, k)
 
 
@@ -193,10 +226,13 @@ class CountingEmbeddings(FakeEmbeddings):
 async def test_a_computation_past_its_deadline_stops_instead_of_working_on_for_nobody() -> None:
     embeddings = CountingEmbeddings()
     recommender = await make(FakeRanker(), embeddings=embeddings)
-    recommender.retriever = SlowRetriever(delay_s=0.06)  # returns after the 30 ms real-time budget
+    recommender.retriever = retriever = GatedRetriever()
     answer = await recommender.recommend("1", 3, RequestContext())
     assert answer.source == "precomputed" and answer.fallback_reason == "deadline"
-    await asyncio.sleep(0.1)  # long after the retrieval would have returned
+    retriever.gate.set()  # the retrieval returns now, after the 30 ms real-time budget
+    flight = recommender.single_flight
+    assert flight is not None
+    await until(lambda: flight.in_flight == 0, 1, "the computation over, cancelled or finished")
     # Under overload such late work (reads of every candidate, a ranking) is what delays the next requests.
     assert embeddings.item_reads == 0
 
@@ -235,7 +271,7 @@ async def test_concurrent_misses_for_one_user_rank_once() -> None:
     gate = asyncio.Event()
     ranker = FakeRanker(gate=gate)
     recommender = await make(ranker)
-    recommender.settings = Settings(deadline_ms=5000, fallback_reserve_ms=20, n_candidates=8, max_n=5)
+    recommender.settings = small_settings(request_ms=5000)
     requests = [asyncio.ensure_future(recommender.recommend("1", 3, RequestContext())) for _ in range(10)]
     await ranker.entered.wait()  # the leader is inside the ranker; the others must be waiting on it
     gate.set()
@@ -254,7 +290,7 @@ async def test_a_saturated_process_answers_from_the_fallback_without_computing()
     ranker = FakeRanker()
     recommender = await make(ranker)
     # All of the 30 ms real-time budget is required: whatever the lookup took leaves too little.
-    recommender.settings = Settings(deadline_ms=50, fallback_reserve_ms=20, min_compute_ms=30, n_candidates=8, max_n=5)
+    recommender.settings = small_settings(request_ms=50, min_compute_ms=30)
     answer = await recommender.recommend("1", 3, RequestContext())
     assert answer.source == "precomputed" and answer.fallback_reason == "overload"
     assert ranker.calls == 0
@@ -263,7 +299,7 @@ async def test_a_saturated_process_answers_from_the_fallback_without_computing()
 async def test_while_the_event_loop_runs_late_a_miss_answers_from_the_fallback_and_computes_again_after() -> None:
     ranker = FakeRanker()
     recommender = await make(ranker)
-    recommender.settings = recommender.settings.model_copy(update={"overload_hold_s": 0.0})
+    recommender.hold.hold_s = 0.0  # not held: the next request computes again
     loop_late = True
     recommender.overloaded = lambda: loop_late
     answer = await recommender.recommend("1", 3, RequestContext())
@@ -312,19 +348,37 @@ def test_one_late_timer_is_not_overload_a_loop_late_sample_after_sample_is() -> 
     assert not monitor.overloaded()
 
 
+class SignallingMonitor(LoopLagMonitor):
+    """Signals every sample it records: the test waits for samples, not for time."""
+
+    def __init__(self, threshold_s: float, interval_s: float) -> None:
+        super().__init__(threshold_s, interval_s)
+        self.sampled = asyncio.Event()
+
+    def record(self, lag_s: float) -> None:
+        super().record(lag_s)
+        self.sampled.set()
+
+    async def next_samples(self, count: int) -> None:
+        for _ in range(count):
+            self.sampled.clear()
+            await asyncio.wait_for(self.sampled.wait(), 5)
+
+
 async def test_the_loop_lag_monitor_sees_a_blocked_loop_and_then_its_recovery() -> None:
-    monitor = LoopLagMonitor(threshold_s=0.005, interval_s=0.002)
+    monitor = SignallingMonitor(threshold_s=0.005, interval_s=0.002)
     task = asyncio.create_task(monitor.run())
-    await asyncio.sleep(0.01)
+    await monitor.next_samples(5)
     assert not monitor.overloaded()
-    asyncio.get_running_loop().call_soon(time.sleep, 0.05)  # a callback that holds the loop for 50 ms
+    # The blocked loop is the point here: a callback that holds it for 50 ms.
+    asyncio.get_running_loop().call_soon(time.sleep, 0.05)
     seen = []
-    for _ in range(3):  # right after the hold
-        await asyncio.sleep(0.001)
+    for _ in range(3):  # the sample that spans the hold is the first or second one after it
+        await monitor.next_samples(1)
         seen.append(monitor.overloaded())
     assert any(seen)
-    for _ in range(500):  # and on time again once it is over (polled: a busy test machine adds its own lag)
-        await asyncio.sleep(0.001)
+    for _ in range(500):  # and on time again once it is over (a busy test machine adds its own lag)
+        await monitor.next_samples(1)
         if not monitor.overloaded():
             break
     assert not monitor.overloaded()
@@ -332,8 +386,8 @@ async def test_the_loop_lag_monitor_sees_a_blocked_loop_and_then_its_recovery() 
 
 
 def test_min_compute_must_fit_the_real_time_budget() -> None:
-    with pytest.raises(ValueError, match=r"min_compute_ms must be in 0..deadline_ms - fallback_reserve_ms \(30.0\)"):
-        Settings(deadline_ms=50, fallback_reserve_ms=20, min_compute_ms=31)
+    with pytest.raises(ValueError, match=r"min_compute_ms must be in 0..request_ms - fallback_reserve_ms \(30.0\)"):
+        DeadlineSettings(request_ms=50, fallback_reserve_ms=20, min_compute_ms=31)
 
 
 async def test_warm_up_runs_the_compute_path_once_before_serving() -> None:
@@ -353,7 +407,7 @@ async def test_a_failing_or_stuck_part_leaves_the_warm_up_bounded_and_does_not_s
 
 
 async def test_a_warm_up_whose_retrieval_fails_skips_the_item_reads_and_still_ranks() -> None:
-    class TimingOutRetriever:
+    class TimingOutRetriever(FakeRetriever):
         async def search(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
             raise TimeoutError("index busy")
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from orchestrator.readiness import Readiness
 from orchestrator.store.backend import Command, Replies
 from orchestrator.store.coalesce import CoalescingBackend
 
@@ -20,10 +21,12 @@ class RecordingBackend:
     def __init__(self, error: Exception | None = None) -> None:
         self.batches: list[list[Command]] = []
         self.error = error
+        self.sent = asyncio.Event()  # a batch is in flight
 
     async def execute(self, commands: Sequence[Command]) -> Replies:
         self.batches.append(list(commands))
-        await asyncio.sleep(0)
+        self.sent.set()
+        await asyncio.sleep(0)  # the round trip: one loop iteration in which callers may give up
         if self.error is not None:
             raise self.error
         unavailable = np.array([c.key.startswith("down:") for c in commands], dtype=bool)
@@ -35,6 +38,9 @@ class RecordingBackend:
 
     async def delete_matching(self, pattern: str, batch: int = 1000) -> int:
         return 0
+
+    async def ready(self) -> Readiness:
+        return Readiness(True, "ok")
 
     async def aclose(self) -> None:
         return None
@@ -70,11 +76,13 @@ async def test_an_error_reaches_every_call_of_its_batch_and_a_caller_that_gave_u
     results = await asyncio.gather(failing.execute(gets("a")), failing.execute(gets("b")), return_exceptions=True)
     assert [type(r) for r in results] == [ValueError, ValueError]
 
-    backend = CoalescingBackend(RecordingBackend())
+    inner = RecordingBackend()
+    backend = CoalescingBackend(inner)
     impatient = asyncio.ensure_future(backend.execute(gets("x")))
     patient = asyncio.ensure_future(backend.execute(gets("y")))
-    await asyncio.sleep(0)
-    impatient.cancel()
+    await inner.sent.wait()
+    impatient.cancel()  # while its batch is in flight
+    assert inner.batches == [gets("x", "y")]
     assert (await patient).values == ["y"]
     with pytest.raises(asyncio.CancelledError):
         await impatient

@@ -1,243 +1,51 @@
-"""Section ``batching`` (issue 5, item 4): Triton's dynamic batcher on the cpu profile, swept over
-``max_queue_delay`` (0, 1, 5, 10 ms) and concurrency (1..64 clients), with a plot and a recommendation.
-
-No perf_analyzer wheel exists for this platform, so this module also holds the small load generator
-the ranker section uses: closed-loop clients on one ``tritonclient`` gRPC aio channel, each sending a
-200-row request (a request's candidates) as soon as its previous answer arrives.
+"""Section ``batching``: Triton's dynamic batcher on the cpu profile, swept over ``max_queue_delay``
+(0, 1, 5, 10 ms) and concurrency (1..64 clients), with a plot and a recommendation. The Triton under test
+and the load generator are in ``bench/triton_load.py`` (the ranker section drives them too).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tritonclient.grpc.aio as grpcaio
 
-from export import triton_config
-from export.artifacts import MODEL_REPOSITORY
-from export.bench import (
+from bench.runner import (
     BenchContext,
     SectionResult,
     format_rate,
     load_average,
     markdown_table,
     median,
-    percentile,
 )
+from bench.triton_load import (
+    MODEL,
+    ROWS_PER_REQUEST,
+    LoadResult,
+    Point,
+    embedding_dim,
+    ensure_artifacts,
+    noise,
+    onnx_session,
+    ranker_server,
+    run_load,
+)
+from export.artifacts import MODEL_REPOSITORY
 from export.model_export import example_inputs
-from export.model_repository import render_profile_repository
-from export.triton_config import BatchingSpec, ModelSpec
-from export.triton_launcher import TritonServer
-from orchestrator import schema
-from orchestrator.ranking.triton_ranker import infer_inputs
+from export.triton_config import BatchingSpec
 
 log = logging.getLogger(__name__)
 
-MODEL = "ranker_onnx"
-ROWS_PER_REQUEST = 200
 CONCURRENCY: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 DELAYS_MS: tuple[int, ...] = (0, 1, 5, 10)
 # The ranker's share of the 100 ms request budget: retrieval, Redis and the service need the rest.
 RANKER_P99_BUDGET_MS = 50.0
 # Throughput within this fraction of the best counts as a tie on a noisy shared 2-core machine.
 TIE_FRACTION = 0.05
-
-
-# --- the Triton under test -----------------------------------------------------------------------
-
-
-def embedding_dim(repo: Path = MODEL_REPOSITORY) -> int:
-    import json
-
-    return int(json.loads((repo / MODEL / "1" / "manifest.json").read_text())["embedding_dim"])
-
-
-def no_batching(max_batch_size: int = 1024) -> BatchingSpec:
-    """The naive design's "dynamic batching off": no queue delay, no preferred sizes."""
-    return BatchingSpec(max_batch_size=max_batch_size, preferred_batch_sizes=(), max_queue_delay_microseconds=0)
-
-
-@contextlib.contextmanager
-def ranker_server(
-    dest: Path,
-    batching: BatchingSpec | None,
-    instance_count: int = 1,
-    cpu_threads: int = 1,
-    source: Path = MODEL_REPOSITORY,
-) -> Iterator[TritonServer]:
-    """A tritonserver serving only ``ranker_onnx`` (cpu profile) from ``source``'s model file, rendered
-    into ``dest``: one model keeps start-up short and leaves the cores to the model under test.
-
-    ``batching=None`` drops the ``dynamic_batching`` block: every request is one execution. That is the
-    baseline the batcher is measured against, since at 0 ms delay it still merges what queued meanwhile.
-    """
-    model = ModelSpec(
-        MODEL,
-        "onnxruntime",
-        "model.onnx",
-        schema.RANKER_OUTPUT.name,
-        embedding_dim(source),
-        batching or no_batching(),
-        instance_count=instance_count,
-        cpu_threads=cpu_threads,
-    )
-    repo = render_profile_repository("cpu", dest, source, models=(model,))
-    if batching is None:
-        config_path = repo / MODEL / "config.pbtxt"
-        config = triton_config.parse(config_path.read_text())
-        config.ClearField("dynamic_batching")
-        config_path.write_text(triton_config.render(config))
-    with TritonServer(repo, log_path=dest.with_suffix(".log")) as server:
-        yield server
-
-
-# --- the load generator --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    """One closed-loop run: per-request latencies and completion times within the measured window."""
-
-    concurrency: int
-    rows_per_request: int
-    duration_s: float
-    latencies_s: tuple[float, ...]
-    completions_s: tuple[float, ...]  # seconds since the window opened
-    inferences: int  # rows Triton executed in the window (its statistics)
-    executions: int  # model executions (batches) in the window
-
-    @property
-    def requests(self) -> int:
-        return len(self.latencies_s)
-
-    @property
-    def mean_rows_per_s(self) -> float:
-        return self.requests * self.rows_per_request / self.duration_s
-
-    @property
-    def median_rows_per_s(self) -> float:
-        """Median over 0.5 s windows: one stall on the shared machine does not drag the figure."""
-        return median(windowed_rates(self.completions_s, self.duration_s, 0.5, self.rows_per_request))
-
-    @property
-    def p50_ms(self) -> float:
-        return percentile(self.latencies_s, 50) * 1000
-
-    @property
-    def p99_ms(self) -> float:
-        return percentile(self.latencies_s, 99) * 1000
-
-    @property
-    def rows_per_execution(self) -> float:
-        return self.inferences / self.executions if self.executions else float("nan")
-
-
-def windowed_rates(completions_s: tuple[float, ...], duration_s: float, window_s: float, weight: int) -> list[float]:
-    """Events per second (times ``weight``) in each whole window of ``window_s`` over ``duration_s``."""
-    n = max(1, int(duration_s // window_s))
-    counts = np.histogram(np.asarray(completions_s), bins=n, range=(0.0, n * window_s))[0]
-    return [float(c) * weight / window_s for c in counts]
-
-
-def grpc_inputs(tensors: dict[str, np.ndarray]) -> list[grpcaio.InferInput]:
-    return infer_inputs(tensors, grpcaio.InferInput)
-
-
-async def _stats(client: grpcaio.InferenceServerClient) -> tuple[int, int]:
-    stats = await client.get_inference_statistics(MODEL, "1", as_json=True)
-    entry = stats["model_stats"][0]
-    return int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
-
-
-async def drive(
-    url: str, dim: int, concurrency: int, duration_s: float, warmup_s: float, rows: int = ROWS_PER_REQUEST
-) -> LoadResult:
-    """``concurrency`` closed-loop clients for ``warmup_s`` (discarded), then ``duration_s`` measured."""
-    client = grpcaio.InferenceServerClient(url)
-    # Built once: serialising fresh tensors per call would measure numpy, not the server.
-    inputs = grpc_inputs(example_inputs(dim, rows, seed=rows))
-    outputs = [grpcaio.InferRequestedOutput(schema.RANKER_OUTPUT.name)]
-    try:
-        first = await client.infer(MODEL, inputs, outputs=outputs)
-        shape = first.as_numpy(schema.RANKER_OUTPUT.name).shape
-        if shape != (rows, 1):
-            raise RuntimeError(f"{MODEL} answered a {rows}-row request with shape {shape}, expected ({rows}, 1)")
-
-        async def phase(seconds: float) -> tuple[float, list[float], list[float]]:
-            opened = time.perf_counter()
-            deadline = opened + seconds
-            latencies: list[float] = []
-            completions: list[float] = []
-
-            async def client_loop() -> None:
-                while (sent := time.perf_counter()) < deadline:
-                    await client.infer(MODEL, inputs, outputs=outputs)
-                    done = time.perf_counter()
-                    latencies.append(done - sent)
-                    completions.append(done - opened)
-
-            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-            # Requests sent before the deadline finish after it: count the window until the last one.
-            return time.perf_counter() - opened, latencies, completions
-
-        if warmup_s > 0:
-            await phase(warmup_s)
-        inferences0, executions0 = await _stats(client)
-        elapsed, latencies, completions = await phase(duration_s)
-        inferences1, executions1 = await _stats(client)
-    finally:
-        await client.close()
-    return LoadResult(
-        concurrency,
-        rows,
-        elapsed,
-        tuple(latencies),
-        tuple(completions),
-        inferences1 - inferences0,
-        executions1 - executions0,
-    )
-
-
-def run_load(url: str, dim: int, concurrency: int, duration_s: float, warmup_s: float = 0.5) -> LoadResult:
-    return asyncio.run(drive(url, dim, concurrency, duration_s, warmup_s))
-
-
-@dataclass(frozen=True)
-class Point:
-    """One (setting, concurrency) point over rounds: medians of the rounds' figures, and their spread."""
-
-    rows_per_s: float
-    p50_ms: float
-    p99_ms: float
-    rows_per_execution: float
-    spread: float  # (max - min) / median of the rounds' rows/s: this point's run-to-run noise
-    rounds: int
-
-    @classmethod
-    def of(cls, runs: list[LoadResult]) -> Point:
-        rates = [r.median_rows_per_s for r in runs]
-        mid = median(rates)
-        return cls(
-            mid,
-            median([r.p50_ms for r in runs]),
-            median([r.p99_ms for r in runs]),
-            median([r.rows_per_execution for r in runs]),
-            (max(rates) - min(rates)) / mid if mid > 0 else float("nan"),
-            len(runs),
-        )
-
-
-def noise(points: list[Point]) -> float:
-    """The median spread between rounds over all points: what a difference must exceed to mean something."""
-    spreads = [p.spread for p in points if p.rounds > 1 and p.spread == p.spread]
-    return median(spreads) if spreads else float("nan")
 
 
 # --- the sweep, the plot, the recommendation -----------------------------------------------------
@@ -357,8 +165,6 @@ def onnx_row_cost_us(
     """Median microseconds per row of in-process ONNX Runtime (1 thread) at each batch size: what a bigger
     batch saves in model time alone, without the Python backend around it. Sizes alternate run by run so
     that background load lands on both alike."""
-    from export.bench_ranker import onnx_session
-
     session = onnx_session(MODEL_REPOSITORY / MODEL / "1" / "model.onnx", 1)
     batches = {size: example_inputs(dim, size, seed=size) for size in sizes}
     times: dict[int, list[float]] = {size: [] for size in sizes}
@@ -374,8 +180,6 @@ def onnx_row_cost_us(
 
 
 def run_section(ctx: BenchContext) -> SectionResult:
-    from export.bench_ranker import ensure_artifacts
-
     ensure_artifacts()
     dim = embedding_dim()
     point_s, warmup_s, rounds = (1.0, 0.3, 1) if ctx.quick else (1.5, 0.5, 3)
@@ -455,7 +259,7 @@ def markdown(
             "intra-op thread, max batch 1024, preferred sizes 256/512/1024 as shipped; only "
             '`max_queue_delay` varies; "no batcher" is the same config without its `dynamic_batching` block, '
             f"one execution per request). Closed-loop clients on one gRPC aio channel "
-            f"(`export/bench_batching.py`), {ROWS_PER_REQUEST} rows per request. Each point: {warmup_s:g} s "
+            f"(`bench/triton_load.py`), {ROWS_PER_REQUEST} rows per request. Each point: {warmup_s:g} s "
             f"warm-up, then {point_s:g} s measured, {rounds} round(s); all servers run side by side and are "
             "measured in turn, so background load lands on every setting alike. Figures are medians over rounds. "
             f"The sweep took {sweep_s:.0f} s; {loads}. Run-to-run noise: the median spread of rows/s between "

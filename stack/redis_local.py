@@ -1,15 +1,16 @@
-"""Throw-away redis-server processes on free ports: for tests, benchmarks and ``plan --measure``.
+"""Throw-away redis-server processes on free ports: for tests, benchmarks and ``python -m stack plan``.
 
 Never touches a system Redis: every server gets its own port and folder, no persistence unless asked
-(``appendonly``), and dies with ``stop()``. Readiness is read from the server's own log line, not guessed with sleeps.
+(``appendonly``), and dies with ``stop()``, its folder deleted. The one exception is the server of ``make up``
+(``keep_folder``): its data folder lies under build/ and outlives it, so that the next ``make up`` finds the
+accepted events in its append-only file. Readiness is read from the server's own log line, not guessed with
+sleeps.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -18,9 +19,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.errors import ExportError
+from stack.errors import RedisLaunchError
+from stack.launch import free_port
 
 READY_LINE = "Ready to accept connections"
+PID_FILE = "redis-server.pid"
 
 
 def cluster_node_args(node_timeout_ms: int = 2000) -> tuple[str, ...]:
@@ -34,34 +37,11 @@ def cluster_node_args(node_timeout_ms: int = 2000) -> tuple[str, ...]:
 CLUSTER_NODE_ARGS = cluster_node_args()
 
 
-class RedisLaunchError(ExportError):
-    def __init__(self, what: str, log_tail: str = "") -> None:
-        super().__init__(f"redis-server {what}" + (f"\n--- last lines of its log ---\n{log_tail}" if log_tail else ""))
-
-
 def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found is None:
         raise RedisLaunchError("is not installed: run `make system-deps` (apt-get install redis-server)")
     return found
-
-
-def free_port(with_bus: bool = False) -> int:
-    """A free TCP port; with ``with_bus``, port + 10000 (the cluster bus) is free too."""
-    for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if not with_bus:
-            return port
-        if port + 10000 < 65536:
-            with socket.socket() as bus:
-                try:
-                    bus.bind(("127.0.0.1", port + 10000))
-                except OSError:
-                    continue
-            return port
-    raise RedisLaunchError("could not find a free port pair for a cluster node")
 
 
 @dataclass
@@ -70,6 +50,8 @@ class RedisServer:
     folder: Path
     process: subprocess.Popen[str]
     log: deque[str] = field(default_factory=lambda: deque(maxlen=50))
+    keep_folder: bool = False
+    """``stop()`` shuts the server down cleanly and leaves its data folder (the ``make up`` server)."""
 
     @property
     def url(self) -> str:
@@ -92,7 +74,20 @@ class RedisServer:
             self.process.kill()
         self.process.wait(timeout=10)
 
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM: redis-server fsyncs its append-only file and exits; SIGKILL if it has not after ``timeout_s``."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a paused server could not act on SIGTERM
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
     def stop(self) -> None:
+        if self.keep_folder:
+            self.shutdown()
+            return
         self.kill()
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -103,17 +98,26 @@ def start_server(
     timeout_s: float = 20.0,
     appendonly: bool = False,
     folder: Path | None = None,
+    keep_folder: bool = False,
 ) -> RedisServer:
     """Start redis-server on a free port; returns once it accepts connections.
 
     ``appendonly``: persist every write to an append-only file, fsynced once a second (``everysec``):
     a write acknowledged to a client is already in the kernel's page cache, so it survives the
     redis-server process being killed; only a machine crash can lose the last second. ``folder``: reuse a
-    data folder (restart a server on its AOF); by default a fresh temporary one.
+    data folder (restart a server on its AOF); by default a fresh temporary one. ``keep_folder``: ``stop()``
+    shuts down cleanly and keeps ``folder`` (which it then needs); a pid file there refuses a second
+    server on the same folder while the first still runs (two servers on one AOF would corrupt it).
     """
+    if keep_folder and folder is None:
+        raise RedisLaunchError("keep_folder needs a folder to keep: pass folder=<a path>")
     cluster = "--cluster-enabled" in extra
     port = port or free_port(with_bus=cluster)
     folder = folder or Path(tempfile.mkdtemp(prefix=f"redis-{port}-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = ("--pidfile", str(folder / PID_FILE)) if keep_folder else ()
+    if keep_folder:
+        _refuse_if_in_use(folder)
     persistence = ("--appendonly", "yes", "--appendfsync", "everysec") if appendonly else ("--appendonly", "no")
     args = [
         redis_server_binary(),
@@ -124,10 +128,11 @@ def start_server(
         *persistence,
         "--logfile", "",
         "--protected-mode", "no",
+        *owner,
         *extra,
     ]  # fmt: skip
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    server = RedisServer(port, folder, process)
+    server = RedisServer(port, folder, process, keep_folder=keep_folder)
     ready = threading.Event()
 
     def drain() -> None:
@@ -144,6 +149,20 @@ def start_server(
         server.stop()
         raise RedisLaunchError(f"on port {port} did not become ready", "\n".join(server.log))
     return server
+
+
+def _refuse_if_in_use(folder: Path) -> None:
+    """A redis-server still running on ``folder`` (its pid file names a live redis-server) is an error."""
+    try:
+        pid = int((folder / PID_FILE).read_text().strip())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):  # no pid file, or its process is gone: a clean or crashed earlier run
+        return
+    if b"redis-server" in command:
+        raise RedisLaunchError(
+            f"data folder {folder} is in use by redis-server pid {pid} (from an earlier run still going): "
+            f"stop that one first (kill {pid}); two servers on one append-only file would corrupt it"
+        )
 
 
 @dataclass
@@ -260,7 +279,3 @@ def _wait_replicas_synced(cluster: LocalCluster, expected: int, timeout_s: float
         if time.monotonic() > deadline:
             raise RedisLaunchError(f"only {synced} of {expected} replicas in sync after {timeout_s} s")
         threading.Event().wait(0.05)
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0))

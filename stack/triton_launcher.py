@@ -1,5 +1,5 @@
 """Run a real local Triton: the ``tritonserver`` binary shipped in the ``nvidia-pytriton`` wheel, on the
-``cpu`` profile, on free ports; wait for readiness, log to a file, shut down cleanly.
+``cpu`` profile, on free ports; wait for readiness, append to a log file, shut down cleanly.
 
 What it needs: the wheel (``pip install .[triton]``), this interpreter's Python-backend stub (the
 wheel ships one per Python version) and a writable ``/dev/shm`` (the Python backend passes tensors
@@ -21,8 +21,9 @@ from pathlib import Path
 from types import TracebackType
 
 from export.artifacts import BUILD_DIR
-from export.errors import TritonLaunchError
-from export.redis_local import free_port
+from stack.errors import TritonLaunchError
+from stack.launch import free_port
+from stack.logs import current_run, open_for_start
 
 RUNTIME_DIR = BUILD_DIR / "triton" / "runtime"
 
@@ -131,24 +132,24 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(libs)
         # The stub embeds this interpreter: put its bin first so it finds this venv's packages.
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("wb")
-        # A session of its own, so that stop() reaches the Python-backend stubs too.
-        self.process = subprocess.Popen(
-            self.command(binary, backends),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        log.close()
+        # Appended after a dated separator: a restart keeps the log of the run that crashed.
+        with open_for_start(self.log_path, f"start: tritonserver (gRPC port {self.grpc_port})") as log:
+            # A session of its own, so that stop() reaches the Python-backend stubs too.
+            self.process = subprocess.Popen(
+                self.command(binary, backends),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         self._wait_ready()
         return self
 
     def _log_tail(self, lines: int = 5) -> str:
-        """Triton's error lines (``E<date> ...``: why a model failed to load) and the last few lines."""
+        """Triton's error lines (``E<date> ...``: why a model failed to load) and the last few lines, of
+        this run only (the log keeps earlier runs)."""
         try:
-            text = self.log_path.read_text(errors="replace").splitlines()
+            text = current_run(self.log_path.read_text(errors="replace"))
         except OSError:
             return ""
         errors = [line for line in text if line[:1] == "E" and line[1:5].isdigit()]

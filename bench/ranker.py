@@ -1,4 +1,4 @@
-"""Section ``ranker`` (issue 2's benchmark, issue 5's server-hop figure): export time and model sizes,
+"""Section ``ranker``: export time and model sizes,
 ONNX Runtime CPU latency by batch size, ranker rows/s through Triton (cpu profile) at 1, 8 and 32
 clients with dynamic batching on and off, instance count 1 vs 2, and Triton against in-process ONNX
 Runtime on the same cores.
@@ -19,8 +19,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from export.artifacts import MODEL_REPOSITORY, artifacts_dir
-from export.bench import (
+from bench.runner import (
     BenchContext,
     Measured,
     SectionResult,
@@ -32,50 +31,35 @@ from export.bench import (
     percentile,
     ratio,
 )
-from export.bench_batching import (
+from bench.triton_load import (
+    DATASET,
     MODEL,
+    MODELS,
     ROWS_PER_REQUEST,
     LoadResult,
     Point,
     embedding_dim,
+    ensure_artifacts,
     no_batching,
     noise,
+    onnx_session,
     ranker_server,
     run_load,
     windowed_rates,
 )
+from export.artifacts import MODEL_REPOSITORY, artifacts_dir
 from export.model_export import example_inputs
 from export.triton_config import BatchingSpec
-from export.triton_launcher import TritonServer
+from stack.triton_launcher import TritonServer
 
 log = logging.getLogger(__name__)
 
-DATASET = "synthetic"
-MODELS = ("ranker_onnx", "ranker_torchscript")
 LATENCY_BATCHES: tuple[int, ...] = (1, 8, 32, 128, 256, 1024)
 CLIENTS: tuple[int, ...] = (1, 8, 32)
 HOP_CLIENTS = 32
 
 
-def ensure_artifacts(repo: Path = MODEL_REPOSITORY) -> None:
-    """The default export's artifacts; trains and exports them (minutes) when missing."""
-    missing = [m for m in MODELS if not (repo / m / "1" / "manifest.json").is_file()]
-    if missing or not (artifacts_dir(DATASET) / "manifest.json").is_file():
-        from export.pipeline import run_all
-
-        log.info("bench: no default export (%s missing): running the synthetic pipeline first", missing or DATASET)
-        run_all(DATASET)
-
-
 # --- in-process ONNX Runtime -----------------------------------------------------------------------
-
-
-def onnx_session(path: Path, threads: int) -> ort.InferenceSession:
-    """Configured as the cpu profile's Python backend configures its session."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from export.artifacts import MODEL_REPOSITORY, load_bundle
-from export.bench import BenchContext, Measured, SectionResult, format_rate, markdown_table, median, percentile
+from bench.runner import BenchContext, Measured, SectionResult, format_rate, markdown_table, median, percentile
+from export.artifacts import load_bundle
+from export.dataplane import default_onnx_model, load_and_precompute
 from export.model_repository import render_profile_repository
-from export.redis_local import start_server
-from export.stack import ensure_artifacts, load_and_precompute, start_orchestrator
-from export.triton_launcher import TritonServer, free_port
+from stack.launch import free_port, start_orchestrator
+from stack.redis_local import start_server
+from stack.triton_launcher import TritonServer
+from stack.up import ensure_artifacts
 
 STAGES = ("cache", "user_features", "retrieval", "item_features", "ranking")
 
@@ -106,7 +108,7 @@ def run_section(ctx: BenchContext) -> SectionResult:
     seconds = 3.0 if ctx.quick else 10.0
     bundle_path = ensure_artifacts("synthetic")
     bundle = load_bundle(bundle_path)
-    onnx_path = MODEL_REPOSITORY / "ranker_onnx" / str(bundle.manifest.get("triton_version", 1)) / "model.onnx"
+    onnx_path = default_onnx_model(bundle.manifest)
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     rows: list[list[object]] = []
     stage_rows: list[list[object]] = []
@@ -124,7 +126,7 @@ def run_section(ctx: BenchContext) -> SectionResult:
             "RECSERVE_REDIS_URLS": redis.url,
             "RECSERVE_INDEX_PATH": str(bundle_path / "item_index.faiss"),
             "RECSERVE_TRITON_URL": triton.grpc_url,
-            "RECSERVE_MAX_IN_FLIGHT": "4096",
+            "RECSERVE_LIMITS_MAX_IN_FLIGHT": "4096",
         }
         hot_users = bundle.user_ids[:200]
         with ExitStack() as app_stack:
@@ -136,7 +138,7 @@ def run_section(ctx: BenchContext) -> SectionResult:
                 rows.append(_row("cache hit (200 warm users)", concurrency, run))
                 if concurrency == 8:
                     measurements["service_rps_cache_hit_8_clients"] = Measured(round(run.rps, 1), "requests/s")
-        miss_env = base_env | {"RECSERVE_CACHE_ENABLED": "false", "RECSERVE_DEADLINE_MS": "1000"}
+        miss_env = base_env | {"RECSERVE_ABLATION_CACHE_ENABLED": "false", "RECSERVE_DEADLINE_REQUEST_MS": "1000"}
         with ExitStack() as app_stack:
             app = start_orchestrator(miss_env, free_port(), ctx.work_dir / "service-miss.log")
             app_stack.callback(app.stop)
@@ -157,7 +159,7 @@ def run_section(ctx: BenchContext) -> SectionResult:
             f"One orchestrator process (uvicorn, uvloop, 1 worker), a private redis-server, tritonserver on the cpu "
             f"profile (shipped batching), model `{bundle.model_version}`; a closed-loop httpx client on the same 2 "
             f"cores ({seconds:.0f} s per row; 1-minute load average {load:.2f} at the end). Cache-miss rows run "
-            "with `RECSERVE_CACHE_ENABLED=false`, so every request retrieves, fetches features and ranks 200 "
+            "with `RECSERVE_ABLATION_CACHE_ENABLED=false`, so every request retrieves, fetches features and ranks 200 "
             "candidates on Triton. Latency is what the client saw, HTTP included.",
             "",
             markdown_table(["traffic", "clients", "requests/s", "p50 ms", "p99 ms", "errors", "sources"], rows),

@@ -1,8 +1,8 @@
-"""``make bench`` (``python -m export bench [--only SECTION ...] [--quick]``): run the benchmarks and
+"""``make bench`` (``python -m bench [--only SECTION ...] [--quick]``): run the benchmarks and
 rewrite docs/BENCHMARKS.md and the measured keys of docs/measurements.json.
 
-Each section lives in its own module (``bench_ranker``, ``bench_batching``, the data plane's
-``bench_dataplane``) and returns a ``SectionResult``: its markdown and the figures the capacity plan
+Each section lives in its own module (``bench.ranker``, ``bench.batching``, ``bench.dataplane``,
+``bench.service``) and returns a ``SectionResult``: its markdown and the figures the capacity plan
 reads. In BENCHMARKS.md every section sits between ``<!-- section:NAME -->`` and ``<!-- /section:NAME -->``
 so that ``--only NAME`` replaces that block and leaves the others as they were measured.
 """
@@ -31,7 +31,7 @@ BENCHMARKS_PATH = REPO_ROOT / "docs" / "BENCHMARKS.md"
 MEASUREMENTS_PATH = REPO_ROOT / "docs" / "measurements.json"
 IMAGES_DIR = REPO_ROOT / "docs" / "img"
 BENCH_DIR = BUILD_DIR / "bench"
-BASE_COMMAND = "python -m export bench"
+BASE_COMMAND = "python -m bench"
 HEADER = "header"
 SECTION_ORDER: tuple[str, ...] = ("ranker", "batching", "dataplane", "service")
 _NAME = re.compile(r"^[a-z0-9_-]+$")
@@ -239,14 +239,14 @@ class SectionUnavailable(Exception):
 def _dataplane_section(ctx: BenchContext) -> SectionResult:
     """The data-plane engineer's benchmark, adapted to this runner without touching their module."""
     try:
-        module = importlib.import_module("export.bench_dataplane")
+        module = importlib.import_module("bench.dataplane")
     except ModuleNotFoundError as exc:
-        if exc.name != "export.bench_dataplane":
+        if exc.name != "bench.dataplane":
             raise
-        raise SectionUnavailable("export/bench_dataplane.py does not exist yet") from exc
+        raise SectionUnavailable("bench/dataplane.py does not exist yet") from exc
     entry = getattr(module, "run_section", None) or getattr(module, "run", None)
     if entry is None:
-        raise SectionUnavailable("export.bench_dataplane exposes neither run_section nor run")
+        raise SectionUnavailable("bench.dataplane exposes neither run_section nor run")
     out = entry(ctx)
     if isinstance(out, SectionResult):
         return out
@@ -256,7 +256,7 @@ def _dataplane_section(ctx: BenchContext) -> SectionResult:
     if isinstance(markdown, str):
         raw = getattr(out, "measurements", {}) or {}
         return SectionResult(markdown, {k: v if isinstance(v, Measured) else Measured(**v) for k, v in raw.items()})
-    raise TypeError(f"export.bench_dataplane.{entry.__name__} returned {type(out).__name__}; expected markdown")
+    raise TypeError(f"bench.dataplane.{entry.__name__} returned {type(out).__name__}; expected markdown")
 
 
 def _module_section(module_name: str) -> Section:
@@ -269,10 +269,10 @@ def _module_section(module_name: str) -> Section:
 
 
 SECTIONS: dict[str, Section] = {
-    "ranker": _module_section("export.bench_ranker"),
-    "batching": _module_section("export.bench_batching"),
+    "ranker": _module_section("bench.ranker"),
+    "batching": _module_section("bench.batching"),
     "dataplane": _dataplane_section,
-    "service": _module_section("export.bench_service"),
+    "service": _module_section("bench.service"),
 }
 
 
@@ -343,15 +343,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(subparsers: Any) -> None:
-    """Register ``bench`` on ``python -m export``'s subparsers."""
-    bench = subparsers.add_parser("bench", help="run the benchmarks, rewrite docs/BENCHMARKS.md")
-    _add_arguments(bench)
-    bench.set_defaults(func=_cmd_bench)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``main(["--only", "ranker"])``: the bench command without the ``python -m export`` front door."""
+    """``python -m bench`` (``main(["--only", "ranker"])`` from code)."""
     parser = argparse.ArgumentParser(prog=BASE_COMMAND, description=__doc__)
     _add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

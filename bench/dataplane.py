@@ -1,4 +1,4 @@
-"""Data-plane benchmarks (``python -m export.bench_dataplane``; part of ``make bench``).
+"""Data-plane benchmarks (``python -m bench.dataplane``; part of ``make bench``).
 
 Starts its own redis-server processes (never a system Redis) and measures: the Small row for real
 (1M users + 100K items x 128 loaded, INFO memory vs the table; fp32 and fp16), the load rate, batch-read
@@ -22,20 +22,13 @@ from typing import Any, Protocol
 import numpy as np
 from redis.asyncio import Redis
 
+from export import dataplane
 from export.artifacts import MODEL_REPOSITORY, REPO_ROOT, artifacts_dir, load_bundle
-from export.plan import PlanInput, human, measure_bytes_per_entity, plan
+from export.dataplane import Backend
+from export.plan import PlanInput, human, measure_bytes_per_entity, measure_small_values, plan
 from export.precompute import Candidates, PrecomputeConfig, precompute, top_n
-from export.redis_local import LocalCluster, RedisServer, cpu_count, start_cluster, start_server
-from orchestrator import schema
-from orchestrator.ranking.onnx_ranker import OnnxRanker
-from orchestrator.retrieval import FaissRetriever
-from orchestrator.store import keys
-from orchestrator.store.backend import Backend
-from orchestrator.store.cluster import ClusterBackend
-from orchestrator.store.embeddings import RedisEmbeddingStore
-from orchestrator.store.features import encode_rows
-from orchestrator.store.sharded import ShardedBackend
-from orchestrator.store.versions import VersionInfo
+from stack.launch import cpu_count
+from stack.redis_local import LocalCluster, RedisServer, start_cluster, start_server
 
 log = logging.getLogger(__name__)
 BENCHMARKS = REPO_ROOT / "docs" / "BENCHMARKS.md"
@@ -53,8 +46,8 @@ async def _used_memory(url: str) -> int:
 
 async def load_small_row(server: RedisServer, users: int, items: int, dim: int, dtype: str) -> dict[str, float]:
     """Load ``users`` + ``items`` random vectors through the store; rate and INFO memory."""
-    backend = ShardedBackend.from_urls([server.url], timeout_ms=30_000)
-    store = RedisEmbeddingStore(backend, VersionInfo("bench", dim, dtype))
+    backend = dataplane.sharded_backend([server.url], timeout_ms=30_000)
+    store = dataplane.embedding_store(backend, "bench", dim, dtype)
     rng = np.random.default_rng(0)
     before = await _used_memory(server.url)
     elapsed = 0.0
@@ -67,34 +60,10 @@ async def load_small_row(server: RedisServer, users: int, items: int, dim: int, 
             await store.set_batch(kind, ids, matrix)  # type: ignore[arg-type]
             elapsed += time.perf_counter() - started
     used = await _used_memory(server.url) - before
-    await backend.delete_matching(keys.version_pattern("bench"), 5000)
+    await dataplane.drop_version(backend, "bench")
     await backend.aclose()
     entities = users + items
     return {"entities": entities, "seconds": elapsed, "per_s": entities / elapsed, "used_bytes": used}
-
-
-async def small_value_bytes(url: str, user_ids: list[str]) -> dict[str, float]:
-    """MEMORY USAGE of a 3-field user feature row as packed int32 vs a hash, and of stored top-50 lists."""
-    client = Redis.from_url(url)
-    try:
-        row = np.array([[3, 2, 15]])
-        packed_key, hash_key = keys.features("bench", "user", "1"), "bench-hash:{u:1}"
-        await client.set(packed_key, encode_rows("user", row)[0])
-        await client.hset(
-            hash_key, mapping={name: int(v) for (name, _), v in zip(schema.USER_FEATURES, row[0], strict=True)}
-        )
-        packed = await client.memory_usage(packed_key, samples=0)
-        hashed = await client.memory_usage(hash_key, samples=0)
-        await client.unlink(packed_key, hash_key)
-        recs = [await client.memory_usage(keys.recs(u), samples=0) for u in user_ids[:200]]
-        present = [r for r in recs if r]
-        return {
-            "feature_row_packed": float(packed or 0),
-            "feature_row_hash": float(hashed or 0),
-            "precomputed_list": float(np.mean(present)) if present else 0.0,
-        }
-    finally:
-        await client.aclose()
 
 
 def _percentiles(samples_ms: list[float]) -> tuple[float, float]:
@@ -116,7 +85,7 @@ async def read_latency(
 ) -> dict[str, float]:
     """200-id batch reads through the store vs one awaited GET per id (the naive loop)."""
     dim, n = 128, 100_000
-    store = RedisEmbeddingStore(backend, VersionInfo("bench", dim))
+    store = dataplane.embedding_store(backend, "bench", dim)
     rng = np.random.default_rng(1)
     for lo in range(0, n, CHUNK):
         await store.set_batch(
@@ -133,7 +102,7 @@ async def read_latency(
 
     async def one_at_a_time() -> None:
         for entity in next(one_by_one_batches):
-            key = keys.embedding("bench", "item", entity)
+            key = dataplane.embedding_key("bench", "item", entity)
             assert await clients[route(key)].get(key) is not None
 
     sequential = await _timed(one_at_a_time, max(20, reps // 10))
@@ -143,7 +112,7 @@ async def read_latency(
 
 
 async def sharded_latency(servers: list[RedisServer], reps: int) -> dict[str, float]:
-    backend = ShardedBackend.from_urls([s.url for s in servers], timeout_ms=1000)
+    backend = dataplane.sharded_backend([s.url for s in servers], timeout_ms=1000)
     clients = [Redis.from_url(s.url) for s in servers]
     try:
         ring = backend.ring
@@ -154,7 +123,7 @@ async def sharded_latency(servers: list[RedisServer], reps: int) -> dict[str, fl
 
 
 async def cluster_latency(cluster: LocalCluster, reps: int) -> dict[str, float]:
-    backend = await ClusterBackend.connect(cluster.url, timeout_ms=1000)
+    backend = await dataplane.cluster_backend(cluster.url, timeout_ms=1000)
     try:
         client = backend.client
         return await read_latency(backend, [client], lambda _k: 0, reps)  # type: ignore[list-item]
@@ -166,11 +135,11 @@ def precompute_and_fp16(server: RedisServer, bundle_dir: Path, model: Path) -> d
     if not (bundle_dir / "manifest.json").is_file() or not model.is_file():
         return None
     bundle = load_bundle(bundle_dir)
-    retriever = FaissRetriever(bundle_dir / "item_index.faiss")
-    ranker = OnnxRanker(model, bundle.model_version, intra_op_threads=cpu_count())
+    retriever = dataplane.faiss_retriever(bundle_dir / "item_index.faiss")
+    ranker = dataplane.onnx_ranker(model, bundle.model_version, threads=cpu_count())
 
     async def run() -> float:
-        backend = ShardedBackend.from_urls([server.url], timeout_ms=30_000)
+        backend = dataplane.sharded_backend([server.url], timeout_ms=30_000)
         try:
             report = await precompute(backend, bundle, retriever, ranker, PrecomputeConfig(), progress=False)
         finally:
@@ -225,7 +194,7 @@ def run(
             server, bundle_dir, MODEL_REPOSITORY / "ranker_onnx" / "1" / "model.onnx"
         )
         users_with_recs = load_bundle(bundle_dir).user_ids if results["precompute"] else []
-        results["small_values"] = asyncio.run(small_value_bytes(server.url, users_with_recs))
+        results["small_values"] = asyncio.run(measure_small_values(server.url, users_with_recs, version="bench"))
     finally:
         server.stop()
     shards = [start_server() for _ in range(3)]
@@ -251,8 +220,7 @@ def markdown(r: dict[str, Any], users: int, items: int, provenance: str = "") ->
     lines = [
         HEADING,
         "",
-        provenance
-        or f"Command: `python -m export.bench_dataplane` · date: {time.strftime('%Y-%m-%d')} · cores: {r['cores']}",
+        provenance or f"Command: `python -m bench.dataplane` · date: {time.strftime('%Y-%m-%d')} · cores: {r['cores']}",
         "",
         f"Load average at the start: {r['loadavg']:.2f} on {r['cores']} cores (the machine is shared). "
         "redis-server 7.0, one process per shard, no persistence; every server is started by the benchmark.",
@@ -326,7 +294,7 @@ def markdown(r: dict[str, Any], users: int, items: int, provenance: str = "") ->
 
 
 class BenchContextLike(Protocol):
-    """The part of ``export.bench.BenchContext`` this section uses."""
+    """The part of ``bench.runner.BenchContext`` this section uses."""
 
     quick: bool
 
@@ -386,7 +354,7 @@ def write_section(lines: list[str], path: Path = BENCHMARKS) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone: ``python -m export.bench_dataplane [USERS]`` (``make bench`` calls ``run_section``)."""
+    """Standalone: ``python -m bench.dataplane [USERS]`` (``make bench`` calls ``run_section``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = argv if argv is not None else sys.argv[1:]
     users = int(args[0]) if args else 1_000_000

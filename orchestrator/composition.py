@@ -1,0 +1,250 @@
+"""The composition root: the one place that reads the settings and builds the service graph.
+
+Which store topology, which store reads and which ranker run is looked up in a table of factories (as
+Feast's ``ONLINE_STORE_CLASS_FOR_TYPE``), never decided by ``isinstance`` chains elsewhere. Adding a topology
+or a ranker is its module beside its seam (``orchestrator/store/``, ``orchestrator/ranking/``) plus its
+line in a table here. The factories are here, not in those modules, so that the data-plane code the
+offline pipeline shares knows nothing of the service's settings. Closing and ``/readyz`` ask every part
+the same questions (the seams' ``aclose`` and ``ready``), whichever backend it is.
+
+Built in the FastAPI lifespan (``orchestrator/app.py``), never at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from redis.asyncio import Redis
+
+from orchestrator.cache import InvalidationFeed, LayeredCache, LocalTTLCache, NoCache, RecommendationCache
+from orchestrator.config import Ablations, Settings
+from orchestrator.errors import MissingSetting, Overloaded, UnknownKind, UnknownUser
+from orchestrator.events import EventRecorder
+from orchestrator.fallback import Fallback, FallbackChain, PopularFallback, PrecomputedFallback
+from orchestrator.guards import RateLimiter
+from orchestrator.loop_lag import LoopLagMonitor
+from orchestrator.naive import OneByOneBackend
+from orchestrator.overload import OverloadHold
+from orchestrator.popular import PopularLists
+from orchestrator.ranking import Ranker
+from orchestrator.ranking.breaker import CircuitBreaker
+from orchestrator.ranking.onnx_ranker import OnnxRanker
+from orchestrator.ranking.triton_ranker import TritonRanker
+from orchestrator.readiness import Readiness
+from orchestrator.recommender import DEPENDENCY_ERRORS, Recommender
+from orchestrator.retrieval import FaissRetriever, Retriever
+from orchestrator.store import FeatureStore, PrecomputedStore, versions
+from orchestrator.store.backend import Backend, is_tls
+from orchestrator.store.cluster import ClusterBackend
+from orchestrator.store.coalesce import CoalescingBackend
+from orchestrator.store.embeddings import RedisEmbeddingStore
+from orchestrator.store.features import RedisFeatureStore
+from orchestrator.store.precomputed import RedisPrecomputedStore
+from orchestrator.store.sharded import ShardedBackend
+
+log = logging.getLogger("orchestrator")
+
+T = TypeVar("T")
+BackendFactory = Callable[[Settings], Awaitable[Backend]]
+RankerFactory = Callable[[Settings, str], Awaitable[Ranker]]  # (settings, model version)
+
+
+# -- the tables ---------------------------------------------------------------------------------------
+
+
+async def sharded_backend(settings: Settings) -> Backend:
+    """Standalone servers on our hash ring; clients connect on first use."""
+    redis = settings.redis
+    return ShardedBackend.from_urls(redis.url_list, redis.timeout_ms, options=redis.connection)
+
+
+async def cluster_backend(settings: Settings) -> Backend:
+    """Redis Cluster, its topology discovered from the first URL."""
+    redis = settings.redis
+    return await ClusterBackend.connect(redis.url_list[0], redis.timeout_ms, redis.connection)
+
+
+STORE_TOPOLOGIES: dict[str, BackendFactory] = {  # RECSERVE_REDIS_MODE
+    "sharded": sharded_backend,
+    "cluster": cluster_backend,
+}
+
+
+def pipelined_reads(backend: Backend) -> Backend:
+    return backend
+
+
+STORE_READS: dict[str, Callable[[Backend], Backend]] = {  # RECSERVE_ABLATION_STORE_READS
+    "pipelined": pipelined_reads,
+    "one_by_one": OneByOneBackend,  # the naive design the benchmarks compare against: one GET per round trip
+}
+
+
+async def triton_ranker(settings: Settings, model_version: str) -> Ranker:
+    triton = settings.triton
+    if triton.url is None:
+        raise MissingSetting("RECSERVE_TRITON_URL", "the triton ranker")
+    breaker = CircuitBreaker(triton.breaker_failures, triton.breaker_reset_s)
+    return TritonRanker(
+        triton.url, triton.model, model_version, max_connection_age_s=triton.max_connection_age_s, breaker=breaker
+    )
+
+
+async def onnx_ranker(settings: Settings, model_version: str) -> Ranker:
+    # Loading the model reads and optimises a file: off the event loop.
+    return await asyncio.to_thread(OnnxRanker, settings.onnx.model_path, model_version)
+
+
+RANKERS: dict[str, RankerFactory] = {
+    "triton": triton_ranker,
+    "onnx": onnx_ranker,
+}
+
+
+def ranker_kind(settings: Settings) -> str:
+    """Triton when its address is set (production); else ONNX Runtime in process (the embedded default)."""
+    return "triton" if settings.triton.url else "onnx"
+
+
+def choose(table: Mapping[str, T], kind: str, setting: str) -> T:
+    """The table's entry for ``kind``; a kind it does not hold is an error naming the ones it does."""
+    try:
+        return table[kind]
+    except KeyError:
+        raise UnknownKind(setting, kind, table) from None
+
+
+def check(settings: Settings, ablations: Ablations) -> None:
+    """Looks up every choice the settings make, so that a kind no table holds stops the start at once."""
+    choose(STORE_TOPOLOGIES, settings.redis.mode, "RECSERVE_REDIS_MODE")
+    choose(STORE_READS, ablations.store_reads, "RECSERVE_ABLATION_STORE_READS")
+    choose(RANKERS, ranker_kind(settings), "the ranker kind")
+
+
+def fallback_chain(precomputed: PrecomputedStore, features: FeatureStore, popular: PopularLists) -> FallbackChain:
+    """What answers when the real-time path cannot: the user's pre-computed list, then the popular list.
+
+    Each fallback answers for the errors it declares; any other error is a bug and propagates. An unknown
+    user (no embedding) has no pre-computed list either, so only the popular list answers for one.
+    """
+    failures = (*DEPENDENCY_ERRORS, Overloaded)
+    return FallbackChain(
+        [
+            Fallback(PrecomputedFallback(precomputed, features), catches=failures),
+            Fallback(PopularFallback(popular), catches=(*failures, UnknownUser)),
+        ]
+    )
+
+
+# -- the graph ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Services:
+    """What the app serves from: built once per process, closed once."""
+
+    settings: Settings
+    backend: Backend
+    pubsub: Redis
+    retriever: Retriever
+    ranker: Ranker
+    popular: PopularLists
+    recommender: Recommender
+    events: EventRecorder
+    event_limiter: RateLimiter
+    tasks: list[asyncio.Task[None]]
+
+    async def readiness(self) -> dict[str, Readiness]:
+        """Per part, what ``/readyz`` shows; each seam is asked the same question, concurrently."""
+        redis, index, ranker = await asyncio.gather(self.backend.ready(), self.retriever.ready(), self.ranker.ready())
+        popular = Readiness(True, "ok") if self.popular.loaded else Readiness(False, "not loaded")
+        return {"redis": redis, "index": index, "ranker": ranker, "popular": popular}
+
+
+async def build_services(settings: Settings, ablations: Ablations) -> Services:
+    check(settings, ablations)
+    backend = await choose(STORE_TOPOLOGIES, settings.redis.mode, "RECSERVE_REDIS_MODE")(settings)
+    if ablations.redis_coalesce:
+        backend = CoalescingBackend(backend)
+    version = await versions.active(backend)
+    retriever = await asyncio.to_thread(FaissRetriever, settings.index.path, settings.index.inline_max_ms / 1000)
+    log.info(
+        "FAISS search takes %.3f ms: run %s",
+        retriever.search_s * 1000,
+        "on the event loop" if retriever.inline else "in a thread",
+    )
+    model_version = retriever.manifest.model_version
+    if model_version != version.version:
+        log.warning("index model version %s differs from the active Redis version %s", model_version, version.version)
+    reads = choose(STORE_READS, ablations.store_reads, "RECSERVE_ABLATION_STORE_READS")(backend)
+    ranker = await choose(RANKERS, ranker_kind(settings), "the ranker kind")(settings, model_version)
+    urls, connection = settings.redis.url_list, settings.redis.connection
+    # Pub/sub fans out cluster-wide, and in sharded mode every replica uses the same first shard.
+    pubsub = Redis.from_url(urls[0], **connection.client_kwargs(is_tls(urls[0])))
+    cache_settings = settings.cache
+    local = LocalTTLCache(cache_settings.local_size if ablations.local_cache_enabled else 0, cache_settings.local_ttl_s)
+    feed = InvalidationFeed(pubsub, local, cache_settings.invalidation_max_silence_s)
+    cache: RecommendationCache = (
+        LayeredCache(local, backend, pubsub, cache_settings.redis_ttl_s, local_trusted=feed.alive)
+        if ablations.cache_enabled
+        else NoCache()
+    )
+    features = RedisFeatureStore(reads, version.version)
+    precomputed = RedisPrecomputedStore(backend)
+    popular = PopularLists(precomputed)
+    await popular.refresh()
+    loop_lag_ms = settings.overload.loop_lag_ms
+    lag = LoopLagMonitor(loop_lag_ms / 1000) if loop_lag_ms > 0 else None
+    recommender = Recommender(
+        settings,
+        cache,
+        RedisEmbeddingStore(reads, version),
+        features,
+        retriever,
+        ranker,
+        fallback_chain(precomputed, features, popular),
+        # Held in the local layer, which only a cache that is on reads.
+        OverloadHold(local, settings.overload.hold_s if ablations.cache_enabled else 0.0, settings.ranking.list_length),
+        n_items=len(retriever.item_ids),
+        single_flight=ablations.single_flight_enabled,
+        overloaded=lag.overloaded if lag is not None else lambda: False,
+    )
+    tasks = [
+        asyncio.create_task(feed.run()),
+        asyncio.create_task(popular.refresh_forever(settings.popular.refresh_s)),
+    ]
+    if lag is not None:
+        tasks.append(asyncio.create_task(lag.run()))
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2.0):
+            await feed.subscribed.wait()
+    if settings.warmup.timeout_s > 0:
+        timings = await recommender.warm_up(retriever.manifest.dim, settings.warmup.timeout_s)
+        log.info("warm-up before serving: %s", ", ".join(f"{k} {v:.1f} ms" for k, v in timings.items()) or "nothing")
+    return Services(
+        settings,
+        backend,
+        pubsub,
+        retriever,
+        ranker,
+        popular,
+        recommender,
+        EventRecorder(backend, RedisFeatureStore(backend, version.version), cache),
+        RateLimiter(settings.events.rate_per_s, settings.events.burst),
+        tasks,
+    )
+
+
+async def close_services(services: Services) -> None:
+    for task in services.tasks:
+        task.cancel()
+    await asyncio.gather(*services.tasks, return_exceptions=True)
+    await services.recommender.drain()
+    # The request path's parts first (the ranker lets calls in flight finish), then the channel and the store.
+    for part in (services.ranker, services.retriever, services.pubsub, services.backend):
+        await part.aclose()
