@@ -45,7 +45,7 @@ pytest: venv system-deps
 test: lint typecheck pytest
 
 unit: venv
-	$(VENV)/bin/pytest -q tests/unit
+	$(VENV)/bin/pytest -q -m "not integration"
 
 export: venv
 	$(PY) -m export all --dataset $(DATASET)

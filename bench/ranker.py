@@ -311,7 +311,7 @@ def pinned_paragraph(pinned: PinnedHop | None) -> str:
         f"{pinned.serving_core}, in-process one session x 1 intra-op thread on the same core, the "
         f"{HOP_CLIENTS} gRPC clients x {ROWS_PER_REQUEST} rows on core {pinned.client_core}. That is what the "
         "hop costs a Triton pod: gRPC in the server, the copy into the stub's shared memory, Python around the "
-        f"model; it {verdict} issue 5's 70% on the same cores. "
+        f"model; it {verdict} the 70% target on the same cores. "
         + within_noise("the one-core ratio", pinned.ratio, spread, reference=0.7)
     )
 
@@ -418,7 +418,7 @@ def summarize(
             ratio_table,
             "",
             f"**Dynamic batching at {HOP_CLIENTS} clients: {format_ratio(batching_ratio)} the rows/s of batching "
-            f"off as issue 5 defines it (0 ms, no preferred sizes), {format_ratio(batcher_ratio)} the rows/s of no "
+            f"off as the target defines it (0 ms, no preferred sizes), {format_ratio(batcher_ratio)} the rows/s of no "
             "batcher at all** (1 instance in each, so that only batching differs). At 0 ms Triton still "
             "merges the requests that queue "
             'while the instance is busy (see rows per execution), so "off" is itself batching under load; only '

@@ -21,7 +21,7 @@ from orchestrator.store import keys
 from orchestrator.store.codec import DTYPES, EmbeddingCodec
 from orchestrator.store.features import encode_rows
 
-# The reference table (raw arithmetic, 4-byte floats): name, users, items, dim, total, shards.
+# The reference sizing table (raw arithmetic, 4-byte floats): name, users, items, dim, total, shards.
 REFERENCE: tuple[tuple[str, int, int, int, str, str], ...] = (
     ("Small", 1_000_000, 100_000, 128, "~560 MB", "1"),
     ("Medium", 10_000_000, 1_000_000, 128, "~5.6 GB", "2-4"),

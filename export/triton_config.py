@@ -27,17 +27,46 @@ _DTYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64}
 CPU_INSTANCES = 2
 
 
+# Rows the orchestrator sends per ranking request: RankingSettings.n_candidates (orchestrator/config.py);
+# tests/unit/test_triton_config.py pins that the two agree.
+ROWS_PER_REQUEST = 200
+MAX_BATCH_SIZE = 1024
+# Every whole number of requests that fits a batch: 200, 400, ..., 1000. Triton sends a batch at once when
+# it reaches a preferred size (core's DynamicBatchScheduler::GetDynamicBatch); sizes that no sum of 200-row
+# requests can reach (the former 256/512/1024) are never met, so every batch short of 6 requests waited
+# out the full queue delay: +5 ms at low load for nothing (BENCHMARKS.md, cpu profile, one client: p50
+# 6.9 ms at 5 ms delay against 1.7 ms at 0 ms).
+# With every multiple listed, a lone request runs at once, and under load, while the instance is busy,
+# the queue grows and the next batch takes the largest multiple waiting (up to 1000 rows). The queue delay
+# still bounds the wait of requests of other sizes (a candidate dropped for a missing embedding).
+PREFERRED_BATCH_SIZES = tuple(range(ROWS_PER_REQUEST, MAX_BATCH_SIZE + 1, ROWS_PER_REQUEST))
+# Triton's queue policy (REJECT on timeout). The orchestrator's real-time budget for a request is
+# deadline.request_ms - deadline.fallback_reserve_ms: 80 ms by default, 60 ms in k8s/base/recserve.env
+# (80 - 20). The Redis reads and retrieval before ranking take 2-18 ms (BENCHMARKS.md, service section)
+# and the model a few more, so a request that has waited 40 ms in Triton's queue can no longer be answered
+# in time: Triton drops it (UNAVAILABLE, "Request timeout expired") instead of computing what nobody waits
+# for, and the orchestrator answers from the fallback. Tests pin it under both budgets. REJECT is the
+# enum's zero value, so the rendered config.pbtxt does not spell it out (proto3 omits defaults).
+QUEUE_TIMEOUT_MICROSECONDS = 40_000
+# Requests (not rows). At the capacity plan's T4 rate (~2,000 requests/s, docs/CAPACITY.md) about 80
+# queued requests leave in 40 ms; 128 leaves headroom over that assumption, and beyond it a request is
+# refused at once (UNAVAILABLE) instead of timing out after 40 ms: memory and wasted time stay bounded.
+MAX_QUEUE_SIZE = 128
+
+
 @dataclass(frozen=True)
 class BatchingSpec:
-    """Dynamic batching, in rows (one row = one user x candidate pair).
+    """Dynamic batching, in rows (one row = one user x candidate pair), and the queue in front of it.
 
-    A request carries ~100-200 candidates, so preferred sizes are a few requests' worth; 5 ms of queue
-    delay on a T4 fills a 1024-row batch at a few thousand requests/s without breaking a 100 ms budget.
+    5 ms of queue delay on a T4 fills a 1000-row batch at a few thousand requests/s without breaking a
+    100 ms budget. ``queue_timeout_microseconds`` 0 and ``max_queue_size`` 0 turn the queue policy off.
     """
 
-    max_batch_size: int = 1024
-    preferred_batch_sizes: tuple[int, ...] = (256, 512, 1024)
+    max_batch_size: int = MAX_BATCH_SIZE
+    preferred_batch_sizes: tuple[int, ...] = PREFERRED_BATCH_SIZES
     max_queue_delay_microseconds: int = 5000
+    queue_timeout_microseconds: int = QUEUE_TIMEOUT_MICROSECONDS
+    max_queue_size: int = MAX_QUEUE_SIZE
 
     def validate(self) -> None:
         if self.max_batch_size < 1:
@@ -49,6 +78,18 @@ class BatchingSpec:
             )
         if self.max_queue_delay_microseconds < 0:
             raise ValueError(f"max_queue_delay_microseconds must be >= 0, got {self.max_queue_delay_microseconds}")
+        if self.queue_timeout_microseconds < 0:
+            raise ValueError(
+                f"queue_timeout_microseconds must be >= 0 (0: none), got {self.queue_timeout_microseconds}"
+            )
+        if 0 < self.queue_timeout_microseconds <= self.max_queue_delay_microseconds:
+            # Every request would be rejected while the batcher still waits for it to form a batch.
+            raise ValueError(
+                f"queue_timeout_microseconds must exceed max_queue_delay_microseconds "
+                f"({self.max_queue_delay_microseconds}), got {self.queue_timeout_microseconds}"
+            )
+        if self.max_queue_size < 0:
+            raise ValueError(f"max_queue_size must be an integer >= 0 (0: unbounded), got {self.max_queue_size}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +128,14 @@ def build_config(model: ModelSpec, profile: Profile) -> mc.ModelConfig:
     batching = config.dynamic_batching
     batching.preferred_batch_size.extend(model.batching.preferred_batch_sizes)
     batching.max_queue_delay_microseconds = model.batching.max_queue_delay_microseconds
+    if model.batching.queue_timeout_microseconds or model.batching.max_queue_size:
+        queue = batching.default_queue_policy
+        queue.timeout_action = mc.ModelQueuePolicy.REJECT
+        queue.default_timeout_microseconds = model.batching.queue_timeout_microseconds
+        # A client may ask for less (tritonclient's per-request `timeout`, in microseconds): the time
+        # actually left of its own deadline.
+        queue.allow_timeout_override = True
+        queue.max_queue_size = model.batching.max_queue_size
 
     if profile == "gpu-t4":
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=model.instance_count or 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,7 +16,7 @@ from fastapi.responses import ORJSONResponse
 from orchestrator import gc_pauses
 from orchestrator.api import events, health, recommendations, segments
 from orchestrator.composition import build_services, check, close_services
-from orchestrator.config import Ablations, Settings
+from orchestrator.config import Ablations, Settings, check_renamed
 from orchestrator.guards import AdmissionControl, BodySizeLimit
 from orchestrator.hot_route import HotRoute
 
@@ -52,6 +53,8 @@ def create_app(settings: Settings | None = None, ablations: Ablations | None = N
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
     )
+    if settings is None:
+        check_renamed(os.environ)
     app.state.settings = settings or Settings()
     app.state.ablations = ablations or Ablations()
     check(app.state.settings, app.state.ablations)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, mo
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.errors import RenamedSetting
 from orchestrator.store.backend import ConnectionOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -299,6 +300,41 @@ class Ablations(BaseSettings):
     store_reads: str = "pipelined"
     """one_by_one: one Redis GET at a time, the naive design (orchestrator/naive.py); pipelined: one round trip
     per shard."""
+
+
+# Variables read under an older, flat name. Set under the old name, each would otherwise be ignored in
+# silence (it belongs to no group), and the service would run on a default nobody chose.
+RENAMED = {
+    "RECSERVE_DEADLINE_MS": "RECSERVE_DEADLINE_REQUEST_MS",
+    "RECSERVE_FALLBACK_RESERVE_MS": "RECSERVE_DEADLINE_FALLBACK_RESERVE_MS",
+    "RECSERVE_MIN_COMPUTE_MS": "RECSERVE_DEADLINE_MIN_COMPUTE_MS",
+    "RECSERVE_BREAKER_FAILURES": "RECSERVE_TRITON_BREAKER_FAILURES",
+    "RECSERVE_BREAKER_RESET_S": "RECSERVE_TRITON_BREAKER_RESET_S",
+    "RECSERVE_RETRIEVAL_INLINE_MAX_MS": "RECSERVE_INDEX_INLINE_MAX_MS",
+    "RECSERVE_N_CANDIDATES": "RECSERVE_RANKING_N_CANDIDATES",
+    "RECSERVE_MAX_N": "RECSERVE_RANKING_LIST_LENGTH",
+    "RECSERVE_LOCAL_CACHE_SIZE": "RECSERVE_CACHE_LOCAL_SIZE",
+    "RECSERVE_LOCAL_CACHE_TTL_S": "RECSERVE_CACHE_LOCAL_TTL_S",
+    "RECSERVE_REDIS_CACHE_TTL_S": "RECSERVE_CACHE_REDIS_TTL_S",
+    "RECSERVE_INVALIDATION_MAX_SILENCE_S": "RECSERVE_CACHE_INVALIDATION_MAX_SILENCE_S",
+    "RECSERVE_SEGMENT_MAX_AGE_S": "RECSERVE_POPULAR_SEGMENT_MAX_AGE_S",
+    "RECSERVE_MAX_IN_FLIGHT": "RECSERVE_LIMITS_MAX_IN_FLIGHT",
+    "RECSERVE_MAX_BODY_BYTES": "RECSERVE_LIMITS_MAX_BODY_BYTES",
+    "RECSERVE_API_KEY": "RECSERVE_EVENTS_API_KEY",
+    "RECSERVE_CACHE_ENABLED": "RECSERVE_ABLATION_CACHE_ENABLED",
+    "RECSERVE_LOCAL_CACHE_ENABLED": "RECSERVE_ABLATION_LOCAL_CACHE_ENABLED",
+    "RECSERVE_SINGLE_FLIGHT_ENABLED": "RECSERVE_ABLATION_SINGLE_FLIGHT_ENABLED",
+    "RECSERVE_HOT_ROUTE_ENABLED": "RECSERVE_ABLATION_HOT_ROUTE_ENABLED",
+    "RECSERVE_REDIS_COALESCE": "RECSERVE_ABLATION_REDIS_COALESCE",
+    "RECSERVE_STORE_READS": "RECSERVE_ABLATION_STORE_READS",
+}
+
+
+def check_renamed(environ: Mapping[str, str]) -> None:
+    """Stop the start when a variable is set under a name the service no longer reads."""
+    for old, new in RENAMED.items():
+        if old in environ:
+            raise RenamedSetting(old, new)
 
 
 # -- the documentation, printed from the classes above --------------------------------------------------

@@ -24,6 +24,14 @@ class UnknownKind(OrchestratorError, ValueError):
         )
 
 
+class RenamedSetting(OrchestratorError, ValueError):
+    """An environment variable the service once read under another name: ignoring it would run with a
+    default the operator did not choose."""
+
+    def __init__(self, old: str, new: str) -> None:
+        super().__init__(f"{old} is set, but the setting is now named {new}: rename the variable")
+
+
 class MissingSetting(OrchestratorError, ValueError):
     """A backend was chosen without the setting it cannot run without."""
 

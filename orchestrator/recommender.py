@@ -3,10 +3,11 @@
     cache (local -> Redis)
       miss -> single-flight per (user, context):
         user embedding + features + seen set (Redis, concurrently)
-        -> FAISS candidates (on the event loop when short, else a thread) -> candidate embeddings + features (Redis, per shard)
+        -> FAISS candidates (on the event loop when short, else a thread)
+        -> candidate embeddings + features (Redis, per shard)
         -> ranking (Triton over gRPC, within what is left of the deadline)
         -> exclude seen/purchased -> top N -> cache write
-      deadline missed or a part down -> pre-computed list (Redis) -> popular list for the segment (memory)
+      deadline missed, a part down or the process overloaded -> pre-computed list (Redis) -> popular list (memory)
 
 What answers when the real-time path cannot is the fallback chain the recommender is given
 (``orchestrator/fallback.py``, built by the composition root): its fallbacks catch the errors they declare

@@ -1,7 +1,8 @@
 """``python -m stack <command>``: the local stack's CLI.
 
-``up`` (``make up``): the whole stack, Ctrl-C stops it; ``triton``: the cpu profile on a local
-tritonserver; ``plan ARGS``: ``python -m export plan ARGS`` measured (``--measure``) in a throw-away Redis.
+``up`` (``make up``): the whole stack, a crashed orchestrator restarted within a bound, Ctrl-C stops it;
+``triton``: the cpu profile on a local tritonserver; ``plan ARGS``: ``python -m export plan ARGS`` measured
+(``--measure``) in a throw-away Redis.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 from export.errors import ExportError
 from stack.errors import StackError
+from stack.supervise import RestartPolicy
 
 DATASETS = ("synthetic", "movielens")
 
@@ -21,7 +23,8 @@ DATASETS = ("synthetic", "movielens")
 def _cmd_up(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from stack import up
 
-    return up.run(args.dataset, args.port, use_triton=not args.no_triton)
+    policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s)
+    return up.run(args.dataset, args.port, use_triton=not args.no_triton, policy=policy)
 
 
 def _cmd_triton(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -70,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dataset", choices=DATASETS, default="synthetic")
     up.add_argument("--port", type=int, default=8080)
     up.add_argument("--no-triton", action="store_true", help="rank in process with ONNX Runtime instead")
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=RestartPolicy.max_restarts,
+        help="restarts of a crashed orchestrator allowed within --restart-window-s; one crash more stops the stack",
+    )
+    up.add_argument("--restart-window-s", type=float, default=RestartPolicy.window_s)
     up.set_defaults(func=_cmd_up)
 
     triton = commands.add_parser("triton", help="serve the cpu profile with a local tritonserver")

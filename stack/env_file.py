@@ -123,3 +123,22 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
+
+
+class StackEnvFile:
+    """The stack.env of one run of ``make up``: fixed values (settings, addresses) plus the changing state.
+    Nothing is written until the first ``write``; ``mark_stopped`` then keeps the file, marked."""
+
+    def __init__(self, path: Path = STACK_ENV_PATH, values: Mapping[str, str] | None = None) -> None:
+        self.path = path
+        self.values: dict[str, str] = dict(values or {})
+        self.written = False
+
+    def write(self, **changes: str) -> None:
+        self.values.update(changes)
+        write_stack_env(self.path, self.values)
+        self.written = True
+
+    def mark_stopped(self, reason: str) -> None:
+        if self.written:
+            self.write(**{STATE: STOPPED, STOP_REASON: reason})

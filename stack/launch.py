@@ -71,6 +71,10 @@ class HttpService:
     process: subprocess.Popen[bytes]
     url: str
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def exit_code(self) -> int | None:
         """None while it runs; else its exit code (negative: the signal that killed it)."""
         return self.process.poll()

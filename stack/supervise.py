@@ -91,6 +91,9 @@ class Service(Protocol):
 
     url: str
 
+    @property
+    def pid(self) -> int: ...
+
     def exit_code(self) -> int | None: ...
 
     def stop(self) -> None: ...

@@ -126,3 +126,18 @@ def test_the_command_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> No
     assert capsys.readouterr().out == markdown_table(Settings)
     assert main(["--ablations"]) == 0
     assert capsys.readouterr().out == markdown_table(Ablations)
+
+
+def test_a_variable_set_under_its_old_name_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.app import create_app
+    from orchestrator.config import RENAMED, environment_variables
+    from orchestrator.errors import RenamedSetting
+
+    read = {name for name, _ in environment_variables(Settings)} | {
+        name for name, _ in environment_variables(Ablations)
+    }
+    assert set(RENAMED.values()) <= read, f"renamed to variables nothing reads: {set(RENAMED.values()) - read}"
+    assert not set(RENAMED) & read, "an old name must not also be a current one"
+    monkeypatch.setenv("RECSERVE_MAX_IN_FLIGHT", "8")
+    with pytest.raises(RenamedSetting, match=r"RECSERVE_MAX_IN_FLIGHT is set, but .* RECSERVE_LIMITS_MAX_IN_FLIGHT"):
+        create_app()
