@@ -24,12 +24,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[export,triton,loadtest,dev]"
 	@touch $(STAMP)
 
-# redis-server is a system package: the tests start their own servers on free ports.
+# redis-server is a system package: the tests start their own servers on free ports. promtool, from Debian's
+# prometheus package, unit-tests the alert rules (tests/k8s); the tests start no Prometheus. On a systemd
+# host either package also enables its service (`systemctl disable --now prometheus redis-server`).
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server (apt-get)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
 	  || { echo "could not install redis-server: install it with your package manager"; exit 1; }; }
+	@command -v promtool >/dev/null || { \
+	  echo "installing promtool (apt-get: prometheus)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus >/dev/null) \
+	  || { echo "could not install promtool: install the prometheus package, or promtool from a Prometheus release"; exit 1; }; }
 
 lint: venv
 	$(VENV)/bin/ruff check .

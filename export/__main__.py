@@ -15,22 +15,72 @@ from export import cli_capacity, cli_dataplane, pipeline
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, artifacts_dir
 from export.data import SyntheticSpec, generate_synthetic
 from export.errors import ExportError
+from export.evaluate import MAX_EVAL_USERS
 from export.train import TrainConfig
 from export.triton_config import BatchingSpec
 
 
+def _synthetic_spec(args: argparse.Namespace) -> SyntheticSpec:
+    defaults = SyntheticSpec()
+    return SyntheticSpec(
+        n_users=defaults.n_users if args.users is None else args.users,
+        n_items=defaults.n_items if args.items is None else args.items,
+        mean_interactions_per_user=(
+            defaults.mean_interactions_per_user if args.interactions_per_user is None else args.interactions_per_user
+        ),
+        min_interactions_per_user=(
+            defaults.min_interactions_per_user
+            if args.min_interactions_per_user is None
+            else args.min_interactions_per_user
+        ),
+        seed=defaults.seed if args.seed is None else args.seed,
+    )
+
+
+def _add_synthetic_options(parser: argparse.ArgumentParser) -> None:
+    defaults = SyntheticSpec()
+    parser.add_argument("--users", type=int, help=f"synthetic users (default {defaults.n_users})")
+    parser.add_argument("--items", type=int, help=f"synthetic items (default {defaults.n_items})")
+    parser.add_argument(
+        "--interactions-per-user",
+        type=int,
+        help=f"mean synthetic interactions per user (default {defaults.mean_interactions_per_user})",
+    )
+    parser.add_argument(
+        "--min-interactions-per-user",
+        type=int,
+        help=f"fewest synthetic interactions per user (default {defaults.min_interactions_per_user})",
+    )
+    parser.add_argument("--seed", type=int, help=f"synthetic data seed (default {defaults.seed})")
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
-    spec = SyntheticSpec(n_users=args.users, n_items=args.items, seed=args.seed)
+    spec = _synthetic_spec(args)
     folder = generate_synthetic(Path(args.out), spec)
-    print(f"wrote a synthetic data set ({args.users} users, {args.items} items) to {folder}")
+    print(f"wrote a synthetic data set ({spec.n_users} users, {spec.n_items} items) to {folder}")
     return 0
 
 
 def _cmd_all(args: argparse.Namespace) -> int:
     cfg = TrainConfig(embedding_dim=args.dim, retrieval_epochs=args.retrieval_epochs, ranker_epochs=args.ranker_epochs)
-    bundle = pipeline.run_all(args.dataset, cfg, version=args.version, build_dir=Path(args.build_dir))
+    synthetic_options = (args.users, args.items, args.interactions_per_user, args.min_interactions_per_user, args.seed)
+    if args.dataset != "synthetic" and any(option is not None for option in synthetic_options):
+        raise ValueError("--users, --items, --interactions-per-user and --seed describe the synthetic data set only")
+    # No synthetic option: whatever complete data set the data folder holds (generated with the defaults
+    # if none); any option: the data set of exactly that spec (regenerated when the folder holds another).
+    spec = _synthetic_spec(args) if any(option is not None for option in synthetic_options) else None
+    bundle = pipeline.run_all(
+        args.dataset,
+        cfg,
+        version=args.version,
+        build_dir=Path(args.build_dir),
+        repo=Path(args.repo),
+        synthetic=spec,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        eval_max_users=args.eval_users or None,
+    )
     print(pipeline.format_metrics(bundle.manifest["metrics"]))
-    print(f"model version {bundle.model_version}; artifacts in {bundle.path}; Triton models in {MODEL_REPOSITORY}")
+    print(f"model version {bundle.model_version}; artifacts in {bundle.path}; Triton models in {args.repo}")
     return 0
 
 
@@ -55,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="generate the synthetic data set (MovieLens format)")
-    data.add_argument("--out", default=str(BUILD_DIR / "data" / "synthetic"))
-    data.add_argument("--users", type=int, default=SyntheticSpec.n_users)
-    data.add_argument("--items", type=int, default=SyntheticSpec.n_items)
-    data.add_argument("--seed", type=int, default=SyntheticSpec.seed)
+    data.add_argument(
+        "--data-dir", "--out", dest="out", default=str(pipeline.synthetic_dir()), help="the data folder to write"
+    )
+    _add_synthetic_options(data)
     data.set_defaults(func=_cmd_data)
 
     everything = commands.add_parser("all", help="train, evaluate, export to Triton, build the FAISS index")
@@ -67,7 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     everything.add_argument("--retrieval-epochs", type=int, default=TrainConfig.retrieval_epochs)
     everything.add_argument("--ranker-epochs", type=int, default=TrainConfig.ranker_epochs)
     everything.add_argument("--version", type=int, default=1, help="Triton version folder")
-    everything.add_argument("--build-dir", default=str(BUILD_DIR))
+    everything.add_argument("--build-dir", default=str(BUILD_DIR), help="artifacts go to BUILD_DIR/artifacts/DATASET")
+    everything.add_argument(
+        "--data-dir",
+        help="the data folder (default: BUILD_DIR/data/synthetic, generated there if missing; "
+        "movielens: $RECSERVE_MOVIELENS_DIR or ../shared/data/movielens-100k)",
+    )
+    everything.add_argument(
+        "--repo", "--model-repository", dest="repo", default=str(MODEL_REPOSITORY), help="the Triton model repository"
+    )
+    everything.add_argument(
+        "--eval-users",
+        type=int,
+        default=MAX_EVAL_USERS,
+        help="evaluate a seeded sample of this many users past that many (0: every user)",
+    )
+    _add_synthetic_options(everything)
     everything.set_defaults(func=_cmd_all)
 
     render = commands.add_parser("render", help="render a Triton profile's repository (default: cpu)")

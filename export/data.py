@@ -7,11 +7,16 @@ embedding tables are an internal detail of this module's ``Dataset``.
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+import secrets
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
+from tqdm import tqdm
 
 from export.errors import DataFileError, MissingDataError
 from orchestrator import schema
@@ -183,10 +188,21 @@ def load_movielens(folder: Path, name: str = "movielens-100k") -> Dataset:
 # --------------------------------------------------------------------------------------------------
 # Synthetic data (the embedded default): written in the MovieLens format, so one loader reads both.
 
+SPEC_FILE = "spec.json"  # the SyntheticSpec a generated folder was written from
+RATING_NOISE = 0.7
+AFFINITY_WEIGHT = 1.5  # logit of an item for a user: log popularity + AFFINITY_WEIGHT * affinity
+TIME_START, TIME_SPAN = 880_000_000, 20_000_000
+CHUNK_CANDIDATES = 1 << 20  # candidate (user, item) pairs scored per chunk: bounds the generator's memory
+
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """Knobs of the synthetic generator. Defaults give a MovieLens-100K-sized data set."""
+    """Knobs of the synthetic generator. Defaults give a MovieLens-100K-sized data set.
+
+    ``exact_items`` and ``pool_factor`` say how each user's items are drawn: from a catalog of at most
+    ``exact_items`` items exactly (every item scored), from a larger one by sampling-importance
+    resampling over ``pool_factor`` candidates per wanted interaction (see ``generate_synthetic``).
+    """
 
     n_users: int = 1000
     n_items: int = 1700
@@ -195,6 +211,8 @@ class SyntheticSpec:
     zipf_exponent: float = 1.0
     latent_dim: int = 16
     seed: int = 7
+    exact_items: int = 2048
+    pool_factor: int = 8
 
     def validate(self) -> None:
         if self.n_users < 2 or self.n_items < 2:
@@ -204,17 +222,123 @@ class SyntheticSpec:
                 f"min_interactions_per_user must be in 1..n_items ({self.n_items}), "
                 f"got {self.min_interactions_per_user}"
             )
+        if self.mean_interactions_per_user < 1:
+            raise ValueError(f"mean_interactions_per_user must be >= 1, got {self.mean_interactions_per_user}")
+        if self.pool_factor < 2:
+            raise ValueError(f"pool_factor must be >= 2, got {self.pool_factor}")
+
+    def to_json(self) -> dict[str, int | float]:
+        return asdict(self)
 
 
-def generate_synthetic(folder: Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
-    """Write a seeded synthetic data set as MovieLens files into ``folder``; returns ``folder``.
+@dataclass
+class _World:
+    """The generator's latent world: what every chunk of users draws from."""
 
-    Items get Zipf popularity and a latent taste vector; each user's taste mixes a latent vector and
-    their categorical features, so both towers and the ranker have real signal to learn.
-    """
-    spec.validate()
-    rng = np.random.default_rng(spec.seed)
-    folder.mkdir(parents=True, exist_ok=True)
+    item_genre: np.ndarray  # int64 [n_items], 1..len(GENRES)-1
+    item_latent: np.ndarray  # float64 [n_items, latent_dim]
+    genre_vectors: np.ndarray  # float64 [len(GENRES), latent_dim]
+    log_popularity: np.ndarray  # float64 [n_items]
+    user_latent: np.ndarray  # float64 [n_users, latent_dim]
+    counts: np.ndarray  # int64 [n_users]: interactions per user
+
+    def __post_init__(self) -> None:
+        self._user32 = self.user_latent.astype(np.float32)
+        self._item32 = self.item_latent.astype(np.float32)
+
+    def affinity(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """<user latent, item latent> / sqrt(dim) of each (user, item) pair (float32 products: the gathers
+        are what cost)."""
+        products = np.einsum("ij,ij->i", self._user32[users], self._item32[items])
+        return products.astype(np.float64) / np.sqrt(self.user_latent.shape[1])
+
+
+def _gumbel_top(keys: np.ndarray, segment: np.ndarray, wanted: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Positions of each segment's ``wanted[segment]`` largest ``keys + Gumbel noise``, grouped by segment
+    (ascending) and, within one, largest first: the Gumbel-top-k trick, which draws ``wanted`` items
+    without replacement with probabilities proportional to ``exp(keys)``, in draw order."""
+    noisy = (keys + rng.gumbel(size=len(keys))).astype(np.float32)
+    by_key = np.argsort(-noisy)
+    order = by_key[np.argsort(segment[by_key], kind="stable")]  # by segment, then by key: two fast sorts
+    seg_sorted = segment[order]
+    starts = np.searchsorted(seg_sorted, np.arange(len(wanted)), side="left")
+    rank = np.arange(len(order)) - starts[seg_sorted]
+    return order[rank < wanted[seg_sorted]]
+
+
+@dataclass
+class _Proposal:
+    """Where a large catalog's candidates come from: a user's genre taste times the items' popularity.
+
+    It knows all of the target distribution but each item's own latent noise, so the importance
+    weights that correct for that stay mild."""
+
+    genre_mass: np.ndarray  # float64 [len(GENRES)]: total popularity per genre
+    members: list[np.ndarray]  # per genre: its item rows
+    cdf: list[np.ndarray]  # per genre: cumulative popularity share over ``members``, ending at 1.0
+
+    @classmethod
+    def of(cls, world: _World) -> _Proposal:
+        popularity = np.exp(world.log_popularity)
+        n_genres = len(world.genre_vectors)
+        genre_mass = np.bincount(world.item_genre, weights=popularity, minlength=n_genres)
+        members, cdf = [], []
+        for genre in range(n_genres):
+            rows = np.flatnonzero(world.item_genre == genre)
+            share = np.cumsum(popularity[rows]) / genre_mass[genre] if len(rows) else np.ones(0)
+            if len(rows):
+                share[-1] = 1.0  # exact, so every draw lands on an item
+            members.append(rows)
+            cdf.append(share)
+        return cls(genre_mass, members, cdf)
+
+    def candidates(
+        self, world: _World, users: np.ndarray, pool: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``pool[k]`` draws with replacement for user ``users[k]``, duplicates merged. Returns segment
+        (row in ``users``) and item, sorted, and -log(the pair's probability of being in the pool): with
+        it, the Gumbel-top-k over the pool draws as over the whole catalog (sampling-importance
+        resampling, Horvitz-Thompson weights)."""
+        dim = world.user_latent.shape[1]
+        n_items = len(world.item_genre)
+        with np.errstate(divide="ignore"):
+            logits = np.log(self.genre_mass)[None, :] + (
+                AFFINITY_WEIGHT * (world.user_latent[users] @ world.genre_vectors.T) / np.sqrt(dim)
+            )
+        genre_p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        genre_p /= genre_p.sum(axis=1, keepdims=True)
+        per_genre = rng.multinomial(pool, genre_p)  # [users, genres]: how many draws from each genre
+        keys = []
+        for genre in np.flatnonzero(per_genre.sum(axis=0)):
+            drawn = np.searchsorted(self.cdf[genre], rng.random(int(per_genre[:, genre].sum())), side="right")
+            items = self.members[genre][np.minimum(drawn, len(self.members[genre]) - 1)]
+            keys.append(np.repeat(np.arange(len(users), dtype=np.int64), per_genre[:, genre]) * n_items + items)
+        pairs = np.unique(np.concatenate(keys))
+        segment, items = pairs // n_items, pairs % n_items
+        genre = world.item_genre[items]
+        q = genre_p[segment, genre] * np.exp(world.log_popularity[items]) / self.genre_mass[genre]
+        inclusion = -np.expm1(pool[segment] * np.log1p(-np.minimum(q, 1.0 - 1e-12)))
+        return segment, items, -np.log(inclusion)
+
+
+def _write_atomically(path: Path, write: Callable[[TextIO], object], encoding: str = "utf-8") -> None:
+    """Write through a temporary file in the same folder, renamed over ``path`` once complete: a killed
+    run leaves at most a ``.tmp`` file, never a partial ``path``."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with temp.open("x", encoding=encoding, newline="\n") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _world(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[_World, list[str], list[str]]:
+    """Items, users and their latent tastes, drawn in the generator's historical order (so u.item and
+    u.user keep their bytes); returns the world and the u.item and u.user text, line by line."""
     genres = np.arange(1, len(schema.GENRES))
     item_genre = rng.choice(genres, size=spec.n_items)
     genre_vectors = rng.normal(size=(len(schema.GENRES), spec.latent_dim))
@@ -234,27 +358,128 @@ def generate_synthetic(folder: Path, spec: SyntheticSpec = SyntheticSpec()) -> P
         rng.lognormal(np.log(spec.mean_interactions_per_user), 0.6, size=spec.n_users).astype(int),
         spec.min_interactions_per_user,
         spec.n_items // 2 if spec.n_items >= 2 * spec.min_interactions_per_user else spec.n_items,
-    )
-    start = 880_000_000
-    with (folder / "u.data").open("w") as out:
-        for u in range(spec.n_users):
-            affinity = item_latent @ user_latent[u] / np.sqrt(spec.latent_dim)
-            logits = np.log(popularity) + 1.5 * affinity
-            probs = np.exp(logits - logits.max())
-            probs /= probs.sum()
-            chosen = rng.choice(spec.n_items, size=int(counts[u]), replace=False, p=probs)
-            stamps = np.sort(start + rng.integers(0, 20_000_000, size=len(chosen)))
-            ratings = np.clip(np.round(3.2 + 1.2 * affinity[chosen] + rng.normal(0, 0.7, len(chosen))), 1, 5)
-            for item, rating, stamp in zip(chosen, ratings, stamps, strict=True):
-                out.write(f"{u + 1}\t{item + 1}\t{int(rating)}\t{int(stamp)}\n")
-    with (folder / "u.user").open("w") as out:
-        for u in range(spec.n_users):
-            out.write(f"{u + 1}|{ages[u]}|{genders[u]}|{occupations[user_occupation[u]]}|00000\n")
-    with (folder / "u.item").open("w", encoding="latin-1") as out:
-        for i in range(spec.n_items):
-            flags = ["0"] * N_GENRE_FLAGS
-            flags[int(item_genre[i])] = "1"
-            out.write(f"{i + 1}|Item {i + 1} ({item_year[i]})|01-Jan-{item_year[i]}||http://x|{'|'.join(flags)}\n")
+    ).astype(np.int64)
+    world = _World(item_genre, item_latent, genre_vectors, np.log(popularity), user_latent, counts)
+
+    flags = []
+    for genre in range(len(schema.GENRES)):
+        row = ["0"] * N_GENRE_FLAGS
+        row[genre] = "1"
+        flags.append("|".join(row))
+    item_lines = [
+        f"{i + 1}|Item {i + 1} ({year})|01-Jan-{year}||http://x|{flags[genre]}\n"
+        for i, (year, genre) in enumerate(zip(item_year.tolist(), item_genre.tolist(), strict=True))
+    ]
+    user_lines = [
+        f"{u + 1}|{age}|{gender}|{occupations[occupation]}|00000\n"
+        for u, (age, gender, occupation) in enumerate(
+            zip(ages.tolist(), genders.tolist(), user_occupation.tolist(), strict=True)
+        )
+    ]
+    return world, item_lines, user_lines
+
+
+def _draw_chunk(
+    world: _World, users: np.ndarray, spec: SyntheticSpec, rng: np.random.Generator, proposal: _Proposal | None
+) -> np.ndarray:
+    """Interactions of one chunk of users as int64 rows (user row, item row, rating, timestamp), grouped
+    by user, in draw order within a user (the first drawn gets the earliest timestamp)."""
+    wanted = world.counts[users]
+    n_items = len(world.item_genre)
+    if proposal is None:  # every item is a candidate for every user
+        segment = np.repeat(np.arange(len(users)), n_items)
+        items = np.tile(np.arange(n_items), len(users))
+        affinity = (world.user_latent[users] @ world.item_latent.T).ravel() / np.sqrt(world.user_latent.shape[1])
+        correction = np.zeros(len(items))
+    else:
+        segment, items, correction = proposal.candidates(world, users, spec.pool_factor * wanted, rng)
+        short = np.flatnonzero(np.bincount(segment, minlength=len(users)) < wanted)
+        if len(short):  # a pool with too few distinct items (rare): these users take a larger one
+            keep = ~np.isin(segment, short)
+            more_segment, more_items, more_correction = proposal.candidates(
+                world, users[short], 4 * spec.pool_factor * wanted[short], rng
+            )
+            segment = np.concatenate([segment[keep], short[more_segment]])
+            items = np.concatenate([items[keep], more_items])
+            correction = np.concatenate([correction[keep], more_correction])
+        affinity = world.affinity(users[segment], items)
+    keys = world.log_popularity[items] + AFFINITY_WEIGHT * affinity + correction
+    chosen = _gumbel_top(keys, segment, wanted, rng)
+    segment, items, affinity = segment[chosen], items[chosen], affinity[chosen]
+    # Each user's timestamps, sorted, in draw order: sort (user, time) pairs as one integer key.
+    offset = segment.astype(np.int64) * TIME_SPAN
+    stamps = np.sort(offset + rng.integers(0, TIME_SPAN, size=len(chosen))) - offset + TIME_START
+    noise = rng.normal(0, RATING_NOISE, len(chosen))
+    ratings = np.clip(np.round(3.2 + 1.2 * affinity + noise), 1, 5).astype(np.int64)
+    return np.stack([users[segment], items, ratings, stamps], axis=1)
+
+
+def _chunks(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) runs of users whose candidate counts sum to about ``budget``."""
+    cumulative = np.cumsum(sizes)
+    bounds, start = [], 0
+    while start < len(sizes):
+        base = cumulative[start - 1] if start else 0
+        end = max(start + 1, int(np.searchsorted(cumulative, base + budget, side="right")))
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def read_spec(folder: Path) -> SyntheticSpec | None:
+    """The spec a generated folder was written from; None when it has no spec file (data given as is)."""
+    path = Path(folder) / SPEC_FILE
+    if not path.is_file():
+        return None
+    try:
+        return SyntheticSpec(**json.loads(path.read_text()))
+    except (TypeError, ValueError):
+        return None
+
+
+def generate_synthetic(folder: Path, spec: SyntheticSpec = SyntheticSpec(), progress: bool = True) -> Path:
+    """Write a seeded synthetic data set as MovieLens files into ``folder``; returns ``folder``.
+
+    Items get Zipf popularity and a latent taste vector around their genre's; each user's taste mixes
+    a latent vector and their occupation's, so both towers and the ranker have real signal to learn.
+    A user draws their items without replacement with probability proportional to
+    ``popularity * exp(1.5 * affinity)`` (the Gumbel-top-k trick). Catalogs of up to
+    ``spec.exact_items`` items are scored whole for every user; past that each user scores a pool of
+    ``spec.pool_factor`` candidates per wanted interaction, drawn from their genre taste and the
+    items' popularity and importance-weighted back to the same distribution, so the cost is
+    O(interactions), not O(users x items). Users are generated in chunks of bounded memory.
+
+    ``u.data`` is the completion marker: the old one is removed first, ``spec.json``, ``u.user`` and
+    ``u.item`` are written next and ``u.data`` last, each through a temporary file renamed into place.
+    A killed run leaves no ``u.data``, so nothing takes a half-written data set as complete.
+    """
+    spec.validate()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "u.data").unlink(missing_ok=True)
+    for stale in folder.glob(".u.*.tmp"):
+        stale.unlink(missing_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    world, item_lines, user_lines = _world(spec, rng)
+    _write_atomically(folder / SPEC_FILE, lambda out: out.write(json.dumps(spec.to_json(), indent=2) + "\n"))
+    _write_atomically(folder / "u.user", lambda out: out.writelines(user_lines))
+    _write_atomically(folder / "u.item", lambda out: out.writelines(item_lines), encoding="latin-1")
+
+    proposal = None if spec.n_items <= spec.exact_items else _Proposal.of(world)
+    sizes = np.full(spec.n_users, spec.n_items) if proposal is None else spec.pool_factor * world.counts
+    total = int(world.counts.sum())
+
+    def write_interactions(out: TextIO) -> None:
+        with tqdm(
+            total=total, desc="synthetic u.data", unit="row", unit_scale=True, mininterval=2.0, disable=not progress
+        ) as bar:
+            for start, end in _chunks(sizes, CHUNK_CANDIDATES):
+                rows = _draw_chunk(world, np.arange(start, end), spec, rng, proposal)
+                rows[:, :2] += 1  # ids are 1-based strings
+                out.write(("%d\t%d\t%d\t%d\n" * len(rows)) % tuple(rows.ravel().tolist()))
+                bar.update(len(rows))
+
+    _write_atomically(folder / "u.data", write_interactions)
     return folder
 
 

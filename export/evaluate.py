@@ -1,5 +1,6 @@
 """Offline evaluation on the held-out (latest) interactions: Recall@K and NDCG@K for retrieval alone,
-retrieval + ranking, and the popularity baseline."""
+retrieval + ranking, and the popularity baseline, on every user with held-out items or, past
+``MAX_EVAL_USERS``, a seeded sample of them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from collections.abc import Callable
 import numpy as np
 
 from export.data import Dataset, Split
+from export.topk import UserItems, top_k
 from orchestrator import schema
+
+# Past this many users with held-out items, evaluation takes a seeded sample of this many.
+MAX_EVAL_USERS = 10_000
 
 # Scores a batch of (user row, candidate item rows) and returns one score per candidate.
 ScoreFn = Callable[[int, np.ndarray], np.ndarray]
@@ -28,16 +33,16 @@ def recall_ndcg(recommended: list[np.ndarray], relevant: list[set[int]], k: int)
     return float(np.mean(recalls)), float(np.mean(ndcgs))
 
 
-def seen_by_user(data: Dataset, mask: np.ndarray) -> list[set[int]]:
-    seen: list[set[int]] = [set() for _ in range(data.n_users)]
-    for u, i in zip(data.user_idx[mask].tolist(), data.item_idx[mask].tolist(), strict=True):
-        seen[u].add(i)
-    return seen
+def seen_by_user(data: Dataset, mask: np.ndarray) -> UserItems:
+    """Each user's distinct items among the interactions in ``mask``."""
+    return UserItems.of(data.user_idx[mask], data.item_idx[mask], data.n_users)
 
 
-def _top_unseen(scores: np.ndarray, seen: set[int], k: int) -> np.ndarray:
-    order = np.argsort(-scores, kind="stable")
-    return np.fromiter((i for i in order if i not in seen), dtype=np.int64, count=k) if k else order[:0]
+def sample_users(eligible: np.ndarray, max_users: int | None, seed: int) -> np.ndarray:
+    """``eligible`` itself, or a seeded sample of ``max_users`` of them (sorted) when there are more."""
+    if max_users is None or len(eligible) <= max_users:
+        return eligible
+    return np.sort(np.random.default_rng(seed).choice(eligible, size=max_users, replace=False))
 
 
 def evaluate(
@@ -48,30 +53,45 @@ def evaluate(
     score_candidates: ScoreFn,
     ks: tuple[int, ...] = (10, 50),
     n_candidates: int = 100,
+    max_users: int | None = MAX_EVAL_USERS,
+    seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Returns ``{"popularity"|"retrieval"|"retrieval+ranking": {"recall@K": .., "ndcg@K": ..}}``."""
+    """Returns ``{"popularity"|"retrieval"|"retrieval+ranking": {"recall@K": .., "ndcg@K": ..}}`` and
+    ``"_meta"``: how many users were evaluated (every user with held-out items, or a seeded sample of
+    ``max_users`` of them), out of how many, and the candidates per user.
+
+    Retrieval scores the evaluated users a chunk at a time (``export.topk``), never users x items."""
     train_seen = seen_by_user(data, split.train)
     test_items = seen_by_user(data, split.test)
-    users = [u for u in range(data.n_users) if test_items[u]]
+    eligible = np.flatnonzero(test_items.counts() > 0)
+    users = sample_users(eligible, max_users, seed)
     counts = np.bincount(data.item_idx[split.train], minlength=data.n_items).astype(np.float64)
+    by_popularity = np.argsort(-counts, kind="stable")
     max_k = max(ks)
     n_candidates = max(n_candidates, max_k)
     popular, retrieved, ranked = [], [], []
-    all_scores = user_table[users] @ item_table.T
-    for row, u in enumerate(users):
-        budget = min(n_candidates, data.n_items - len(train_seen[u]))
-        popular.append(_top_unseen(counts, train_seen[u], min(max_k, budget)))
-        candidates = _top_unseen(all_scores[row], train_seen[u], budget)
-        retrieved.append(candidates)
-        ranked.append(candidates[np.argsort(-score_candidates(u, candidates), kind="stable")])
-    truth = [test_items[u] for u in users]
+    for rows, top in top_k(user_table, item_table, n_candidates, users, exclude=train_seen):
+        for u, best in zip(rows.tolist(), top, strict=True):
+            seen = train_seen[u]
+            budget = min(n_candidates, data.n_items - len(seen))
+            prefix = by_popularity[: min(data.n_items, max_k + len(seen))]
+            popular.append(prefix[~np.isin(prefix, seen)][: min(max_k, budget)])
+            candidates = best[:budget]
+            retrieved.append(candidates)
+            ranked.append(candidates[np.argsort(-score_candidates(u, candidates), kind="stable")])
+    truth = [set(test_items[u].tolist()) for u in users.tolist()]
     results: dict[str, dict[str, float]] = {}
     for name, lists in (("popularity", popular), ("retrieval", retrieved), ("retrieval+ranking", ranked)):
         metrics: dict[str, float] = {}
         for k in ks:
             metrics[f"recall@{k}"], metrics[f"ndcg@{k}"] = recall_ndcg(lists, truth, k)
         results[name] = metrics
-    results["_meta"] = {"users_evaluated": float(len(users)), "candidates": float(n_candidates)}
+    results["_meta"] = {
+        "users_evaluated": float(len(users)),
+        "users_eligible": float(len(eligible)),
+        "sample_seed": float(seed),
+        "candidates": float(n_candidates),
+    }
     return results
 
 

@@ -30,7 +30,9 @@ class Tower(nn.Module):
 
     def __init__(self, n_ids: int, features: tuple[tuple[str, int], ...], out_dim: int) -> None:
         super().__init__()
-        self.id_embedding = nn.Embedding(n_ids, 64)
+        # Sparse gradients: a step touches (and its optimiser updates) only the rows of its batch, so
+        # its cost does not grow with the number of users or items (export.train pairs it with SparseAdam).
+        self.id_embedding = nn.Embedding(n_ids, 64, sparse=True)
         self.feature_embeddings = _feature_embeddings(features, 16)
         self.mlp = nn.Sequential(nn.Linear(64 + 16 * len(features), 256), nn.ReLU(), nn.Linear(256, out_dim))
 

@@ -21,9 +21,10 @@ from export.data import (
     generate_synthetic,
     load_movielens,
     movielens_dir,
+    read_spec,
     temporal_split,
 )
-from export.evaluate import ScoreFn, default_context, evaluate
+from export.evaluate import MAX_EVAL_USERS, ScoreFn, default_context, evaluate
 from export.faiss_index import build_index
 from export.models import Ranker
 from export.train import TrainConfig, TrainedModels, random_context, train
@@ -36,16 +37,26 @@ DATASETS = ("synthetic", "movielens")
 POPULAR_LIST_LENGTH = 100
 
 
-def prepare_dataset(name: str, build_dir: Path = BUILD_DIR, spec: SyntheticSpec | None = None) -> Dataset:
-    """``synthetic`` is generated (once, seeded) under build/; ``movielens`` is read where it lies."""
+def synthetic_dir(build_dir: Path = BUILD_DIR) -> Path:
+    return build_dir / "data" / "synthetic"
+
+
+def prepare_dataset(
+    name: str, build_dir: Path = BUILD_DIR, spec: SyntheticSpec | None = None, data_dir: Path | None = None
+) -> Dataset:
+    """``synthetic`` is generated (seeded) into ``data_dir`` (default build/data/synthetic) unless a
+    complete one is there already: with no ``spec``, any (``u.data`` is the completion marker); with a
+    ``spec``, one generated from that very spec (its ``spec.json``). ``movielens`` is read where it
+    lies: ``data_dir``, else $RECSERVE_MOVIELENS_DIR or ../shared/data/movielens-100k."""
     if name == "synthetic":
-        folder = build_dir / "data" / "synthetic"
-        if not (folder / "u.data").is_file():
+        folder = Path(data_dir) if data_dir is not None else synthetic_dir(build_dir)
+        complete = (folder / "u.data").is_file()
+        if not complete or (spec is not None and read_spec(folder) != spec):
             log.info("generating the synthetic data set into %s", folder)
             generate_synthetic(folder, spec or SyntheticSpec())
         return load_movielens(folder, "synthetic")
     if name == "movielens":
-        return load_movielens(movielens_dir(), "movielens-100k")
+        return load_movielens(Path(data_dir) if data_dir is not None else movielens_dir(), "movielens-100k")
     raise ValueError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
 
 
@@ -120,16 +131,26 @@ def run_all(
     repo: Path = MODEL_REPOSITORY,
     batching: BatchingSpec | None = None,
     synthetic: SyntheticSpec | None = None,
+    data_dir: Path | None = None,
+    eval_max_users: int | None = MAX_EVAL_USERS,
 ) -> Bundle:
+    """Data -> train -> evaluate -> bundle (``build_dir``/artifacts/<dataset>) -> Triton models (``repo``)
+    -> FAISS index. ``data_dir`` and ``synthetic``: see ``prepare_dataset``; evaluation takes a seeded
+    sample of ``eval_max_users`` users past that many (None: every user)."""
     cfg = cfg or TrainConfig()
     started = time.perf_counter()
-    data = prepare_dataset(dataset, build_dir, synthetic)
+    data = prepare_dataset(dataset, build_dir, synthetic, data_dir)
     split = temporal_split(data)
     log.info("%s: %d users, %d items, %d interactions", data.name, data.n_users, data.n_items, data.n_interactions)
     models = train(data, split, cfg)
     train_seconds = time.perf_counter() - started
     metrics = evaluate(
-        data, split, models.user_embeddings, models.item_embeddings, ranker_scorer(models.ranker, models)
+        data,
+        split,
+        models.user_embeddings,
+        models.item_embeddings,
+        ranker_scorer(models.ranker, models),
+        max_users=eval_max_users,
     )
     model_version = f"{data.name}-v{version}-{_weights_digest(models.ranker)}"
     path = artifacts_dir(dataset, build_dir)

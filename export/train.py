@@ -1,4 +1,8 @@
-"""Training loops for the two-tower retriever and the ranker (CPU is fine at MovieLens scale)."""
+"""Training loops for the two-tower retriever and the ranker (CPU is fine at MovieLens scale).
+
+Nothing here grows with users x items: the id embedding tables take sparse updates (SparseAdam, only
+the rows of a batch), the towers embed every id a batch at a time, and hard negatives are mined a
+chunk of users at a time (``export.topk``)."""
 
 from __future__ import annotations
 
@@ -12,9 +16,13 @@ from tqdm import tqdm
 
 from export.data import Dataset, Split, popularity_buckets
 from export.models import Ranker, TwoTower
+from export.topk import top_k
 from orchestrator import schema
 
 log = logging.getLogger(__name__)
+
+HARD_NEGATIVE_DEPTH = 200  # a hard negative is one of the user's nearest this many items
+INFERENCE_BATCH = 65_536  # ids per forward pass when the trained towers embed every user and item
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class TrainConfig:
     ranker_batch_size: int = 1024
     ranker_lr: float = 1e-3
     negatives_per_positive: int = 4
+    hard_negative_items: int = 50_000  # larger catalogs: hard negatives among a seeded sample this big
     seed: int = 13
 
     def validate(self) -> None:
@@ -66,6 +75,58 @@ def random_context(rng: np.random.Generator, n: int) -> np.ndarray:
     ).astype(np.int64)
 
 
+def two_tower_optimisers(model: nn.Module, lr: float) -> list[torch.optim.Optimizer]:
+    """Adam for the dense parameters (feature embeddings, MLPs), SparseAdam for the sparse id embedding
+    tables: a step updates only the rows its batch touched, so its cost does not grow with the tables."""
+    sparse = [
+        p
+        for module in model.modules()
+        if isinstance(module, nn.Embedding) and module.sparse
+        for p in module.parameters()
+    ]
+    sparse_ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    optimisers: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=lr)]
+    if sparse:
+        optimisers.append(torch.optim.SparseAdam(sparse, lr=lr))
+    return optimisers
+
+
+def two_tower_step(
+    model: TwoTower,
+    optimisers: list[torch.optim.Optimizer],
+    users: torch.Tensor,
+    items: torch.Tensor,
+    user_feats: torch.Tensor,
+    item_feats: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """One step of in-batch sampled softmax on (user, item) pairs; returns the loss."""
+    user_vec = model.user_tower(users, user_feats[users])
+    item_vec = model.item_tower(items, item_feats[items])
+    logits = user_vec @ item_vec.T / temperature
+    # The same item twice in a batch is not a negative for itself.
+    same_item = (items[:, None] == items[None, :]) & ~torch.eye(len(items), dtype=torch.bool)
+    logits = logits.masked_fill(same_item, -1e9)
+    loss = nn.functional.cross_entropy(logits, torch.arange(len(users)))
+    for optimiser in optimisers:
+        optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimiser in optimisers:
+        optimiser.step()
+    return loss
+
+
+def tower_table(tower: nn.Module, features: torch.Tensor, batch: int = INFERENCE_BATCH) -> np.ndarray:
+    """Every id's vector from a trained tower, a batch of ids at a time."""
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(features), batch):
+            ids = torch.arange(start, min(start + batch, len(features)))
+            parts.append(tower(ids, features[ids]).numpy().astype(np.float32))
+    return np.concatenate(parts)
+
+
 def train_two_tower(
     data: Dataset, split: Split, cfg: TrainConfig, item_feats: np.ndarray
 ) -> tuple[TwoTower, np.ndarray, np.ndarray]:
@@ -73,7 +134,7 @@ def train_two_tower(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = TwoTower(data.n_users, data.n_items, cfg.embedding_dim)
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.retrieval_lr)
+    optimisers = two_tower_optimisers(model, cfg.retrieval_lr)
     users = torch.from_numpy(data.user_idx[split.train])
     items = torch.from_numpy(data.item_idx[split.train])
     user_feats = torch.from_numpy(data.user_features)
@@ -86,27 +147,36 @@ def train_two_tower(
         order = torch.from_numpy(rng.permutation(n))
         for start in range(0, n, cfg.retrieval_batch_size):
             batch = order[start : start + cfg.retrieval_batch_size]
-            u, i = users[batch], items[batch]
-            user_vec = model.user_tower(u, user_feats[u])
-            item_vec = model.item_tower(i, item_feats_t[i])
-            logits = user_vec @ item_vec.T / cfg.temperature
-            # The same item twice in a batch is not a negative for itself.
-            same_item = (i[:, None] == i[None, :]) & ~torch.eye(len(i), dtype=torch.bool)
-            logits = logits.masked_fill(same_item, -1e9)
-            loss = nn.functional.cross_entropy(logits, torch.arange(len(u)))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+            loss = two_tower_step(
+                model, optimisers, users[batch], items[batch], user_feats, item_feats_t, cfg.temperature
+            )
             progress.update()
             progress.set_postfix(loss=f"{loss.item():.3f}")
     progress.close()
     model.eval()
-    with torch.no_grad():
-        all_users = torch.arange(data.n_users)
-        all_items = torch.arange(data.n_items)
-        user_table = model.user_tower(all_users, user_feats).numpy().astype(np.float32)
-        item_table = model.item_tower(all_items, item_feats_t).numpy().astype(np.float32)
-    return model, user_table, item_table
+    return model, tower_table(model.user_tower, user_feats), tower_table(model.item_tower, item_feats_t)
+
+
+def hard_negatives(
+    user_table: np.ndarray,
+    item_table: np.ndarray,
+    users: np.ndarray,
+    columns: np.ndarray,
+    depth: int = HARD_NEGATIVE_DEPTH,
+    catalog: np.ndarray | None = None,
+) -> np.ndarray:
+    """For each ``users[j]``, the item at rank ``columns[j]`` (0-based, below ``depth``) of that user's
+    nearest items by the retriever, found a chunk of users at a time (``export.topk``), never as a
+    users x items matrix. ``catalog`` (item rows) restricts the search to those items."""
+    items = item_table if catalog is None else item_table[catalog]
+    out = np.empty(len(users), dtype=np.int64)
+    order = np.argsort(users, kind="stable")
+    sorted_users = users[order]
+    for rows, top in top_k(user_table, items, depth, np.unique(sorted_users)):
+        lo, hi = np.searchsorted(sorted_users, rows[0], "left"), np.searchsorted(sorted_users, rows[-1], "right")
+        picks = order[lo:hi]
+        out[picks] = top[np.searchsorted(rows, users[picks]), columns[picks]]
+    return out if catalog is None else catalog[out]
 
 
 def train_ranker(
@@ -130,10 +200,14 @@ def train_ranker(
     neg_users = np.repeat(pos_users, k)
     neg_items = rng.integers(0, data.n_items, size=len(neg_users))
     hard = rng.random(len(neg_users)) < 0.5
-    nearest = np.argsort(-(user_table @ item_table.T), axis=1)[:, :200]
-    neg_items[hard] = nearest[neg_users[hard], rng.integers(0, nearest.shape[1], size=int(hard.sum()))]
-    seen = set(zip(pos_users.tolist(), pos_items.tolist(), strict=True))
-    keep = np.fromiter(((u, i) not in seen for u, i in zip(neg_users.tolist(), neg_items.tolist(), strict=True)), bool)
+    catalog = None
+    if data.n_items > cfg.hard_negative_items:  # mine among a seeded sample of a very large catalog
+        catalog = np.sort(rng.choice(data.n_items, size=cfg.hard_negative_items, replace=False))
+    depth = min(HARD_NEGATIVE_DEPTH, data.n_items if catalog is None else len(catalog))
+    columns = rng.integers(0, depth, size=int(hard.sum()))
+    neg_items[hard] = hard_negatives(user_table, item_table, neg_users[hard], columns, depth, catalog)
+    # A sampled negative the user did interact with in training is dropped: one sorted search, no sets.
+    keep = ~np.isin(neg_users * data.n_items + neg_items, np.unique(pos_users * data.n_items + pos_items))
     users = np.concatenate([pos_users, neg_users[keep]])
     items = np.concatenate([pos_items, neg_items[keep]])
     labels = np.concatenate([np.ones(len(pos_users)), np.zeros(int(keep.sum()))]).astype(np.float32)

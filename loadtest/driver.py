@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
+import secrets
 import subprocess
 import sys
 import time
@@ -178,9 +178,7 @@ class Stack:
         log(
             f"Triton (batching {'on' if batching else 'off'}) had exited (code {server.process.returncode}): restarting"
         )
-        if server.log_path.exists():  # start() truncates the log: keep the crash's
-            shutil.copy(server.log_path, server.log_path.with_suffix(f".crashed-{int(time.time())}.log"))
-        server.start()
+        server.start()  # appends to the same log, after a dated separator: the crash's lines stay
         return True
 
 
@@ -247,13 +245,18 @@ def start_ceiling(port: int, log_path: Path, timeout_s: float = 30.0) -> HttpSer
     return start_http_service("loadtest.ceiling", {}, port, log_path, timeout_s)
 
 
+# Writes need a key (docs/RELIABILITY.md): one per run, given to the orchestrators and to locust.
+API_KEY = secrets.token_urlsafe(24)
+
+
 def orchestrator_env(stack: Stack, scenario: Scenario) -> dict[str, str]:
     return {
+        "RECSERVE_EVENTS_API_KEYS": f"loadtest:{API_KEY}",
         "RECSERVE_REDIS_URLS": stack.redis_url,
         "RECSERVE_INDEX_PATH": str(stack.bundle.path / "item_index.faiss"),
         "RECSERVE_ONNX_MODEL_PATH": str(stack.onnx_path),
         "RECSERVE_TRITON_URL": stack.triton[scenario.batching].grpc_url,
-        # One locust process sends every event from 127.0.0.1: the per-client limit would throttle the test.
+        # One locust process sends every event with one key: its limit would throttle the test.
         "RECSERVE_EVENTS_RATE_PER_S": "1000000",
         "RECSERVE_EVENTS_BURST": "1000000",
         **scenario.env,
@@ -271,6 +274,7 @@ def run_locust(
     env = {
         **os.environ,
         "LOADTEST_STEPS": ",".join(str(s) for s in steps),
+        "LOADTEST_API_KEY": API_KEY,
         "LOADTEST_STEP_S": str(options.step_s),
         "LOADTEST_WARMUP_S": str(options.warmup_s),
         "LOADTEST_FIXED_STEPS": str(fixed_steps),

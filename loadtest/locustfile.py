@@ -61,6 +61,10 @@ def _env_float(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
 
 
+# Writes need a key: the driver starts the orchestrator with it and passes it here.
+EVENT_HEADERS = {"X-API-Key": os.environ.get("LOADTEST_API_KEY", "")}
+
+
 @dataclass
 class Plan:
     """The step plan, read from the environment once per run."""
@@ -303,7 +307,7 @@ class ShopperUser(_Recommendations):
     def event(self) -> None:
         kind = EVENT_DIST.draw(self.rng)
         body = {"user_id": self.traffic.users.draw(self.rng), "item_id": self.rng.choice(self.traffic.items)}
-        self.client.post("/v1/events", json=body | {"type": kind}, name=f"event {kind}")
+        self.client.post("/v1/events", json=body | {"type": kind}, name=f"event {kind}", headers=EVENT_HEADERS)
 
 
 class CacheHitUser(_Recommendations):
@@ -331,7 +335,7 @@ class Mix90User(_Recommendations):
         user = self.traffic.users.draw(self.rng)
         if self.rng.random() < MISS_SHARE:
             body = {"user_id": user, "item_id": self.rng.choice(self.traffic.items), "type": "purchase"}
-            self.client.post("/v1/events", json=body, name="event purchase")
+            self.client.post("/v1/events", json=body, name="event purchase", headers=EVENT_HEADERS)
         self.recommend("home", "web", user)
 
 

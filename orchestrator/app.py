@@ -10,15 +10,18 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import ORJSONResponse
 
 from orchestrator import gc_pauses
 from orchestrator.api import events, health, recommendations, segments
+from orchestrator.auth import AccessPolicy, ApiKeys, Authenticate, TrustedProxies
 from orchestrator.composition import build_services, check, close_services
 from orchestrator.config import Ablations, Settings, check_renamed
+from orchestrator.errors import ClientError
 from orchestrator.guards import AdmissionControl, BodySizeLimit
 from orchestrator.hot_route import HotRoute
+from orchestrator.ratelimit import RateLimit
 
 log = logging.getLogger("orchestrator")
 
@@ -52,7 +55,11 @@ def create_app(settings: Settings | None = None, ablations: Ablations | None = N
         version="0.1.0",
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
+        # No redirect to the path with(out) a trailing slash: its Location would be built from the Host
+        # header, which the client chooses. A path that is not a route is a 404.
+        redirect_slashes=False,
     )
+    app.add_exception_handler(ClientError, client_error)
     if settings is None:
         check_renamed(os.environ)
     app.state.settings = settings or Settings()
@@ -60,11 +67,26 @@ def create_app(settings: Settings | None = None, ablations: Ablations | None = N
     check(app.state.settings, app.state.ablations)
     for router in ROUTERS:
         app.include_router(router)
-    # Added innermost first. A request meets: admission control (shed before reading anything), the hot
-    # route (valid recommendation GETs and events, by the endpoints' own parsers), the body size cap, then
-    # FastAPI's routing.
-    app.add_middleware(BodySizeLimit, max_bytes=app.state.settings.limits.max_body_bytes)
+    # Added innermost first. A request meets: authentication (401 before anything else is done), the
+    # caller's rate limit (429 before its body is read), admission control (shed before reading anything),
+    # the hot route (valid recommendation GETs and events, by the endpoints' own parsers), the body size
+    # cap, then FastAPI's routing.
+    settings = app.state.settings
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
     if app.state.ablations.hot_route_enabled:
-        app.add_middleware(HotRoute, max_body_bytes=app.state.settings.limits.max_body_bytes)
-    app.add_middleware(AdmissionControl, max_in_flight=app.state.settings.limits.max_in_flight)
+        app.add_middleware(HotRoute, max_body_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(AdmissionControl, max_in_flight=settings.limits.max_in_flight)
+    app.add_middleware(RateLimit, read_limit_on=settings.reads.rate_per_s > 0)
+    keys = ApiKeys(settings.api_keys())  # reads the keys' file: at server start, never at import
+    if not keys and not settings.events.anonymous_writes:
+        log.warning("no API key is set (RECSERVE_EVENTS_API_KEYS, RECSERVE_EVENTS_API_KEYS_FILE): every write is 401")
+    policy = AccessPolicy(settings.events.anonymous_writes, settings.reads.require_key)
+    proxies = TrustedProxies(settings.limits.proxy_networks_text)
+    app.add_middleware(Authenticate, keys=keys, policy=policy, proxies=proxies)
     return app
+
+
+async def client_error(request: Request, exc: Exception) -> ORJSONResponse:
+    """Every error that is the client's (``ClientError``): its status and message, no traceback logged."""
+    assert isinstance(exc, ClientError)
+    return ORJSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)

@@ -158,11 +158,17 @@ class LayeredCache:
         pubsub: Redis | None,
         redis_ttl_s: int,
         local_trusted: Callable[[], bool] = lambda: True,
+        generation_ttl_s: int = 30 * 86_400,
     ) -> None:
+        if generation_ttl_s <= redis_ttl_s:
+            raise ValueError(f"generation_ttl_s ({generation_ttl_s}) must be > redis_ttl_s ({redis_ttl_s})")
         self.local = local
         self.backend = backend
         self.pubsub = pubsub
         self.redis_ttl_s = redis_ttl_s
+        # The counter outlives every list stamped with it (those live redis_ttl_s, and the DEL below drops them
+        # at each bump), so when it expires, no list of an older era is left to be mistaken for current.
+        self.generation_ttl_s = generation_ttl_s
         # False while this replica cannot prove it has heard every invalidation (InvalidationFeed.alive).
         self.local_trusted = local_trusted
 
@@ -202,7 +208,11 @@ class LayeredCache:
         metrics.INVALIDATIONS.labels("event").inc()
         self.local.evict_user(user_id)  # at once, even if Redis then fails (the event is retried)
         replies = await self.backend.execute(
-            [Command("INCR", keys.generation(user_id)), Command("DEL", keys.rec_cache(user_id))]
+            [
+                Command("INCR", keys.generation(user_id)),
+                Command("EXPIRE", keys.generation(user_id), (self.generation_ttl_s,)),
+                Command("DEL", keys.rec_cache(user_id)),
+            ]
         )
         replies.raise_if_down("invalidate")
         generation = int(replies.values[0])

@@ -21,12 +21,12 @@ from typing import TypeVar
 
 from redis.asyncio import Redis
 
+from orchestrator.admission import Admission, AimdLimiter, Unlimited
 from orchestrator.cache import InvalidationFeed, LayeredCache, LocalTTLCache, NoCache, RecommendationCache
 from orchestrator.config import Ablations, Settings
 from orchestrator.errors import MissingSetting, Overloaded, UnknownKind, UnknownUser
 from orchestrator.events import EventRecorder
 from orchestrator.fallback import Fallback, FallbackChain, PopularFallback, PrecomputedFallback
-from orchestrator.guards import RateLimiter
 from orchestrator.loop_lag import LoopLagMonitor
 from orchestrator.naive import OneByOneBackend
 from orchestrator.overload import OverloadHold
@@ -35,6 +35,7 @@ from orchestrator.ranking import Ranker
 from orchestrator.ranking.breaker import CircuitBreaker
 from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.ranking.triton_ranker import TritonRanker
+from orchestrator.ratelimit import Limit, Limiter, Limiters, NoLimit, SharedLimiter
 from orchestrator.readiness import Readiness
 from orchestrator.recommender import DEPENDENCY_ERRORS, Recommender
 from orchestrator.retrieval import FaissRetriever, Retriever
@@ -141,6 +142,22 @@ def fallback_chain(precomputed: PrecomputedStore, features: FeatureStore, popula
     )
 
 
+def admission(settings: Settings, ablations: Ablations) -> Admission:
+    """How many real-time computations run at once: AIMD within the configured bounds (orchestrator/admission.py
+    says why), or no limit at all for the ablation that measures what it is worth."""
+    if not ablations.admission_enabled:
+        return Unlimited()
+    limits, deadline = settings.admission, settings.deadline
+    realtime_budget_s = (deadline.request_ms - deadline.fallback_reserve_ms) / 1000
+    return AimdLimiter(
+        limits.initial_limit,
+        limits.min_limit,
+        limits.max_limit,
+        slow_s=limits.slow_percent / 100 * realtime_budget_s,
+        backoff_ratio=limits.backoff_percent / 100,
+    )
+
+
 # -- the graph ----------------------------------------------------------------------------------------
 
 
@@ -156,7 +173,8 @@ class Services:
     popular: PopularLists
     recommender: Recommender
     events: EventRecorder
-    event_limiter: RateLimiter
+    limiters: Limiters
+    catalogue: frozenset[str]  # the item ids of the index: an event's item is checked against it, O(1)
     tasks: list[asyncio.Task[None]]
 
     async def readiness(self) -> dict[str, Readiness]:
@@ -190,7 +208,14 @@ async def build_services(settings: Settings, ablations: Ablations) -> Services:
     local = LocalTTLCache(cache_settings.local_size if ablations.local_cache_enabled else 0, cache_settings.local_ttl_s)
     feed = InvalidationFeed(pubsub, local, cache_settings.invalidation_max_silence_s)
     cache: RecommendationCache = (
-        LayeredCache(local, backend, pubsub, cache_settings.redis_ttl_s, local_trusted=feed.alive)
+        LayeredCache(
+            local,
+            backend,
+            pubsub,
+            cache_settings.redis_ttl_s,
+            local_trusted=feed.alive,
+            generation_ttl_s=settings.events.user_state_ttl_s,
+        )
         if ablations.cache_enabled
         else NoCache()
     )
@@ -212,7 +237,11 @@ async def build_services(settings: Settings, ablations: Ablations) -> Services:
         OverloadHold(local, settings.overload.hold_s if ablations.cache_enabled else 0.0, settings.ranking.list_length),
         n_items=len(retriever.item_ids),
         single_flight=ablations.single_flight_enabled,
-        overloaded=lag.overloaded if lag is not None else lambda: False,
+        # With admission by capacity, a late loop no longer sends every miss to the fallback (the limiter keeps
+        # some computing, so the cache refills); it then only says why a deadline was missed.
+        overloaded=lag.overloaded if lag is not None and not ablations.admission_enabled else lambda: False,
+        admission=admission(settings, ablations),
+        loop_late=lag.overloaded if lag is not None else lambda: False,
     )
     tasks = [
         asyncio.create_task(feed.run()),
@@ -234,10 +263,25 @@ async def build_services(settings: Settings, ablations: Ablations) -> Services:
         ranker,
         popular,
         recommender,
-        EventRecorder(backend, RedisFeatureStore(backend, version.version), cache),
-        RateLimiter(settings.events.rate_per_s, settings.events.burst),
+        EventRecorder(
+            backend,
+            RedisFeatureStore(backend, version.version),
+            cache,
+            user_state_ttl_s=settings.events.user_state_ttl_s,
+            event_id_ttl_s=settings.events.event_id_ttl_s,
+        ),
+        limiters(settings, backend),
+        frozenset(retriever.item_ids),
         tasks,
     )
+
+
+def limiters(settings: Settings, backend: Backend) -> Limiters:
+    """Per-caller limits shared by every replica (a token bucket in Redis); the read limit only if set."""
+    writes = Limit(settings.events.rate_per_s, settings.events.burst)
+    reads = Limit(settings.reads.rate_per_s, settings.reads.burst)
+    read_limiter: Limiter = SharedLimiter(backend, "r", reads) if reads.rate_per_s > 0 else NoLimit()
+    return Limiters(SharedLimiter(backend, "w", writes), read_limiter, writes, reads)
 
 
 async def close_services(services: Services) -> None:

@@ -10,6 +10,7 @@ The switches that only the benchmarks flip are not production settings: they are
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 import sys
 from collections.abc import Iterator, Mapping
@@ -202,12 +203,51 @@ class OverloadSettings(Group):
     """How the process answers while it cannot keep up (docs/RELIABILITY.md)."""
 
     loop_lag_ms: ZeroTurnsOff = 5.0
-    """While the event loop runs this late (moving average), a cache miss answers from the fallback instead of
-    computing (orchestrator/loop_lag.py); 0 turns it off."""
+    """The event loop runs late when its lag (moving average, orchestrator/loop_lag.py) reaches this: a read or
+    ranking that then misses its deadline says `loop_late`, not `deadline`/`store_unavailable` (and with admission
+    by capacity switched off, an ablation, a cache miss then answers from the fallback instead of computing);
+    0 turns it off."""
     hold_s: ZeroTurnsOff = 2.0
-    """A fallback answered because this process was overloaded (overload, deadline) is kept in the local cache
-    this long, so that the user's next requests do not compute under the same overload; an event evicts it
-    like any list. 0 turns it off."""
+    """A fallback answered because this process was overloaded (shed, loop_late, overload, deadline) is kept in
+    the local cache this long, so that the user's next requests do not compute under the same overload; an
+    event evicts it like any list. 0 turns it off."""
+
+
+def _percent(value: int) -> int:
+    if not 1 <= value <= 100:
+        raise ValueError(f"must be an integer in 1..100, got {value}")
+    return value
+
+
+Percent = Annotated[int, AfterValidator(_percent)]
+
+
+class AdmissionSettings(Group):
+    """How many real-time computations run at once (orchestrator/admission.py: AIMD on their outcome); a cache
+    miss beyond the limit answers from the pre-computed list at once (fallback reason `shed`)."""
+
+    initial_limit: AtLeastOne = 8
+    """Computations admitted at once at start; the limit then follows their outcome."""
+    min_limit: AtLeastOne = 2
+    """The limit never falls below this: some computations always run, so the cache refills."""
+    max_limit: AtLeastOne = 64
+    """The limit never rises above this. Equal to min_limit and initial_limit: a fixed limit."""
+    slow_percent: Percent = 50
+    """A computation that takes more than this percentage of the real-time budget (deadline.request_ms -
+    deadline.fallback_reserve_ms) counts as a miss, as one past its deadline does: the limit backs off while
+    computations still finish in time."""
+    backoff_percent: Percent = 90
+    """A miss sets the limit to this percentage of itself (once per window of computations in flight); 100 never
+    backs off."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdmissionSettings:
+        if not self.min_limit <= self.initial_limit <= self.max_limit:
+            raise ValueError(
+                f"limits must satisfy min_limit <= initial_limit <= max_limit, got {self.min_limit}, "
+                f"{self.initial_limit}, {self.max_limit}"
+            )
+        return self
 
 
 class CacheSettings(Group):
@@ -234,23 +274,107 @@ class PopularSettings(Group):
 
 
 class LimitsSettings(Group):
-    """What one process takes in at once."""
+    """What one process takes in at once, and from whom."""
 
     max_in_flight: AtLeastOne = 256
     """Requests inside the service at once; beyond it: 503 + Retry-After."""
     max_body_bytes: AtLeastOne = 4096
     """Largest request body accepted (413 beyond it)."""
+    trusted_proxies: str = ""
+    """Comma-separated CIDRs of the proxies (ingress, load balancer) whose X-Forwarded-For is believed; from
+    any other peer the header is ignored and the peer's own address is the client's. Unset: never believed."""
+
+    @model_validator(mode="after")
+    def _proxies(self) -> LimitsSettings:
+        for cidr in self.proxy_networks_text:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies must be CIDRs like 10.0.0.0/8, but found {cidr!r}") from None
+        return self
+
+    @property
+    def proxy_networks_text(self) -> list[str]:
+        return [cidr.strip() for cidr in self.trusted_proxies.split(",") if cidr.strip()]
 
 
 class EventsSettings(Group):
-    """Who may write events (POST /v1/events), and how fast."""
+    """Who may write events (POST /v1/events), how fast, and how long what an event writes lives."""
 
-    api_key: SecretStr | None = None
-    """If set, writes (POST /v1/events) need this X-API-Key."""
+    api_keys: SecretStr | None = None
+    """Named API keys, `name:key,name2:key2` (one per calling service; a key is at least 16 characters).
+    A write needs one of them in X-API-Key (401 otherwise); each name has its own rate-limit bucket."""
+    api_keys_file: Path | None = None
+    """More named keys, read at start: a file of `name:key` lines, or a folder holding one file per key,
+    named after it (a mounted Kubernetes Secret)."""
+    anonymous_writes: bool = False
+    """true: a write without X-API-Key is taken (a wrong key is still 401), rate-limited per client address.
+    Off by default: writes need a key."""
     rate_per_s: Positive = 50.0
-    """Sustained events per second per client (429 beyond it)."""
+    """Sustained events per second per caller (the key's name), shared by all replicas (429 beyond it)."""
     burst: AtLeastOne = 100
-    """Events a client may send in a burst above the sustained rate."""
+    """Events a caller may send in a burst above the sustained rate."""
+    event_id_ttl_s: AtLeastOne = 86_400
+    """How long a client-supplied event_id is remembered: a retry within it is answered, not stored twice."""
+    user_state_ttl_s: AtLeastOne = 30 * 86_400
+    """Lifetime of the per-user keys an event writes (purchased items, cache generation), renewed by each
+    event: no key an event creates lives for ever."""
+
+    @model_validator(mode="after")
+    def _keys(self) -> EventsSettings:
+        if self.api_keys is not None:
+            parse_api_keys(self.api_keys.get_secret_value(), "api_keys")  # raises with the rule it broke
+        return self
+
+
+class ReadsSettings(Group):
+    """Who may read recommendations, and how fast."""
+
+    require_key: bool = False
+    """true: reads need an X-API-Key too (401 otherwise). Off by default: reads come from the product's
+    backends, inside the network."""
+    rate_per_s: ZeroTurnsOff = 0.0
+    """Sustained reads per second per caller (the key's name; without a key, the client address); 0 turns
+    the read limit off (no Redis round trip on a read)."""
+    burst: AtLeastOne = 200
+    """Reads a caller may send in a burst above the sustained rate."""
+
+
+API_KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+API_KEY_MIN_LENGTH = 16
+
+
+def parse_api_keys(text: str, source: str) -> dict[str, str]:
+    """``name:key`` entries, separated by commas or line breaks, as {name: key}. A message names the entry
+    by its position and never shows a key."""
+    keys: dict[str, str] = {}
+    entries = [entry.strip() for entry in re.split(r"[,\n]", text)]
+    for number, entry in enumerate((e for e in entries if e), start=1):
+        name, sep, key = entry.partition(":")
+        name, key = name.strip(), key.strip()
+        if not sep or not API_KEY_NAME.fullmatch(name):
+            raise ValueError(f"{source}: entry {number} must be name:key, name of [A-Za-z0-9_.-]{{1,64}}")
+        if len(key) < API_KEY_MIN_LENGTH or any(c.isspace() for c in key):
+            raise ValueError(
+                f"{source}: the key of {name!r} must be at least {API_KEY_MIN_LENGTH} characters without spaces"
+            )
+        if name in keys:
+            raise ValueError(f"{source}: the name {name!r} is given twice; one key per name")
+        keys[name] = key
+    return keys
+
+
+def read_api_keys_file(path: Path) -> dict[str, str]:
+    """The keys of ``events.api_keys_file``: a folder (one file per key, as Kubernetes mounts a Secret; its
+    hidden ``..data`` entries skipped) or one file of ``name:key`` lines."""
+    if path.is_dir():
+        entries = [
+            f"{entry.name}:{entry.read_text().strip()}"
+            for entry in sorted(path.iterdir())
+            if not entry.name.startswith(".") and entry.is_file()
+        ]
+        return parse_api_keys("\n".join(entries), str(path))
+    return parse_api_keys(path.read_text(), str(path))
 
 
 class Settings(BaseSettings):
@@ -274,10 +398,38 @@ class Settings(BaseSettings):
     deadline: DeadlineSettings = Field(default_factory=DeadlineSettings)
     warmup: WarmupSettings = Field(default_factory=WarmupSettings)
     overload: OverloadSettings = Field(default_factory=OverloadSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     popular: PopularSettings = Field(default_factory=PopularSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
+    reads: ReadsSettings = Field(default_factory=ReadsSettings)
+
+    def api_keys(self) -> dict[str, str]:
+        """Every named key ({name: key}): ``events.api_keys`` and the file's; reads the file (call at start)."""
+        keys = (
+            parse_api_keys(self.events.api_keys.get_secret_value(), "RECSERVE_EVENTS_API_KEYS")
+            if self.events.api_keys
+            else {}
+        )
+        if self.events.api_keys_file is not None:
+            for name, key in read_api_keys_file(self.events.api_keys_file).items():
+                if name in keys:
+                    raise ValueError(
+                        f"the API key name {name!r} is in RECSERVE_EVENTS_API_KEYS and in the file; one key per name"
+                    )
+                keys[name] = key
+        return keys
+
+    @model_validator(mode="after")
+    def _user_state_outlives_the_cache(self) -> Settings:
+        # A generation counter must outlive every list stamped with it (orchestrator/cache.py).
+        if self.events.user_state_ttl_s <= self.cache.redis_ttl_s:
+            raise ValueError(
+                f"events.user_state_ttl_s ({self.events.user_state_ttl_s}) must be > cache.redis_ttl_s "
+                f"({self.cache.redis_ttl_s})"
+            )
+        return self
 
 
 class Ablations(BaseSettings):
@@ -300,6 +452,10 @@ class Ablations(BaseSettings):
     store_reads: str = "pipelined"
     """one_by_one: one Redis GET at a time, the naive design (orchestrator/naive.py); pipelined: one round trip
     per shard."""
+    admission_enabled: bool = True
+    """false: no limit on real-time computations (only their deadline bounds them), and while the event loop
+    runs late every cache miss answers from the fallback (reason overload): the behaviour before admission by
+    capacity (orchestrator/admission.py)."""
 
 
 # Variables read under an older, flat name. Set under the old name, each would otherwise be ignored in
@@ -320,7 +476,8 @@ RENAMED = {
     "RECSERVE_SEGMENT_MAX_AGE_S": "RECSERVE_POPULAR_SEGMENT_MAX_AGE_S",
     "RECSERVE_MAX_IN_FLIGHT": "RECSERVE_LIMITS_MAX_IN_FLIGHT",
     "RECSERVE_MAX_BODY_BYTES": "RECSERVE_LIMITS_MAX_BODY_BYTES",
-    "RECSERVE_API_KEY": "RECSERVE_EVENTS_API_KEY",
+    "RECSERVE_API_KEY": "RECSERVE_EVENTS_API_KEYS",
+    "RECSERVE_EVENTS_API_KEY": "RECSERVE_EVENTS_API_KEYS",
     "RECSERVE_CACHE_ENABLED": "RECSERVE_ABLATION_CACHE_ENABLED",
     "RECSERVE_LOCAL_CACHE_ENABLED": "RECSERVE_ABLATION_LOCAL_CACHE_ENABLED",
     "RECSERVE_SINGLE_FLIGHT_ENABLED": "RECSERVE_ABLATION_SINGLE_FLIGHT_ENABLED",

@@ -54,6 +54,30 @@ class Overloaded(OrchestratorError):
         super().__init__(f"expected time to compute, but found {why}; a fallback answers")
 
 
+class Shed(Overloaded):
+    """Every computation slot is taken (``orchestrator/admission.py``): the request is answered from the
+    fallback at once instead of computing past what the process can finish in time."""
+
+    def __init__(self) -> None:
+        super().__init__("every computation slot taken (as many computations in flight as admitted now)")
+
+
+class LoopLate(Overloaded):
+    """A read or the ranking missed its deadline while this process's event loop ran late: the time went to
+    this process's own backlog, not to a slow or dead dependency."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} while the event loop ran late")
+
+
+class ComputationAbandoned(OrchestratorError):
+    """No request waits for a computation any more (each was answered or went away): it stops at its next
+    stage instead of working on for nobody. Raised inside the computation's own task only."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(f"expected a request waiting for this computation, but found none; stopped before {stage}")
+
+
 class NoFallbackAnswer(OrchestratorError):
     """No fallback of the chain had a list for a request that needed one."""
 
@@ -61,4 +85,38 @@ class NoFallbackAnswer(OrchestratorError):
         super().__init__(
             f"expected one of the fallbacks {list(fallbacks)} to answer for {reason!r}, but none had a list; "
             "end the chain with one that always answers (the popular list)"
+        )
+
+
+class ClientError(OrchestratorError):
+    """The request is wrong, not the service: ``status`` is its HTTP code (one exception handler in
+    ``orchestrator/app.py`` answers every one of these with ``{"detail": message}``, and logs no traceback)."""
+
+    status = 400
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.detail = message
+        self.headers = headers or {}
+
+
+class Unauthenticated(ClientError):
+    """No X-API-Key where one is needed, a key no name holds, or more than one key."""
+
+    status = 401
+
+    def __init__(self, found: str) -> None:
+        # One message for every case the key alone decides: it tells a prober nothing about the keys.
+        super().__init__(f"expected one valid X-API-Key header, but found {found}")
+
+
+class RateLimited(ClientError):
+    """The caller is past its burst; ``Retry-After`` says when a token is back."""
+
+    status = 429
+
+    def __init__(self, what: str, rate_per_s: float, wait_s: float) -> None:
+        super().__init__(
+            f"rate limit of {rate_per_s:g} {what}/s exceeded; retry after {max(1, round(wait_s))} s",
+            {"Retry-After": str(max(1, round(wait_s)))},
         )

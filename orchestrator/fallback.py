@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from orchestrator import metrics, schema
-from orchestrator.errors import NoFallbackAnswer, Overloaded, UnknownUser
+from orchestrator.errors import LoopLate, NoFallbackAnswer, Overloaded, Shed, UnknownUser
 from orchestrator.popular import PopularLists
 from orchestrator.ranking import RankerUnavailable
 from orchestrator.store import FeatureStore, PrecomputedStore
@@ -29,8 +29,15 @@ from orchestrator.store.errors import StoreUnavailable
 log = logging.getLogger(__name__)
 
 # Why a request was answered by a fallback (``fallback_reason`` and the fallbacks metric's label), by the
-# error that sent it there; the first entry the error is an instance of names it.
+# error that sent it there; the first entry the error is an instance of names it (so a subclass comes first).
+# shed: every computation slot was taken (orchestrator/admission.py); loop_late: a read or the ranking missed
+# its deadline while the event loop ran late (this process's backlog, not the dependency); overload: the
+# cache lookup alone ate the budget, or the loop ran late before computing (the ablation without admission);
+# deadline: the computation missed its deadline while the loop was on time; *_unavailable: a dependency
+# did not answer (down, refused, or a shard slow on its own).
 REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (Shed, "shed"),
+    (LoopLate, "loop_late"),
     (Overloaded, "overload"),
     (UnknownUser, "unknown_user"),
     (TimeoutError, "deadline"),

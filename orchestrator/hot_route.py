@@ -10,8 +10,9 @@ with a valid request (``answer``, ``take_event``); the FastAPI routes call the s
 takes a request only where FastAPI's routing would send it to that endpoint and the parser accepts it.
 Everything else goes to FastAPI untouched, so every error and edge case keeps FastAPI's answer: a request
 the parser refuses (FastAPI's route parses it again and answers the 422), a trailing slash, another
-method, and an event without exactly one ``Content-Type: application/json``, without a ``Content-Length``
-within the body limit, or with more than one ``X-API-Key`` (the body read so far is handed on as it came).
+method, and an event without exactly one ``Content-Type: application/json`` or without a ``Content-Length``
+within the body limit (the body read so far is handed on as it came). Who calls, and how often, was
+decided before either route (``orchestrator/auth.py``, ``orchestrator/ratelimit.py``).
 """
 
 from __future__ import annotations
@@ -50,20 +51,17 @@ class HotRoute:
         await self.app(scope, receive, send)
 
     async def _event(self, scope: Scope, receive: Receive, send: Send) -> None:
-        length, content_types, api_keys = None, [], []
+        length, content_types = None, []
         for name, value in scope["headers"]:
             if name == b"content-length":
                 length = value
             elif name == b"content-type":
                 content_types.append(value)
-            elif name == b"x-api-key":
-                api_keys.append(value.decode("latin-1"))
         canonical = (
             content_types == [b"application/json"]  # exactly one: with two, which one counts is FastAPI's call
             and length is not None
             and length.isdigit()
             and int(length) <= self.max_body_bytes
-            and len(api_keys) <= 1
         )
         if not canonical:
             await self.app(scope, receive, send)
@@ -80,9 +78,7 @@ class HotRoute:
         if isinstance(event, events.InvalidEvent):
             await self.app(scope, _replay(body, receive), send)
             return
-        client = scope.get("client")
-        key = api_keys[0] if api_keys else None
-        outcome = await events.take_event(services_of(scope["app"]), event, key, client[0] if client else None)
+        outcome = await events.take_event(services_of(scope["app"]), event)
         await _respond(send, outcome.status, orjson.dumps(outcome.body), outcome.headers)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Buckets around the 100 ms SLO: fine below it, coarse above.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
@@ -41,3 +41,15 @@ GC_PAUSE = Histogram(
 )
 SHED = Counter("recserve_shed_total", "Requests refused with 503 because too many were in flight.")
 REJECTED_WRITES = Counter("recserve_rejected_writes_total", "Write requests refused, by reason.", ["reason"])
+RATE_LIMIT_FALLBACKS = Counter(
+    "recserve_rate_limit_fallbacks_total",
+    "Rate-limit checks answered by this replica's own bucket because Redis did not answer (fail open).",
+)
+DUPLICATE_EVENTS = Counter(
+    "recserve_duplicate_events_total", "Events whose client-supplied event_id was already stored (not stored again)."
+)
+COMPUTE_LIMIT = Gauge(
+    "recserve_compute_limit",
+    "Real-time computations admitted at once now (orchestrator/admission.py); +Inf: no limit (the ablation).",
+)
+COMPUTE_IN_FLIGHT = Gauge("recserve_compute_in_flight", "Real-time computations running now.")

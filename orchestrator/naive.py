@@ -20,12 +20,14 @@ class OneByOneBackend:
         values: list[Any] = []
         unavailable = np.zeros(len(commands), dtype=bool)
         down: list[str] = []
+        timed_out: list[str] = []
         for i, command in enumerate(commands):
             reply = await self.inner.execute([command])
             values.append(reply.values[0])
             unavailable[i] = bool(reply.unavailable[0])
             down.extend(name for name in reply.down if name not in down)
-        return Replies(values, unavailable, tuple(down))
+            timed_out.extend(name for name in reply.timed_out if name not in timed_out)
+        return Replies(values, unavailable, tuple(down), tuple(timed_out))
 
     async def control(self, command: Command) -> Any:
         return await self.inner.control(command)

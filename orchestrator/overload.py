@@ -20,7 +20,9 @@ from orchestrator.cache import UNKNOWN_GENERATION, CachedList
 from orchestrator.fallback import FallbackAnswer
 
 # Fallbacks caused by this process's own load (not by a dependency being down): worth holding for a moment.
-HELD_REASONS = frozenset({"overload", "deadline"})
+# A shed request's pre-computed list above all: held, the user's next requests are local hits (no round
+# trip) until the hold ends or an event evicts it, and only then ask for a computation slot again.
+HELD_REASONS = frozenset({"shed", "loop_late", "overload", "deadline"})
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,25 @@
 """The request flow, in the order of the diagram in DESIGN.md:
 
     cache (local -> Redis)
-      miss -> single-flight per (user, context):
+      miss -> single-flight per (user, context): join the computation under way, or start one if the
+              admission limiter (orchestrator/admission.py) has a slot; none free: the fallback at once (shed)
         user embedding + features + seen set (Redis, concurrently)
         -> FAISS candidates (on the event loop when short, else a thread)
         -> candidate embeddings + features (Redis, per shard)
         -> ranking (Triton over gRPC, within what is left of the deadline)
         -> exclude seen/purchased -> top N -> cache write
-      deadline missed, a part down or the process overloaded -> pre-computed list (Redis) -> popular list (memory)
+      shed, deadline missed, a part down or the process overloaded -> pre-computed list (Redis) -> popular list (memory)
 
 What answers when the real-time path cannot is the fallback chain the recommender is given
 (``orchestrator/fallback.py``, built by the composition root): its fallbacks catch the errors they declare
 only; anything else is a bug and propagates. An answer given because this process was overloaded is held
 for a moment by ``orchestrator/overload.py``, which the flow asks after every fallback.
+
+The budget travels with the work: the computation runs under the request's real-time deadline, so every
+Redis read waits at most what is left of it (the command itself is left to finish, see
+``orchestrator/store/backend.py``), and the ranker is given what is left as its timeout (Triton gets it
+as its gRPC deadline's base and as the request's queue timeout). A computation no request waits for any
+more stops at its next stage.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from orchestrator import metrics, schema
+from orchestrator.admission import Admission, Permit, Unlimited
 from orchestrator.cache import UNKNOWN_GENERATION, CachedList, RecommendationCache
 from orchestrator.config import Settings
-from orchestrator.errors import Overloaded, UnknownUser
+from orchestrator.errors import ComputationAbandoned, LoopLate, Overloaded, Shed, UnknownUser
 from orchestrator.fallback import FallbackChain, FallbackRequest
 from orchestrator.overload import HoldSlot, OverloadHold
 from orchestrator.ranking import Ranker, RankerUnavailable, RankingRequest
@@ -43,6 +51,9 @@ log = logging.getLogger(__name__)
 # What a dependency raises when it cannot answer in time: a cache lookup that fails is a miss, a failed
 # warm-up stage stays cold, and the fallback chain (orchestrator/composition.py) answers for these.
 DEPENDENCY_ERRORS = (TimeoutError, StoreUnavailable, RankerUnavailable)
+# How a computation ends when it ran out of time (after ``Recommender._attributed``): the admission limiter
+# backs off on these. A dependency that is down says nothing about this process's capacity.
+MISSED_ERRORS = (TimeoutError, LoopLate)
 
 
 CONTEXT_FIELDS: tuple[str, ...] = ("page_type", "device")
@@ -124,6 +135,8 @@ class Recommender:
         n_items: int,
         single_flight: bool = True,
         overloaded: Callable[[], bool] = lambda: False,
+        admission: Admission | None = None,
+        loop_late: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.cache = cache
@@ -135,7 +148,11 @@ class Recommender:
         self.hold = hold  # orchestrator/overload.py
         self.n_items = n_items
         self.single_flight: SingleFlight[Computed] | None = SingleFlight() if single_flight else None
-        self.overloaded = overloaded  # orchestrator/loop_lag.py
+        # While true, every miss answers from the fallback (orchestrator/loop_lag.py): the behaviour without
+        # admission by capacity; with it, the composition root passes a signal that is never true.
+        self.overloaded = overloaded
+        self.admission: Admission = admission if admission is not None else Unlimited()  # orchestrator/admission.py
+        self.loop_late = loop_late  # orchestrator/loop_lag.py: tells a late loop from a slow dependency
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -213,33 +230,101 @@ class Recommender:
             # Computing now would only add load and still miss the deadline, so answer from the fallback at once.
             why = "the cache lookup past the budget" if starved else "an event loop that runs late"
             return await self._fallback(user_id, n, Overloaded(why), deadline, timer, slot)
+        key = f"{user_id}|{context.cache_key}"
+        flight = self.single_flight
+        permit: Permit | None = None
+        if flight is None or not flight.running(key):  # joining a computation under way costs no slot
+            permit = self.admission.try_acquire()
+            if permit is None:
+                # Past the capacity: the pre-computed list now (one round trip, then held for the user's next
+                # requests), instead of a computation that would only make every other one late too.
+                return await self._fallback(user_id, n, Shed(), deadline, timer, slot)
+        realtime_deadline = started + realtime_budget_s
         try:
             async with asyncio.timeout(max(remaining_s, 0.0)):
-                work = lambda: self._compute(user_id, context, generation, started + realtime_budget_s)  # noqa: E731
-                if self.single_flight is None:
-                    computed, joined = await work(), False
+                if flight is None:
+                    assert permit is not None
+                    computed = await self._compute(user_id, context, generation, realtime_deadline, permit)
+                    joined = False
                 else:
-                    computed, joined = await self.single_flight.do(f"{user_id}|{context.cache_key}", work)
+                    work = lambda: self._compute(  # noqa: E731
+                        user_id, context, generation, realtime_deadline, permit, lambda: flight.wanted(key)
+                    )
+                    computed, joined = await flight.do(key, work)
         except self.fallbacks.catches as exc:
-            return await self._fallback(user_id, n, exc, deadline, timer, slot)
+            return await self._fallback(user_id, n, self._attributed(exc), deadline, timer, slot)
         if joined:
             metrics.SINGLE_FLIGHT_JOINS.inc()
         timer.timings_ms.update(computed.timings_ms)
         return self._answer(user_id, computed.value, n, "realtime", timer.timings_ms)
 
     async def _compute(
-        self, user_id: str, context: RequestContext, generation: int, realtime_deadline: float
+        self,
+        user_id: str,
+        context: RequestContext,
+        generation: int,
+        realtime_deadline: float,
+        permit: Permit | None,
+        wanted: Callable[[], bool] = lambda: True,
     ) -> Computed:
-        # The computation runs as its own task (single-flight), so a caller's deadline does not stop it; its
-        # own does. Work past it would be thrown away, and under overload that waste is what keeps the
-        # process overloaded: every late computation delays the next ones past their deadlines too.
-        async with asyncio.timeout(max(realtime_deadline - time.perf_counter(), 0.0)):
-            return await self._compute_stages(user_id, context, generation, realtime_deadline)
+        """The computation under its permit (None: never, the flow starts none without one; typed so for the
+        single-flight work, which only a caller holding one starts), which learns how it ended."""
+        if permit is None:
+            raise RuntimeError("expected a computation slot for a new computation, but found none")
+        outcome = permit.ignored  # cancelled, abandoned, or a dependency down: nothing about capacity
+        try:
+            # The computation runs as its own task (single-flight), so a caller's deadline does not stop it;
+            # its own does. Work past it would be thrown away, and under overload that waste is what keeps the
+            # process overloaded: every late computation delays the next ones past their deadlines too.
+            async with asyncio.timeout(max(realtime_deadline - time.perf_counter(), 0.0)):
+                computed = await self._compute_stages(user_id, context, generation, realtime_deadline, wanted)
+            outcome = permit.succeeded
+            return computed
+        except asyncio.CancelledError:
+            # Without single-flight the caller's own deadline (the same instant) may end it first.
+            if time.perf_counter() >= realtime_deadline:
+                outcome = permit.missed
+            raise
+        except Exception as exc:
+            error = self._attributed(exc)
+            if isinstance(error, MISSED_ERRORS):
+                outcome = permit.missed
+            if error is exc:
+                raise
+            raise error from exc
+        finally:
+            outcome()
+
+    def _attributed(self, error: Exception) -> Exception:
+        """The error that says what happened. A deadline missed while the event loop ran late (a read past
+        its per-shard deadline, or the computation past its own) is this process's backlog, ``loop_late``:
+        not a slow dependency (``deadline``) nor a shard that did not answer (``store_unavailable``, which a
+        refused or failed read still is, however late the loop)."""
+        if isinstance(error, LoopLate):
+            return error
+        late_read = isinstance(error, StoreUnavailable) and error.only_timed_out
+        if not (late_read or isinstance(error, TimeoutError)) or not self.loop_late():
+            return error
+        late = LoopLate("a store read past its deadline" if late_read else "the computation past its deadline")
+        late.__cause__ = error
+        return late
 
     async def _compute_stages(
-        self, user_id: str, context: RequestContext, generation: int, realtime_deadline: float
+        self,
+        user_id: str,
+        context: RequestContext,
+        generation: int,
+        realtime_deadline: float,
+        wanted: Callable[[], bool],
     ) -> Computed:
+        def next_stage(stage: str) -> None:
+            # Every request that waited for this computation has its answer (a fallback) or has gone: the
+            # rest of the work would be for nobody. A request still waiting (a single-flight follower) keeps it.
+            if not wanted():
+                raise ComputationAbandoned(stage)
+
         timer = StageTimer()
+        next_stage("user_features")
         with timer.stage("user_features"):
             user_vectors, user_rows, seen_sets = await asyncio.gather(
                 self.embeddings.get_batch("user", [user_id]),
@@ -247,18 +332,20 @@ class Recommender:
                 self.features.seen([user_id]),
             )
         if user_vectors.unavailable[0] or seen_sets[0] is None:
-            raise StoreUnavailable(f"user {user_id}", user_vectors.down or ("seen",))
+            raise StoreUnavailable(f"user {user_id}", user_vectors.down or ("seen",), user_vectors.timed_out)
         if not user_vectors.found[0]:
             raise UnknownUser(user_id)
         if not user_rows.found[0]:
             metrics.MISSING_FEATURES.labels("user").inc()  # defaulted to the "unknown" index 0
         seen = seen_sets[0]
 
+        next_stage("retrieval")
         with timer.stage("retrieval"):
             k = min(self.n_items, self.settings.ranking.n_candidates + len(seen))
             found_ids, _ = await self.retriever.search(user_vectors.matrix[:1], k)
             candidates = [i for i in found_ids[0] if i not in seen][: self.settings.ranking.n_candidates]
 
+        next_stage("item_features")
         with timer.stage("item_features"):
             item_vectors, item_rows = await asyncio.gather(
                 self.embeddings.get_batch("item", candidates), self.features.get_rows("item", candidates)
@@ -270,8 +357,11 @@ class Recommender:
             metrics.MISSING_FEATURES.labels("item").inc(int((~item_rows.found[usable]).sum()))
         kept = [c for c, ok in zip(candidates, usable.tolist(), strict=True) if ok]
         if not kept:
-            raise StoreUnavailable("candidate embeddings", item_vectors.down or ("no candidate found",))
+            raise StoreUnavailable(
+                "candidate embeddings", item_vectors.down or ("no candidate found",), item_vectors.timed_out
+            )
 
+        next_stage("ranking")
         with timer.stage("ranking"):
             request = RankingRequest(
                 user_embedding=user_vectors.matrix[0],

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, artifacts_dir, load_bundle
 from export.dataplane import default_onnx_model, load_and_precompute
 from stack import env_file
+from stack.api_key import sample_requests, stack_api_key
 from stack.env_file import StackEnvFile
 from stack.errors import StackError
 from stack.launch import start_orchestrator
@@ -203,10 +204,14 @@ def run(
             stack.callback(server.stop)
             redis_url, redis_data = server.url, server.folder
             print(f"[up] started a private redis-server at {redis_url} (data kept in {redis_data})", flush=True)
+        # Writes need a key: the operator's RECSERVE_EVENTS_API_KEYS, else one made for this stack; it goes
+        # to the orchestrator's environment and so to build/stack.env (mode 0600), never to a command line.
+        api_key = stack_api_key(os.environ)
         env = {
             "RECSERVE_REDIS_URLS": redis_url,
             "RECSERVE_INDEX_PATH": str(bundle_path / "item_index.faiss"),
             "RECSERVE_ONNX_MODEL_PATH": str(onnx_path),
+            **api_key.settings,
         }
         triton: TritonServer | None = None
         if use_triton:
@@ -246,6 +251,10 @@ def run(
         )
         print(f"[up] try:  curl '{sample}'")
         print(f"[up] ->    {answer}")
+        origin = "generated for this stack" if api_key.generated else "from RECSERVE_EVENTS_API_KEYS"
+        print(f"[up] writes need the API key ({origin}; also in {paths.env_file}):")
+        for line in sample_requests(orchestrator.url, api_key.key, user, bundle.item_ids[0]):
+            print(f"[up]       {line}")
         print(f"[up] settings and addresses: {paths.env_file} (set -a; . {paths.env_file}; set +a)")
         print("[up] Ctrl-C stops everything", flush=True)
         stop = threading.Event()
@@ -263,6 +272,6 @@ def run(
             stop_reason = "Ctrl-C"
         if ended is not None:
             stop_reason = ended.reason
-            print(f"[up] {ended.reason}; see {paths.orchestrator_log}", flush=True)
+            print(f"[up] the orchestrator's log: {paths.orchestrator_log}", flush=True)
         print("\n[up] stopping (Redis data kept)" if redis_data else "\n[up] stopping", flush=True)
     return 1 if ended is not None and ended.failed else 0

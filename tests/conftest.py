@@ -21,6 +21,10 @@ from tests.service_guard import GUARD, MARKER
 # Test folders whose every test is in the integration tier (they train models or start services).
 INTEGRATION_DIRS = ("integration", "faults")
 
+# The named API key every orchestrator the tests start takes writes from (writes need one by default).
+TEST_API_KEY = "tests-api-key-4d1c9e2b7a"
+API_HEADERS = {"X-API-Key": TEST_API_KEY}
+
 SMALL_DATA = SyntheticSpec(n_users=300, n_items=400, mean_interactions_per_user=40)
 SMALL_TRAINING = TrainConfig(embedding_dim=32, retrieval_epochs=3, ranker_epochs=1)
 # Small enough to keep parity checks at the max batch fast, large enough to batch across requests.
@@ -138,6 +142,7 @@ class Stack:
             "RECSERVE_DEADLINE_REQUEST_MS": "1000",
             "RECSERVE_DEADLINE_FALLBACK_RESERVE_MS": "200",
             "RECSERVE_REDIS_TIMEOUT_MS": "200",
+            "RECSERVE_EVENTS_API_KEYS": f"tests:{TEST_API_KEY}",
         }
         if triton_url:
             env["RECSERVE_TRITON_URL"] = triton_url

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.message
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -17,12 +18,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from orchestrator import metrics
 from orchestrator.api.shared import Id, Problem, services_of
 from orchestrator.composition import Services
-from orchestrator.guards import api_key_matches
+from orchestrator.events import EventInProgress
 from orchestrator.store.errors import StoreUnavailable
 
 PATH = "/v1/events"
@@ -34,6 +35,11 @@ class EventIn(BaseModel):
     user_id: Id
     item_id: Id
     type: Literal["view", "click", "add_to_cart", "purchase"]
+    event_id: Id | None = Field(
+        None,
+        description="Optional id the client chose for this event: a retry with the same id (after a 503 or a "
+        "timeout) is stored once, and answered with the first one's entry id.",
+    )
 
 
 class EventAccepted(BaseModel):
@@ -42,42 +48,99 @@ class EventAccepted(BaseModel):
 
 
 EVENT = TypeAdapter(EventIn)
-UNREADABLE_BODY = "There was an error parsing the body"
 
 
 @dataclass(frozen=True)
 class InvalidEvent:
     """Why a body is not an event: FastAPI's list of 422 errors (``loc`` names the field); with ``status``
-    400, a body that could not be decoded at all (FastAPI's answer to that)."""
+    400, a body that is not JSON text at all (``detail`` says why)."""
 
     errors: list[dict[str, Any]]
     status: int = 422
+    detail: str = ""
 
     def exception(self) -> HTTPException | RequestValidationError:
         if self.status == 400:
-            return HTTPException(400, UNREADABLE_BODY)
+            return HTTPException(400, self.detail)
         return RequestValidationError(self.errors)
+
+
+class _NotPlainJson(ValueError):
+    """Valid to Python's parser, refused by ours: a duplicate key, NaN/Infinity, a non-finite number."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Which of two values counts differs between parsers (first here, last there): refuse, not guess.
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise _NotPlainJson(f"duplicate key {key[:64]!r}")
+        value[key] = item
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotPlainJson(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e999: a float past the range, read as infinity
+        raise _NotPlainJson(f"the number {text[:20]} is out of range")
+    return number
+
+
+def _json_invalid(position: int, why: str) -> InvalidEvent:
+    error = {"type": "json_invalid", "loc": ("body", position), "msg": "JSON decode error", "input": {}}
+    return InvalidEvent([error | {"ctx": {"error": why}}])
 
 
 def parse_event(content_type: str | None, body: bytes) -> EventIn | InvalidEvent:
     """The event in a request body. As FastAPI reads a JSON body: the body is parsed as JSON only when its
     Content-Type says JSON (``application/json``, ``application/*+json``), else validated as the bytes it
-    is (and refused); an empty body is a missing one."""
+    is (and refused); an empty body is a missing one. Stricter than FastAPI on what JSON is: NaN, Infinity,
+    out-of-range numbers and duplicate keys are refused (422, naming what), text that is not UTF-8 and
+    nesting past the parser's depth are 400 with the reason; nothing a client sends is a 500."""
     if not body:
         return InvalidEvent([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
     value: Any = body
     if content_type and _says_json(content_type):
         try:
-            value = json.loads(body)
+            value = json.loads(
+                body, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant, parse_float=_finite
+            )
         except json.JSONDecodeError as exc:
-            error = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error", "input": {}}
-            return InvalidEvent([error | {"ctx": {"error": exc.msg}}])
-        except (ValueError, RecursionError):  # not UTF-8/16/32 text, or nested past the parser's depth
-            return InvalidEvent([], status=400)
+            return _json_invalid(exc.pos, exc.msg)
+        except _NotPlainJson as exc:
+            return _json_invalid(0, str(exc))
+        except UnicodeDecodeError:
+            return InvalidEvent([], status=400, detail="expected a JSON body in UTF-8, but found bytes that are not")
+        except RecursionError:
+            return InvalidEvent(
+                [], status=400, detail="expected a flat JSON object, but found nesting too deep to read"
+            )
+        except ValueError as exc:  # an integer past Python's digit limit, an unknown text encoding
+            return InvalidEvent([], status=400, detail=f"expected a JSON body, but found one that is not: {exc}")
     try:
         return EVENT.validate_python(value, from_attributes=True)
     except ValidationError as exc:
-        return InvalidEvent([{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)])
+        return InvalidEvent(
+            [
+                {**error, "loc": ("body", *error["loc"]), "input": _echo(error.get("input"))}
+                for error in exc.errors(include_url=False)
+            ]
+        )
+
+
+def _echo(value: Any) -> Any:
+    """What a 422 shows of a refused input: JSON values as they came, a body not parsed as JSON as its text
+    (as FastAPI shows it), and one that is not UTF-8 only by its size (FastAPI's handler fails on it: a 500)."""
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode()
+        except UnicodeDecodeError:
+            return f"<{len(value)} bytes, not UTF-8>"
+    return value
 
 
 def _says_json(content_type: str) -> bool:
@@ -92,33 +155,32 @@ def _says_json(content_type: str) -> bool:
 @dataclass(frozen=True)
 class EventOutcome:
     status: int
-    body: dict[str, str]
+    body: dict[str, Any]
     headers: dict[str, str]
 
 
-async def take_event(
-    services: Services, event: EventIn, x_api_key: str | None, client_host: str | None
-) -> EventOutcome:
-    """Everything ``POST /v1/events`` does with a valid event, whichever route it came by."""
+async def take_event(services: Services, event: EventIn) -> EventOutcome:
+    """Everything ``POST /v1/events`` does with a valid event, whichever route it came by. The caller was
+    authenticated and rate-limited before the body was read (``orchestrator/auth.py``, ``ratelimit.py``)."""
     started = time.perf_counter()
-    api_key = services.settings.events.api_key
-    expected = api_key.get_secret_value() if api_key else None
-    if not api_key_matches(expected, x_api_key):
-        metrics.REJECTED_WRITES.labels("auth").inc()
-        return EventOutcome(401, {"detail": "missing or invalid X-API-Key header"}, {})
-    wait_s = services.event_limiter.acquire(x_api_key or client_host or "unknown")
-    if wait_s > 0:
-        metrics.REJECTED_WRITES.labels("rate_limit").inc()
-        return EventOutcome(
-            429,
-            {"detail": f"rate limit of {services.settings.events.rate_per_s:g} events/s exceeded"},
-            {"Retry-After": str(max(1, round(wait_s)))},
-        )
+    if event.item_id not in services.catalogue:
+        # O(1): the item ids of the index this replica serves. An unknown id would create keys for nothing.
+        metrics.REJECTED_WRITES.labels("unknown_item").inc()
+        error = {
+            "type": "unknown_item",
+            "loc": ("body", "item_id"),
+            "msg": "expected an item of the catalogue, but found an id it does not hold",
+            "input": event.item_id,
+        }
+        return EventOutcome(422, {"detail": [error]}, {})
     try:
-        entry = await services.events.record(event.user_id, event.item_id, event.type)
+        entry = await services.events.record(event.user_id, event.item_id, event.type, event.event_id)
+    except EventInProgress as exc:
+        return EventOutcome(exc.status, {"detail": exc.detail}, exc.headers)
     except StoreUnavailable as exc:
         metrics.REQUEST_LATENCY.labels("events", "error").observe(time.perf_counter() - started)
-        return EventOutcome(503, {"detail": f"event not stored: {exc}"}, {"Retry-After": "1"})
+        detail = f"event not stored: {exc}; retry with the same event_id to store it once"
+        return EventOutcome(503, {"detail": detail}, {"Retry-After": "1"})
     metrics.REQUEST_LATENCY.labels("events", "stored").observe(time.perf_counter() - started)
     return EventOutcome(202, {"status": "accepted", "id": entry}, {})
 
@@ -132,8 +194,9 @@ router = APIRouter(default_response_class=ORJSONResponse)
     response_model=EventAccepted,
     responses={
         401: {"model": Problem, "description": "Missing or wrong X-API-Key"},
-        429: {"model": Problem, "description": "Too many events from this client"},
-        503: {"model": Problem, "description": "The event could not be stored; retry"},
+        409: {"model": Problem, "description": "This event_id is being stored right now; retry"},
+        429: {"model": Problem, "description": "Too many events from this caller"},
+        503: {"model": Problem, "description": "The event could not be stored; retry (with its event_id)"},
     },
     # Declared here, read by ``parse_event``: both from EventIn.
     openapi_extra={
@@ -142,11 +205,13 @@ router = APIRouter(default_response_class=ORJSONResponse)
 )
 async def events(
     request: Request,
-    x_api_key: Annotated[str | None, Header(description="Required when the service has an API key")] = None,
+    x_api_key: Annotated[
+        str | None, Header(description="A named API key (required unless anonymous writes are on)")
+    ] = None,
 ) -> ORJSONResponse:
+    del x_api_key  # checked before the request got here (orchestrator/auth.py); declared for the API's spec
     event = parse_event(request.headers.get("content-type"), await request.body())
     if isinstance(event, InvalidEvent):
         raise event.exception()
-    client_host = request.client.host if request.client else None
-    outcome = await take_event(services_of(request.app), event, x_api_key, client_host)
+    outcome = await take_event(services_of(request.app), event)
     return ORJSONResponse(outcome.body, status_code=outcome.status, headers=outcome.headers)

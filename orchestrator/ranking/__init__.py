@@ -48,7 +48,9 @@ class RankingRequest:
 class Ranker(Protocol):
     """Scores candidates for one user; returns float32 [n_candidates], one score per candidate.
 
-    ``timeout_s`` is what is left of the caller's deadline; past it the call raises RankerUnavailable.
+    ``timeout_s`` is what is left of the caller's deadline, and goes with the call to the ranker; past it the
+    call raises TimeoutError (the budget ran out: fallback reason ``deadline``), where a ranker that cannot
+    answer raises RankerUnavailable.
     ``ready`` says whether it can score now (for /readyz, within a fraction of a second); ``aclose`` lets
     calls in flight finish and releases what it holds.
     """

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from orchestrator.ranking import RankerUnavailable, RankingRequest, check_scores
+from orchestrator.ranking import RankingRequest, check_scores
 from orchestrator.readiness import Readiness
 
 
@@ -36,7 +36,7 @@ class OnnxRanker:
             async with asyncio.timeout(timeout_s):
                 scores = await asyncio.to_thread(self.run, request.tensors())
         except TimeoutError as exc:
-            raise RankerUnavailable(f"onnxruntime did not answer within {timeout_s:.3f} s") from exc
+            raise TimeoutError(f"onnxruntime did not answer within {timeout_s:.3f} s") from exc
         return check_scores(scores, request.n_candidates, "onnxruntime")
 
     async def ready(self) -> Readiness:

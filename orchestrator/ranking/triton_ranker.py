@@ -1,5 +1,8 @@
 """Ranking on Triton over gRPC (``tritonclient`` aio), within what is left of the request deadline.
 
+The budget travels with the call: Triton gets it as the request's ``timeout`` (a request still queued in
+the dynamic batcher past it is rejected, not run for nobody) and, plus a grace, as the gRPC deadline.
+
 Balancing: with ``dns:///triton-headless:8001`` the gRPC channel resolves every Triton pod and spreads
 calls round robin; re-creating the channel every ``max_connection_age_s`` re-resolves DNS, so pods
 added by the autoscaler get traffic instead of idling behind long-lived connections.
@@ -23,6 +26,9 @@ from orchestrator.ranking.breaker import CircuitBreaker
 from orchestrator.readiness import Readiness
 
 TRITON_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+# What Triton's scheduler answers for a request that waited in its queue past the request's timeout
+# (triton-inference-server/core, dynamic_batch_scheduler.cc): the budget ran out, the server is not failing.
+QUEUE_TIMEOUT_MESSAGE = "Request timeout expired"
 InputT = TypeVar("InputT")
 
 
@@ -64,6 +70,7 @@ class TritonRanker:
         breaker: CircuitBreaker | None = None,
         max_outstanding: int = 128,
         call_timeout_s: float = 5.0,
+        call_grace_s: float = 0.5,
     ) -> None:
         self.url = url
         self.model = model
@@ -75,7 +82,8 @@ class TritonRanker:
         self._client_born = 0.0
         self._retired: set[asyncio.Task[None]] = set()
         self.max_outstanding = max_outstanding
-        self.call_timeout_s = call_timeout_s
+        self.call_timeout_s = call_timeout_s  # the budget of a call given none (and the most any call gets)
+        self.call_grace_s = call_grace_s
         self._outstanding: set[asyncio.Future[grpcaio.InferResult]] = set()
 
     def _current_client(self) -> grpcaio.InferenceServerClient:
@@ -102,17 +110,21 @@ class TritonRanker:
         if len(self._outstanding) >= self.max_outstanding:
             metrics.RANKER_ERRORS.inc()
             raise RankerUnavailable(f"Triton at {self.url}: {len(self._outstanding)} calls already in flight")
-        call = asyncio.ensure_future(self._infer(infer_inputs(request.tensors(), grpcaio.InferInput)))
+        budget_s = self.call_timeout_s if timeout_s is None else min(timeout_s, self.call_timeout_s)
+        call = asyncio.ensure_future(self._infer(infer_inputs(request.tensors(), grpcaio.InferInput), budget_s))
         self._outstanding.add(call)
         call.add_done_callback(self._settle)
         try:
-            # Stop waiting at the deadline but never cancel the gRPC call: Triton 2.51 can crash on a
-            # request cancelled while it completes (server#7368, fixed in r24.12). The call finishes in
-            # the background, bounded in number by max_outstanding and in time by call_timeout_s.
+            # Stop waiting at the deadline but do not cancel the gRPC call then: Triton 2.51 can crash on a
+            # request cancelled while it completes (server#7368, fixed in r24.12). The call finishes in the
+            # background, bounded in number by max_outstanding and in time by its gRPC deadline (_infer).
             result = await asyncio.wait_for(asyncio.shield(call), timeout_s)
         except TimeoutError as exc:
+            if call.done():
+                raise  # the call's own outcome: Triton's queue rejected it for want of time (_infer)
             metrics.RANKER_ERRORS.inc()
-            raise RankerUnavailable(f"Triton at {self.url}: no answer within {timeout_s:.3f} s") from exc
+            # The budget ran out (reason deadline): Triton is not down for it, nor is the circuit any nearer open.
+            raise TimeoutError(f"Triton at {self.url}: no answer within {timeout_s:.3f} s") from exc
         return check_scores(result.as_numpy(self.output), request.n_candidates, "triton")
 
     def _settle(self, call: asyncio.Future[grpcaio.InferResult]) -> None:
@@ -120,16 +132,31 @@ class TritonRanker:
         if not call.cancelled():
             call.exception()  # retrieved: a caller that stopped waiting must not leave a warning behind
 
-    async def _infer(self, inputs: list[grpcaio.InferInput]) -> grpcaio.InferResult:
-        """One call; its outcome (not the caller's patience) feeds the circuit breaker."""
+    async def _infer(self, inputs: list[grpcaio.InferInput], budget_s: float) -> grpcaio.InferResult:
+        """One call within ``budget_s``; its outcome (not the caller's patience) feeds the circuit breaker."""
         try:
             result = await self._current_client().infer(
                 self.model,
                 inputs,
                 outputs=[grpcaio.InferRequestedOutput(self.output)],
-                client_timeout=self.call_timeout_s,
+                # Microseconds; 0 would mean none. Honoured where the model's queue policy allows overrides
+                # (allow_timeout_override, and only below its default_timeout_microseconds); else ignored.
+                timeout=max(1, int(budget_s * 1e6)),
+                # The budget plus a grace, so that a call is cancelled only when it runs well past the moment
+                # its caller stopped waiting (see score), never as its answer arrives at the deadline.
+                client_timeout=budget_s + self.call_grace_s,
             )
-        except (TimeoutError, InferenceServerException, OSError) as exc:
+        except InferenceServerException as exc:
+            if QUEUE_TIMEOUT_MESSAGE in str(exc):
+                # Rejected by its queue for want of time: the server is up and answering (a half-open
+                # circuit's probe closes on it), the budget was too short for its queue.
+                self.breaker.record_success()
+                metrics.RANKER_ERRORS.inc()
+                raise TimeoutError(f"Triton at {self.url}: queued past the budget of {budget_s:.3f} s") from exc
+            self.breaker.record_failure()
+            metrics.RANKER_ERRORS.inc()
+            raise RankerUnavailable(f"Triton at {self.url}: {exc}") from exc
+        except (TimeoutError, OSError) as exc:
             self.breaker.record_failure()
             metrics.RANKER_ERRORS.inc()
             raise RankerUnavailable(f"Triton at {self.url}: {exc}") from exc

@@ -25,6 +25,7 @@ class Lookup:
     found: np.ndarray  # bool [len(ids)]
     unavailable: np.ndarray  # bool [len(ids)]: the row's shard did not answer (so found is False too)
     down: tuple[str, ...] = ()  # names of the shards/nodes that did not answer
+    timed_out: tuple[str, ...] = ()  # of ``down``, those that missed their deadline (rather than refused)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return iter((self.matrix, self.found))

@@ -88,6 +88,11 @@ class Command(NamedTuple):
     name: str  # GET, SET, SADD, ...
     key: str
     args: tuple[Any, ...] = ()
+    head: tuple[Any, ...] = ()  # arguments before the key: EVAL's script and key count
+
+    def argv(self) -> tuple[Any, ...]:
+        """The command as sent: name, head, key, args (routing reads ``key`` alone)."""
+        return (self.name, *self.head, self.key, *self.args)
 
 
 @dataclass(frozen=True)
@@ -98,10 +103,13 @@ class Replies:
     values: list[Any]
     unavailable: np.ndarray  # bool [len(commands)]
     down: tuple[str, ...]
+    # Of ``down``, the groups that missed their deadline (rather than refusing or failing): the caller may
+    # have been late itself (orchestrator/recommender.py tells a late event loop from a slow shard).
+    timed_out: tuple[str, ...] = ()
 
     def raise_if_down(self, operation: str) -> None:
         if self.down:
-            raise StoreUnavailable(operation, self.down)
+            raise StoreUnavailable(operation, self.down, self.timed_out)
 
 
 class Backend(Protocol):
@@ -142,6 +150,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     OSError,
 )
+# Of those, a group that did not answer within its deadline (redis-py's socket timeout, or ours).
+TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (redis_errors.TimeoutError, TimeoutError)
 
 
 async def gather_groups(
@@ -182,18 +192,21 @@ async def gather_groups(
     values: list[Any] = [None] * n_commands
     unavailable = np.zeros(n_commands, dtype=bool)
     down: list[str] = []
+    timed_out: list[str] = []
     for name, outcome in zip(names, outcomes, strict=True):
         indices = groups[name]
         if isinstance(outcome, _Down):
             unavailable[indices] = True
             down.append(name)
+            if isinstance(outcome.error, TIMEOUT_ERRORS):
+                timed_out.append(name)
             continue
         assert not isinstance(outcome, BaseException)
         if len(outcome) != len(indices):
             raise RuntimeError(f"{name} returned {len(outcome)} replies for {len(indices)} commands")
         for i, value in zip(indices, outcome, strict=True):
             values[i] = value
-    return Replies(values, unavailable, tuple(down))
+    return Replies(values, unavailable, tuple(down), tuple(timed_out))
 
 
 def _retrieve(call: asyncio.Future[Any]) -> None:

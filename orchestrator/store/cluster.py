@@ -122,7 +122,7 @@ class ClusterBackend:
                 raise redis_errors.SlotNotCoveredError("no node serves these slots")
             pipe = self._node_client(name).pipeline(transaction=False)
             for i in indices:
-                pipe.execute_command(commands[i].name, commands[i].key, *commands[i].args)
+                pipe.execute_command(*commands[i].argv())
             replies = list(await pipe.execute(raise_on_error=False))
             redirected = [
                 k for k, r in enumerate(replies) if isinstance(r, (redis_errors.MovedError, redis_errors.AskError))
@@ -131,7 +131,7 @@ class ClusterBackend:
                 retry = self.client.pipeline()
                 for k in redirected:
                     command = commands[indices[k]]
-                    retry.execute_command(command.name, command.key, *command.args)
+                    retry.execute_command(*command.argv())
                 for k, reply in zip(redirected, await retry.execute(), strict=True):
                     replies[k] = reply
             for reply in replies:
@@ -147,7 +147,7 @@ class ClusterBackend:
     async def control(self, command: Command) -> Any:
         try:
             async with asyncio.timeout(self.control_timeout_s):
-                return await self.client.execute_command(command.name, command.key, *command.args)
+                return await self.client.execute_command(*command.argv())
         except UNAVAILABLE_ERRORS:
             raise StoreUnavailable(f"{command.name} {command.key}", [self.node_name(command.key)]) from None
 

@@ -60,9 +60,8 @@ class CoalescingBackend:
             end = start + len(commands)
             if not reply.done():  # a caller past its deadline has stopped waiting
                 unavailable = replies.unavailable[start:end]
-                reply.set_result(
-                    Replies(replies.values[start:end], unavailable, replies.down if unavailable.any() else ())
-                )
+                down, timed_out = (replies.down, replies.timed_out) if unavailable.any() else ((), ())
+                reply.set_result(Replies(replies.values[start:end], unavailable, down, timed_out))
             start = end
 
     async def control(self, command: Command) -> Any:

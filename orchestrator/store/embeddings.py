@@ -23,7 +23,7 @@ class RedisEmbeddingStore:
         replies = await self.backend.execute([Command("GET", k) for k in names])
         matrix, found = self.codec.decode(names, replies.values)
         found &= ~replies.unavailable
-        return Lookup(matrix, found, replies.unavailable, replies.down)
+        return Lookup(matrix, found, replies.unavailable, replies.down, replies.timed_out)
 
     async def set_batch(self, kind: Kind, ids: Sequence[str], matrix: np.ndarray) -> None:
         if len(ids) != len(matrix):

@@ -40,9 +40,15 @@ class ShapeError(StoreError, ValueError):
 class StoreUnavailable(StoreError):
     """Some shards/nodes did not answer in time (down, hung, or partitioned)."""
 
-    def __init__(self, operation: str, groups: Sequence[str]) -> None:
+    def __init__(self, operation: str, groups: Sequence[str], timed_out: Sequence[str] = ()) -> None:
         super().__init__(f"{operation}: expected every shard to answer, but {', '.join(groups)} did not")
         self.groups = tuple(groups)
+        self.timed_out = tuple(timed_out)  # of ``groups``, those that missed their deadline (not refused)
+
+    @property
+    def only_timed_out(self) -> bool:
+        """Every group that failed missed its deadline: the shard may be fine and the caller late."""
+        return bool(self.groups) and set(self.groups) <= set(self.timed_out)
 
 
 class VersionError(StoreError):

@@ -68,7 +68,7 @@ class RedisFeatureStore:
         replies = await self.backend.execute([Command("GET", k) for k in names])
         matrix, found = decode_rows(kind, names, replies.values)
         found &= ~replies.unavailable
-        return Lookup(matrix, found, replies.unavailable, replies.down)
+        return Lookup(matrix, found, replies.unavailable, replies.down, replies.timed_out)
 
     async def set_rows(self, kind: Kind, ids: Sequence[str], rows: np.ndarray) -> None:
         if len(ids) != len(rows):

@@ -108,3 +108,22 @@ def rec_cache(user_id: str) -> str:
 def generation(user_id: str) -> str:
     """Counter bumped on every invalidation; a cached list stamped with an older value is stale."""
     return f"gen:{entity_tag('user', user_id)}"
+
+
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,80}$")
+
+
+def rate_bucket(scope: str, caller: str) -> str:
+    """Token bucket of one caller (a key's name, or ``addr:<ip>``) for ``scope`` (writes, reads). Lives only
+    until the bucket would be full again (orchestrator/ratelimit.py sets the TTL)."""
+    if not _BUCKET_RE.fullmatch(caller) or not _BUCKET_RE.fullmatch(scope):
+        raise StoreConfigError("rate-limit caller", "must match [A-Za-z0-9._:@-]{1,80}", caller)
+    return f"rl:{scope}:{{{caller}}}"
+
+
+def event_id(user_id: str, client_event_id: str) -> str:
+    """A client-supplied event id already taken for this user: the stream entry it was stored as ("pending"
+    while it is being stored). Shares the user's hash tag: one round trip with the user's other keys."""
+    if not _ID_RE.fullmatch(client_event_id):
+        raise StoreConfigError("event id", "must match [A-Za-z0-9._:@-]{1,64}", client_event_id)
+    return f"evid:{entity_tag('user', user_id)}:{client_event_id}"

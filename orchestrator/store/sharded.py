@@ -84,7 +84,7 @@ class ShardedBackend:
                 return [True] * len(indices)
             if len(indices) == 1:  # a pipeline of one costs ~20% more client CPU than the command itself
                 command = commands[indices[0]]
-                return [await client.execute_command(command.name, command.key, *command.args)]
+                return [await client.execute_command(*command.argv())]
             gets = [i for i in indices if commands[i].name == "GET"]
             others = [i for i in indices if commands[i].name != "GET"]
             pipe = client.pipeline(transaction=False)
@@ -94,7 +94,7 @@ class ShardedBackend:
             if hoist:
                 pipe.mget([commands[i].key for i in gets])
             for i in others if hoist else indices:
-                pipe.execute_command(commands[i].name, commands[i].key, *commands[i].args)
+                pipe.execute_command(*commands[i].argv())
             results = list(await pipe.execute())
             if not hoist:
                 return results
@@ -106,7 +106,7 @@ class ShardedBackend:
     async def control(self, command: Command) -> Any:
         try:
             async with asyncio.timeout(self.control_timeout_s):
-                return await self._clients[self.control_shard].execute_command(command.name, command.key, *command.args)
+                return await self._clients[self.control_shard].execute_command(*command.argv())
         except UNAVAILABLE_ERRORS:
             raise StoreUnavailable(f"{command.name} {command.key}", [self.control_shard]) from None
 

@@ -24,6 +24,7 @@ from typing import Any, Self
 import httpx
 
 from export.artifacts import BUILD_DIR
+from tests.conftest import API_HEADERS
 from tests.waiting import poll
 
 FIGURES_DIR = BUILD_DIR / "faults"
@@ -302,7 +303,7 @@ class EventLoad(BackgroundLoad):
         poll(lambda: len(self.accepted) >= accepted, timeout_s, f"{accepted} accepted events")
 
     async def _run(self) -> None:
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        async with httpx.AsyncClient(timeout=5.0, headers=API_HEADERS) as client:
             ends = time.monotonic() + self.max_s
             await asyncio.gather(*(self._worker(client, ends) for _ in range(self.workers)))
 

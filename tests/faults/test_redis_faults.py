@@ -16,7 +16,7 @@ from orchestrator.store import keys
 from orchestrator.store.cluster import ClusterBackend
 from orchestrator.store.sharded import ShardedBackend, shard_name
 from stack.redis_local import RedisServer, start_cluster, start_server
-from tests.conftest import Stack, running_orchestrator
+from tests.conftest import API_HEADERS, Stack, running_orchestrator
 from tests.faults.conftest import load_stack, users
 from tests.faults.harness import CONTEXTS, Figures, Load, metric, stream_ids
 from tests.redis_harness import require_redis, start_servers
@@ -168,7 +168,10 @@ def test_accepted_events_survive_a_redis_restart_and_a_down_redis_refuses_events
     env = fault_env(stack, triton, RECSERVE_REDIS_URLS=aof_redis.url)
     restarted: RedisServer | None = None
     try:
-        with running_orchestrator(env, tmp_path / "app.log") as app, httpx.Client(timeout=5) as client:
+        with (
+            running_orchestrator(env, tmp_path / "app.log") as app,
+            httpx.Client(timeout=5, headers=API_HEADERS) as client,
+        ):
             accepted = []
             for i in range(30):
                 response = client.post(

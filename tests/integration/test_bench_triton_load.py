@@ -22,6 +22,8 @@ def test_the_load_generator_drives_the_ranker_on_triton(
     with ranker_server(tmp_path / "triton", batching, source=exported.repo) as server:
         config = triton_config.parse((tmp_path / "triton" / MODEL / "config.pbtxt").read_text())
         assert config.HasField("dynamic_batching") == (batching is not None)
+        # Saturation is what the benchmarks measure: no queue policy rejects their requests.
+        assert not config.dynamic_batching.HasField("default_queue_policy")
         assert [o.name for o in config.output] == [OUTPUT]
         result = run_load(server.grpc_url, exported.bundle.dim, concurrency=2, duration_s=0.5, warmup_s=0.1)
     assert result.requests > 0 and len(result.completions_s) == result.requests

@@ -2,6 +2,7 @@
 
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -15,7 +16,7 @@ from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.retrieval import FaissRetriever
 from orchestrator.store import keys
 from stack.triton_launcher import TritonServer
-from tests.conftest import Stack, running_orchestrator
+from tests.conftest import API_HEADERS, Stack, running_orchestrator
 from tests.waiting import poll
 
 pytestmark = pytest.mark.integration
@@ -86,7 +87,10 @@ def test_purchase_is_excluded_from_the_next_answer(app_url: str) -> None:
     before = recs(app_url, "23", n=10)
     bought = before["items"][0]["item_id"]
     response = httpx.post(
-        f"{app_url}/v1/events", json={"user_id": "23", "item_id": bought, "type": "purchase"}, timeout=10
+        f"{app_url}/v1/events",
+        json={"user_id": "23", "item_id": bought, "type": "purchase"},
+        headers=API_HEADERS,
+        timeout=10,
     )
     assert response.status_code == 202 and response.json()["status"] == "accepted"
     after = recs(app_url, "23", n=10)
@@ -99,7 +103,12 @@ def test_an_event_on_one_replica_invalidates_the_other_within_a_second(app_url: 
     cached = recs(second_app_url, user, n=10)
     assert recs(second_app_url, user, n=10)["source"] == "cache"
     bought = cached["items"][0]["item_id"]
-    httpx.post(f"{app_url}/v1/events", json={"user_id": user, "item_id": bought, "type": "purchase"}, timeout=10)
+    httpx.post(
+        f"{app_url}/v1/events",
+        json={"user_id": user, "item_id": bought, "type": "purchase"},
+        headers=API_HEADERS,
+        timeout=10,
+    )
     started = time.monotonic()
     while True:  # poll the other replica until it stops serving the old list
         items = [i["item_id"] for i in recs(second_app_url, user, n=10)["items"]]
@@ -150,14 +159,17 @@ def test_bad_query_input_is_a_422_naming_the_field(app_url: str, path: str, para
     ],
 )
 def test_bad_events_are_a_422_naming_the_field(app_url: str, body: dict, field: str) -> None:
-    response = httpx.post(f"{app_url}/v1/events", json=body, timeout=10)
+    response = httpx.post(f"{app_url}/v1/events", json=body, headers=API_HEADERS, timeout=10)
     assert response.status_code == 422
     assert field in [str(part) for part in response.json()["detail"][0]["loc"]]
 
 
 def test_malformed_json_is_a_422(app_url: str) -> None:
     response = httpx.post(
-        f"{app_url}/v1/events", content=b'{"user_id": ', headers={"content-type": "application/json"}, timeout=10
+        f"{app_url}/v1/events",
+        content=b'{"user_id": ',
+        headers={"content-type": "application/json"} | API_HEADERS,
+        timeout=10,
     )
     assert response.status_code == 422 and response.json()["detail"][0]["type"] == "json_invalid"
 
@@ -176,6 +188,8 @@ def test_metrics_are_exported(app_url: str) -> None:
         "recserve_request_latency_seconds_bucket",
         "recserve_stage_latency_seconds_bucket",
         "recserve_cache_misses_total",
+        "recserve_compute_limit",
+        "recserve_compute_in_flight",
     ):
         assert name in text
 
@@ -228,3 +242,35 @@ def test_a_fresh_process_ranks_once_on_triton_before_it_reports_ready(stack: Sta
             # request's candidates once, so the channel is open and the model has run.
             assert rows_ranked(client) == before + min(200, len(stack.exported.bundle.item_ids))
         client.close()
+
+
+def test_past_the_admission_limit_a_miss_is_answered_at_once_from_the_precomputed_list(
+    stack: Stack, triton: Any, tmp_path: Path
+) -> None:
+    """One computation at a time (a fixed limit of 1) and no cache: of a burst of misses for different users,
+    one computes and the rest are shed to their pre-computed lists, every one a 200."""
+    import asyncio
+
+    env = stack.env(
+        triton.grpc_url,
+        RECSERVE_ADMISSION_INITIAL_LIMIT="1",
+        RECSERVE_ADMISSION_MIN_LIMIT="1",
+        RECSERVE_ADMISSION_MAX_LIMIT="1",
+        RECSERVE_ABLATION_CACHE_ENABLED="false",  # other tests share this Redis; this one is about computing
+    )
+    users = stack.exported.bundle.user_ids[:24]
+
+    async def burst(base: str) -> list[dict]:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            replies = await asyncio.gather(*(client.get(f"/v1/recommendations/{u}", params={"n": 5}) for u in users))
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+        return [r.json() for r in replies]
+
+    with running_orchestrator(env, tmp_path / "app.log") as app:
+        answers = asyncio.run(burst(app.url))
+        metrics_text = httpx.get(f"{app.url}/metrics", timeout=10).text
+    shed = [a for a in answers if a.get("fallback_reason") == "shed"]
+    assert shed and all(a["source"] == "precomputed" and len(a["items"]) == 5 for a in shed), answers
+    assert any(a["source"] == "realtime" for a in answers), answers
+    assert "recserve_compute_limit 1.0" in metrics_text
+    assert 'recserve_fallbacks_total{reason="shed"}' in metrics_text

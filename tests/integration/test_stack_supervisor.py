@@ -25,7 +25,7 @@ from stack.launch import free_port
 from stack.redis_local import RedisServer
 from stack.supervise import RestartPolicy
 from stack.up import StackPaths, orchestrator_supervisor, stack_env_values, start_persistent_redis
-from tests.conftest import Exported, Stack
+from tests.conftest import API_HEADERS, Exported, Stack
 from tests.faults.harness import stream_ids
 from tests.redis_harness import require_redis
 from tests.waiting import poll
@@ -79,7 +79,7 @@ def test_a_killed_orchestrator_is_restarted_and_nothing_accepted_is_lost(
     watcher.start()
     try:
         event = {"user_id": exported.bundle.user_ids[0], "item_id": exported.bundle.item_ids[0], "type": "click"}
-        answer = httpx.post(f"{first.url}/v1/events", json=event, timeout=5)
+        answer = httpx.post(f"{first.url}/v1/events", json=event, headers=API_HEADERS, timeout=5)
         assert answer.status_code == 202, answer.text
         accepted = answer.json()["id"]
         assert accepted in stream_ids(redis_server.url, keys.EVENTS_STREAM)

@@ -136,7 +136,11 @@ async def test_the_event_parser_accepts_and_refuses_exactly_what_fastapis_own_bo
             body, headers = random_body(rng)
             expected = await client.post("/ref/events", content=body, headers=headers)
             got = await client.post("/ours/events", content=body, headers=headers)
-            assert (got.status_code, got.content) == (expected.status_code, expected.content), (body[:80], headers)
+            if expected.status_code == 400:
+                # The same status; ours says why (not UTF-8, nested too deep) where FastAPI's does not.
+                assert got.status_code == 400 and got.json()["detail"].startswith("expected "), (body[:80], headers)
+            else:
+                assert (got.status_code, got.content) == (expected.status_code, expected.content), (body[:80], headers)
             statuses.add(got.status_code)
     assert statuses == {200, 400, 422}
 

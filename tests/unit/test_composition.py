@@ -25,11 +25,11 @@ from orchestrator.composition import (
 from orchestrator.config import Ablations, OnnxSettings, RedisSettings, Settings, TritonSettings
 from orchestrator.errors import MissingSetting, UnknownKind
 from orchestrator.events import EventRecorder
-from orchestrator.guards import RateLimiter
 from orchestrator.naive import OneByOneBackend
 from orchestrator.popular import PopularLists
 from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.ranking.triton_ranker import TritonRanker
+from orchestrator.ratelimit import Limiters
 from orchestrator.readiness import Readiness
 from orchestrator.recommender import Recommender
 from orchestrator.store import Recommendations
@@ -160,7 +160,8 @@ def services(closed: list[str], **parts: Any) -> Services:
         popular=PopularLists(NoPopularLists()),
         recommender=cast(Recommender, Drained()),
         events=cast(EventRecorder, None),
-        event_limiter=RateLimiter(rate_per_s=1, burst=1),
+        limiters=cast(Limiters, None),
+        catalogue=frozenset(),
         tasks=[],
     )
 

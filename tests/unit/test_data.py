@@ -3,7 +3,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.data import SyntheticSpec, generate_synthetic, load_movielens, popularity_buckets, temporal_split
+from export import data as data_module
+from export.data import (
+    SyntheticSpec,
+    generate_synthetic,
+    load_movielens,
+    popularity_buckets,
+    read_spec,
+    temporal_split,
+)
 from export.errors import DataFileError, MissingDataError
 from orchestrator import schema
 
@@ -104,3 +112,52 @@ def test_popularity_buckets_are_deciles_with_zero_for_unseen() -> None:
     buckets = popularity_buckets(counts)
     assert buckets[0] == 0
     assert list(buckets[1:]) == list(range(1, 11))
+
+
+# A catalog past ``exact_items``: each user scores a candidate pool (O(interactions)), not every item.
+POOLED = SyntheticSpec(n_users=300, n_items=3000, mean_interactions_per_user=30, min_interactions_per_user=5)
+
+
+def test_a_large_catalog_is_drawn_from_pools_seeded_distinct_and_skewed(tmp_path: Path) -> None:
+    assert POOLED.n_items > POOLED.exact_items
+    first = generate_synthetic(tmp_path / "a", POOLED, progress=False)
+    again = generate_synthetic(tmp_path / "b", POOLED, progress=False)
+    assert (first / "u.data").read_bytes() == (again / "u.data").read_bytes()
+    data = load_movielens(first, "synthetic")
+    per_user = np.bincount(data.user_idx, minlength=data.n_users)
+    assert per_user.min() >= POOLED.min_interactions_per_user
+    pairs = data.user_idx * data.n_items + data.item_idx
+    assert len(np.unique(pairs)) == len(pairs)  # without replacement
+    counts = np.sort(np.bincount(data.item_idx, minlength=data.n_items))[::-1]
+    assert counts[: len(counts) // 10].sum() / counts.sum() > 0.4
+    # Ratings follow affinity: the users' items are far better liked than chance would make them.
+    assert data.rating.mean() > 4.0
+
+
+def test_a_failed_run_leaves_no_data_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = generate_synthetic(tmp_path / "d", TINY, progress=False)
+    assert read_spec(folder) == TINY
+
+    def fail(*args: object, **kwargs: object) -> np.ndarray:
+        raise KeyboardInterrupt  # as a Ctrl-C in the middle of u.data
+
+    monkeypatch.setattr(data_module, "_draw_chunk", fail)
+    with pytest.raises(KeyboardInterrupt):
+        generate_synthetic(folder, SyntheticSpec(n_users=40, n_items=60, min_interactions_per_user=5))
+    # The old u.data went first, the new one never landed, and no temporary file is left behind.
+    assert not (folder / "u.data").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["spec.json", "u.item", "u.user"]
+
+
+def test_prepare_dataset_regenerates_only_for_another_spec(tmp_path: Path) -> None:
+    from export.pipeline import prepare_dataset
+
+    folder = tmp_path / "data"
+    first = prepare_dataset("synthetic", tmp_path, TINY, data_dir=folder)
+    stamp = (folder / "u.data").stat().st_mtime_ns
+    assert prepare_dataset("synthetic", tmp_path, TINY, data_dir=folder).n_interactions == first.n_interactions
+    assert prepare_dataset("synthetic", tmp_path, None, data_dir=folder).n_users == TINY.n_users  # as it is
+    assert (folder / "u.data").stat().st_mtime_ns == stamp
+    other = SyntheticSpec(n_users=40, n_items=60, mean_interactions_per_user=25, min_interactions_per_user=5)
+    assert prepare_dataset("synthetic", tmp_path, other, data_dir=folder).n_users == 40
+    assert read_spec(folder) == other

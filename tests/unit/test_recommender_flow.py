@@ -3,11 +3,13 @@
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
 
 from orchestrator import schema
+from orchestrator.admission import AimdLimiter
 from orchestrator.cache import CachedList, CacheLookup
 from orchestrator.composition import fallback_chain
 from orchestrator.config import DeadlineSettings, RankingSettings, Settings
@@ -17,8 +19,13 @@ from orchestrator.popular import PopularLists
 from orchestrator.ranking import RankerUnavailable, RankingRequest
 from orchestrator.readiness import Readiness
 from orchestrator.recommender import Recommender, RequestContext
-from orchestrator.store import Lookup, Recommendations, SessionEvent
+from orchestrator.store import Lookup, Recommendations, SessionEvent, keys
+from orchestrator.store.backend import Command, Replies
+from orchestrator.store.coalesce import CoalescingBackend
 from orchestrator.store.errors import StoreUnavailable
+from orchestrator.store.features import RedisFeatureStore
+from orchestrator.store.precomputed import RedisPrecomputedStore
+from orchestrator.store.precomputed import encode as encode_recs
 from tests.waiting import until
 
 DIM = 4
@@ -26,16 +33,20 @@ ITEMS = [str(i) for i in range(1, 11)]
 
 
 class FakeEmbeddings:
-    def __init__(self, down: bool = False) -> None:
+    def __init__(self, down: bool = False, timed_out: bool = False) -> None:
         rng = np.random.default_rng(0)
-        self.vectors = {f"user:{u}": rng.normal(size=DIM).astype(np.float32) for u in ("1", "2")}
+        self.vectors = {f"user:{u}": rng.normal(size=DIM).astype(np.float32) for u in ("1", "2", "3")}
         self.vectors |= {f"item:{i}": rng.normal(size=DIM).astype(np.float32) for i in ITEMS}
         self.down = down
+        self.timed_out = timed_out  # the shard missed its deadline, rather than refusing
 
     async def get_batch(self, kind: str, ids: Sequence[str]) -> Lookup:
         n = len(ids)
         if self.down:
-            return Lookup(np.full((n, DIM), np.nan, np.float32), np.zeros(n, bool), np.ones(n, bool), ("shard-0",))
+            late = ("shard-0",) if self.timed_out else ()
+            return Lookup(
+                np.full((n, DIM), np.nan, np.float32), np.zeros(n, bool), np.ones(n, bool), ("shard-0",), late
+            )
         rows = [self.vectors.get(f"{kind}:{i}") for i in ids]
         found = np.array([r is not None for r in rows], dtype=bool)
         matrix = np.stack([r if r is not None else np.full(DIM, np.nan, np.float32) for r in rows])
@@ -87,11 +98,13 @@ class FakeRanker:
         self.error = error
         self.calls = 0
         self.sizes: list[int] = []
+        self.budgets: list[float | None] = []
         self.entered = asyncio.Event()
 
     async def score(self, request: RankingRequest, timeout_s: float | None = None) -> np.ndarray:
         self.calls += 1
         self.sizes.append(request.n_candidates)
+        self.budgets.append(timeout_s)
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
@@ -207,8 +220,10 @@ class GatedRetriever(FakeRetriever):
 
     def __init__(self) -> None:
         self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
 
     async def search(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        self.entered.set()
         await self.gate.wait()
         return await super().search(user_vectors, k)
 
@@ -416,3 +431,163 @@ async def test_a_warm_up_whose_retrieval_fails_skips_the_item_reads_and_still_ra
     recommender.retriever = TimingOutRetriever()
     assert set(await recommender.warm_up(DIM, timeout_s=1.0)) == {"ranking"}
     assert ranker.sizes == [8]
+
+
+# -- admission by capacity (orchestrator/admission.py) and the budget that travels with the work ---------
+
+
+class DictBackend:
+    """A Redis of fixed values that counts the batches (round trips) it is sent."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+        self.batches: list[list[Command]] = []
+
+    async def execute(self, commands: Sequence[Command]) -> Replies:
+        self.batches.append(list(commands))
+        return Replies([self.values.get(c.key) for c in commands], np.zeros(len(commands), bool), ())
+
+    async def control(self, command: Command) -> Any:
+        raise NotImplementedError
+
+    async def delete_matching(self, pattern: str, batch: int = 1000) -> int:
+        raise NotImplementedError
+
+    async def ready(self) -> Readiness:
+        return Readiness(True, "ok")
+
+    async def aclose(self) -> None: ...
+
+
+def one_slot() -> AimdLimiter:
+    return AimdLimiter(1, 1, 1, slow_s=10.0)
+
+
+async def test_past_the_limit_a_miss_answers_at_once_from_the_precomputed_list_in_one_round_trip_then_held() -> None:
+    redis = DictBackend({keys.recs("1"): encode_recs(PRECOMPUTED["1"]), keys.seen("1"): {b"6"}})
+    store = CoalescingBackend(redis)  # as the composition root builds it: calls of one iteration, one batch
+    precomputed, features = RedisPrecomputedStore(store), RedisFeatureStore(store, "v1")
+    popular = PopularLists(FakePrecomputed(PRECOMPUTED))
+    await popular.refresh()
+    settings = small_settings(request_ms=5000)
+    cache, gate = FakeCache(), asyncio.Event()
+    ranker = FakeRanker(gate=gate)
+    recommender = Recommender(
+        settings,
+        cache,
+        FakeEmbeddings(),
+        FakeFeatures(),
+        FakeRetriever(),
+        ranker,
+        fallback_chain(precomputed, features, popular),
+        OverloadHold(HeldInFakeCache(cache), settings.overload.hold_s, settings.ranking.list_length),
+        n_items=len(ITEMS),
+        admission=one_slot(),
+    )
+    computing = asyncio.ensure_future(recommender.recommend("2", 3, RequestContext()))
+    await ranker.entered.wait()  # user 2's computation holds the only slot
+
+    shed = await recommender.recommend("1", 3, RequestContext())
+    assert (shed.source, shed.fallback_reason) == ("precomputed", "shed")
+    assert [i for i, _ in shed.items] == ["5", "7"]  # less what the user bought since ("6")
+    assert not computing.done() and ranker.calls == 1  # answered while the slot was still taken
+    (batch,) = redis.batches  # the list and what the user bought: one round trip
+    assert sorted(c.name for c in batch) == ["GET", "SMEMBERS"]
+
+    again = await recommender.recommend("1", 2, RequestContext())
+    assert (again.source, again.fallback_reason, again.items) == ("precomputed", "shed", shed.items[:2])
+    assert len(redis.batches) == 1  # held for the user's next requests: no round trip at all
+    gate.set()
+    assert (await computing).source == "realtime"
+
+
+async def test_a_miss_joins_the_computation_under_way_for_its_key_without_a_slot_and_only_others_are_shed() -> None:
+    gate = asyncio.Event()
+    ranker = FakeRanker(gate=gate)
+    recommender = await make(ranker)
+    recommender.settings = small_settings(request_ms=5000)
+    recommender.admission = one_slot()
+    first = asyncio.ensure_future(recommender.recommend("1", 3, RequestContext()))
+    await ranker.entered.wait()
+    same = asyncio.ensure_future(recommender.recommend("1", 3, RequestContext()))
+    other = await recommender.recommend("2", 3, RequestContext())
+    # User 2 has no pre-computed list: the popular list answers, and says why.
+    assert (other.source, other.fallback_reason) == ("popular", "shed")
+    gate.set()
+    assert [a.source for a in await asyncio.gather(first, same)] == ["realtime", "realtime"]
+    assert ranker.calls == 1
+
+
+async def test_the_ranker_is_given_what_is_left_of_the_real_time_budget() -> None:
+    ranker = FakeRanker()
+    recommender = await make(ranker)  # 50 ms, 20 of them kept for the fallback
+    assert (await recommender.recommend("1", 3, RequestContext())).source == "realtime"
+    (budget,) = ranker.budgets
+    assert budget is not None and 0 < budget <= 0.030
+
+
+async def test_a_computation_past_its_deadline_backs_the_limit_off_and_past_it_on_a_late_loop_says_so() -> None:
+    recommender = await make(FakeRanker(gate=asyncio.Event()))  # never answers
+    recommender.admission = limits = AimdLimiter(4, 1, 8, slow_s=10.0, backoff_ratio=0.5)
+    answer = await recommender.recommend("1", 3, RequestContext())
+    assert (answer.source, answer.fallback_reason) == ("precomputed", "deadline")
+    await until(lambda: limits.in_flight == 0, 1, "the computation ended at its own deadline")
+    assert limits.limit == 2
+    recommender.loop_late = lambda: True
+    late = await recommender.recommend("1", 3, RequestContext(page_type="product"))
+    assert (late.source, late.fallback_reason) == ("precomputed", "loop_late")
+    await until(lambda: limits.in_flight == 0, 1, "the computation ended at its own deadline")
+    assert limits.limit == 1
+
+
+@pytest.mark.parametrize(
+    ("timed_out", "loop_late", "reason", "limit"),
+    [
+        (True, True, "loop_late", 2),  # the shard may be fine: the time went to this process's backlog
+        (True, False, "store_unavailable", 4),  # a slow shard, on a loop on time
+        (False, True, "store_unavailable", 4),  # refused: the shard did not answer, however late the loop
+    ],
+)
+async def test_a_read_that_missed_its_deadline_on_a_late_loop_is_told_from_a_shard_that_did_not_answer(
+    timed_out: bool, loop_late: bool, reason: str, limit: int
+) -> None:
+    recommender = await make(FakeRanker(), embeddings=FakeEmbeddings(down=True, timed_out=timed_out))
+    recommender.admission = limits = AimdLimiter(4, 1, 8, slow_s=10.0, backoff_ratio=0.5)
+    recommender.loop_late = lambda: loop_late
+    answer = await recommender.recommend("1", 3, RequestContext())
+    assert (answer.source, answer.fallback_reason) == ("precomputed", reason)
+    assert (limits.limit, limits.in_flight) == (limit, 0)  # only this process's own lateness backs off
+
+
+async def test_a_computation_no_request_waits_for_stops_at_its_next_stage_and_frees_its_slot() -> None:
+    embeddings = CountingEmbeddings()
+    recommender = await make(FakeRanker(), embeddings=embeddings)
+    recommender.settings = small_settings(request_ms=5000)
+    recommender.retriever = retriever = GatedRetriever()
+    recommender.admission = limits = AimdLimiter(4, 1, 8, slow_s=10.0)
+    request = asyncio.ensure_future(recommender.recommend("1", 3, RequestContext()))
+    await retriever.entered.wait()
+    request.cancel()  # the request went away (its client, or the edge's own time limit)
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    retriever.gate.set()
+    flight = recommender.single_flight
+    assert flight is not None
+    await until(lambda: flight.in_flight == 0, 1, "the computation over")
+    assert embeddings.item_reads == 0  # stopped before the candidates' reads
+    assert (limits.limit, limits.in_flight) == (4, 0)  # its slot is free, and nothing was learnt from it
+
+
+async def test_a_computation_a_follower_still_waits_for_goes_on_when_the_first_request_goes() -> None:
+    recommender = await make(FakeRanker())
+    recommender.settings = small_settings(request_ms=5000)
+    recommender.retriever = retriever = GatedRetriever()
+    flight = recommender.single_flight
+    assert flight is not None
+    first = asyncio.ensure_future(recommender.recommend("1", 3, RequestContext()))
+    await retriever.entered.wait()
+    follower = asyncio.ensure_future(recommender.recommend("1", 3, RequestContext()))
+    await until(lambda: flight.waiting(f"1|{RequestContext().cache_key}") == 2, 1, "the follower joined")
+    first.cancel()
+    retriever.gate.set()
+    assert (await follower).source == "realtime"

@@ -88,6 +88,7 @@ def test_the_ablations_are_apart_from_the_production_settings(monkeypatch: pytes
         "hot_route_enabled",
         "redis_coalesce",
         "store_reads",
+        "admission_enabled",
     }
 
 
@@ -110,7 +111,7 @@ def test_the_documented_tables_are_the_settings(path: str) -> None:
 def test_the_tables_name_each_variable_once_with_its_default() -> None:
     table = markdown_table(Settings)
     assert "| `RECSERVE_REDIS_TIMEOUT_MS` | `25.0` | Per-shard deadline of one batch read. |" in table
-    assert "| `RECSERVE_EVENTS_API_KEY` | unset |" in table
+    assert "| `RECSERVE_EVENTS_API_KEYS` | unset |" in table
     assert "| `RECSERVE_ONNX_MODEL_PATH` | `model_repository/ranker_onnx/1/model.onnx` |" in table
     assert table.count("| `RECSERVE_") == len(list(environment_variables(Settings)))
     assert "RECSERVE_ABLATION_" not in table

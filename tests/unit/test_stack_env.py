@@ -130,3 +130,15 @@ def test_one_stack_per_build_folder_and_a_stale_file_goes_when_the_next_one_star
             pass
     with exclusive(paths):  # released with the first
         pass
+
+
+def test_make_up_generates_a_key_unless_one_is_set() -> None:
+    from stack.api_key import sample_requests, stack_api_key
+
+    made = stack_api_key({})
+    assert made.generated and made.settings["RECSERVE_EVENTS_API_KEYS"] == f"stack:{made.key}" and len(made.key) >= 16
+    assert stack_api_key({}).key != made.key
+    kept = stack_api_key({"RECSERVE_EVENTS_API_KEYS": "ops:ops-key-0123456789abc,ci:ci-key-0123456789abcd"})
+    assert not kept.generated and kept.settings == {} and kept.key == "ops-key-0123456789abc"
+    write = sample_requests("http://127.0.0.1:8080", made.key, "1", "12")[1]
+    assert f"-H 'X-API-Key: {made.key}'" in write

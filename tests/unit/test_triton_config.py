@@ -72,8 +72,12 @@ def test_preferred_batch_sizes_are_whole_requests() -> None:
 
 def _realtime_budget_ms(env: dict[str, str]) -> float:
     """What the orchestrator gives a computed answer (deadline minus the fallback reserve) under ``env``."""
-    from orchestrator.config import DeadlineSettings
+    from orchestrator.config import DeadlineSettings, environment_variables
 
+    # A renamed variable would make ``env`` silently irrelevant here.
+    assert {"RECSERVE_DEADLINE_REQUEST_MS", "RECSERVE_DEADLINE_FALLBACK_RESERVE_MS"} <= {
+        name for name, _ in environment_variables()
+    }
     deadline = DeadlineSettings()
     request_ms = float(env.get("RECSERVE_DEADLINE_REQUEST_MS", deadline.request_ms))
     reserve_ms = float(env.get("RECSERVE_DEADLINE_FALLBACK_RESERVE_MS", deadline.fallback_reserve_ms))

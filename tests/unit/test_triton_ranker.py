@@ -1,0 +1,93 @@
+"""The Triton ranker carries the caller's budget to Triton and tells a budget that ran out from a Triton that
+is down (orchestrator/ranking/triton_ranker.py), over a fake client in place of the gRPC one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from orchestrator import schema
+from orchestrator.ranking import RankerUnavailable, RankingRequest
+from orchestrator.ranking.breaker import CircuitBreaker
+from orchestrator.ranking.triton_ranker import TritonRanker
+
+N, DIM = 3, 4
+
+
+class FakeResult:
+    def as_numpy(self, name: str) -> np.ndarray:
+        return np.arange(N, dtype=np.float32)
+
+
+class FakeClient:
+    """Records every call's keyword arguments; answers, fails with ``error``, or waits on ``gate``."""
+
+    def __init__(self, error: Exception | None = None, gate: asyncio.Event | None = None) -> None:
+        self.error = error
+        self.gate = gate
+        self.calls: list[dict[str, Any]] = []
+
+    async def infer(self, model: str, inputs: list[Any], **options: Any) -> FakeResult:
+        self.calls.append(options)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        return FakeResult()
+
+
+class RankerOver(TritonRanker):
+    def __init__(self, client: FakeClient) -> None:
+        super().__init__("triton:8001", "ranker_onnx", "v1", breaker=CircuitBreaker(failures=1, reset_s=60))
+        self.fake = client
+
+    def _current_client(self) -> Any:
+        return self.fake
+
+
+def request() -> RankingRequest:
+    return RankingRequest(
+        user_embedding=np.zeros(DIM, np.float32),
+        user_features=np.zeros(len(schema.USER_FEATURES), np.int64),
+        item_embeddings=np.zeros((N, DIM), np.float32),
+        item_features=np.zeros((N, len(schema.ITEM_FEATURES)), np.int64),
+        context_features=np.zeros(len(schema.CONTEXT_FEATURES), np.int64),
+    )
+
+
+async def test_the_remaining_budget_goes_to_triton_as_the_queue_timeout_and_with_a_grace_as_the_grpc_deadline() -> None:
+    client = FakeClient()
+    ranker = RankerOver(client)
+    assert list(await ranker.score(request(), timeout_s=0.030)) == [0.0, 1.0, 2.0]
+    (options,) = client.calls
+    assert options["timeout"] == 30_000  # microseconds
+    assert options["client_timeout"] == pytest.approx(0.030 + ranker.call_grace_s)
+
+
+async def test_a_request_triton_queued_past_its_budget_is_a_deadline_not_a_triton_failure() -> None:
+    ranker = RankerOver(FakeClient(error=InferenceServerException("Request timeout expired", "StatusCode.UNAVAILABLE")))
+    with pytest.raises(TimeoutError, match=r"queued past the budget of 0\.030 s"):
+        await ranker.score(request(), timeout_s=0.030)
+    assert ranker.breaker.state == "closed"  # one real failure would have opened it (failures=1)
+
+
+async def test_a_caller_out_of_time_stops_waiting_with_a_timeout_and_the_call_finishes_on_its_own() -> None:
+    gate = asyncio.Event()
+    ranker = RankerOver(FakeClient(gate=gate))
+    with pytest.raises(TimeoutError, match=r"no answer within 0\.001 s"):
+        await ranker.score(request(), timeout_s=0.001)
+    assert len(ranker._outstanding) == 1  # not cancelled: Triton 2.51 may crash on a cancel as it answers
+    gate.set()
+    await asyncio.wait(list(ranker._outstanding), timeout=5)
+    assert ranker.breaker.state == "closed"
+
+
+async def test_a_triton_that_fails_is_unavailable_and_opens_the_circuit() -> None:
+    ranker = RankerOver(FakeClient(error=InferenceServerException("connection refused", "StatusCode.UNAVAILABLE")))
+    with pytest.raises(RankerUnavailable, match="connection refused"):
+        await ranker.score(request(), timeout_s=0.030)
+    assert ranker.breaker.state == "open"
