@@ -192,7 +192,7 @@ SPEC_FILE = "spec.json"  # the SyntheticSpec a generated folder was written from
 RATING_NOISE = 0.7
 AFFINITY_WEIGHT = 1.5  # logit of an item for a user: log popularity + AFFINITY_WEIGHT * affinity
 TIME_START, TIME_SPAN = 880_000_000, 20_000_000
-CHUNK_CANDIDATES = 1 << 20  # candidate (user, item) pairs scored per chunk: bounds the generator's memory
+CHUNK_CANDIDATES = 1 << 19  # candidate (user, item) pairs scored per chunk: bounds the generator's memory
 
 
 @dataclass(frozen=True)

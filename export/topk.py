@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Scores held at once (float32): 4M of them is 16 MiB, whatever the number of users and items.
-CHUNK_SCORES = 1 << 22
+# Scores per chunk (float32): 1M of them, 4 MiB (with the selection's temporaries ~25 MiB), whatever the
+# number of users and items.
+CHUNK_SCORES = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,8 @@ SCENARIOS: dict[str, Scenario] = {
                 "RECSERVE_ABLATION_SINGLE_FLIGHT_ENABLED": "false",
                 "RECSERVE_ABLATION_STORE_READS": "one_by_one",
                 "RECSERVE_ABLATION_REDIS_COALESCE": "false",
+                # Nor a limit on computations at once (orchestrator/admission.py).
+                "RECSERVE_ABLATION_ADMISSION_ENABLED": "false",
                 # The classic design has no deadline fallback: let it compute every answer, so that its
                 # latency is its own and not the fallback's.
                 "RECSERVE_DEADLINE_REQUEST_MS": "2000",

@@ -6,11 +6,11 @@ follows. It knows nothing of the flow.
 The choice: AIMD on the computations' own outcome (Netflix concurrency-limits' ``AIMDLimit``, with TCP's
 one backoff per congestion window), not a gradient limiter (its ``Gradient2Limit``) nor a fixed limit.
 
-- Why adaptive: the capacity is not one number. On the 2-core development machine about 10 computations
-  at once kept within the deadline (docs/BENCHMARKS.md, `no_cache`: 200 req/s at 34 ms median), on a T4
-  pod it is several times that, and it falls whenever cache hits, events or a burst take the event loop.
-  A fixed limit measured once is wrong on every other machine and at every other mix of traffic (set
-  ``min_limit = max_limit`` for one anyway).
+- Why adaptive: the capacity is not one number. On the 2-core development machine about 7 computations
+  at once kept within the deadline (docs/BENCHMARKS.md, `no_cache`: 200 req/s at 34 ms median, p99 60 ms;
+  at 300 req/s a fifth of the answers were fallbacks), on a T4 pod it is several times that, and it
+  falls whenever cache hits, events or a burst take the event loop. A fixed limit measured once is wrong
+  on every other machine and at every other mix of traffic (set ``min_limit = max_limit`` for one anyway).
 - Why not the gradient: it reads congestion from the ratio of the recent to the long-term latency, but
   here latency rises with concurrency by design: Triton's dynamic batcher waits up to 5 ms to fill larger
   batches, which is how it gains throughput. A gradient limiter reads that as queueing and holds the limit

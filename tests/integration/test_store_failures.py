@@ -61,6 +61,8 @@ async def test_a_failed_shard_reports_its_keys_unavailable_and_the_rest_come_bac
             assert lookup.found.all()
             continue
         assert lookup.down == (shard_name(victim.url),)
+        # A hung shard missed its deadline (the caller may have been the late one); a dead one refused.
+        assert lookup.timed_out == (lookup.down if failure == "hung" else ())
         assert lookup.unavailable.tolist() == on_victim.tolist()
         assert not lookup.found[on_victim].any() and lookup.found[~on_victim].all()
         np.testing.assert_array_equal(lookup.matrix[~on_victim], matrix[~on_victim])

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.k8s.render import ingress_sources
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 OVERLAYS = ("gpu-t4", "cpu-dev")
@@ -503,59 +505,31 @@ def test_precompute_is_an_indexed_job_every_6_hours(objects: list[Obj]) -> None:
 # ------------------------------------------------------------------------------------ network policies
 
 
-def _selects(selector: Obj, labels: dict[str, str]) -> bool:
-    assert set(selector) <= {"matchLabels"}, f"the evaluator handles matchLabels only, found {selector}"
-    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
-
-
-def _pod_labels(objects: list[Obj]) -> dict[str, dict[str, str]]:
-    return {o["metadata"]["name"]: dict(pod_template(o)["metadata"]["labels"]) for o in workloads(objects)}
-
-
-def _ingress_sources(objects: list[Obj], target: str, port: int) -> set[str]:
-    """Workloads (by name) and namespaces ("ns:<name>") that may open ``port`` on ``target``'s pods."""
-    pods = _pod_labels(objects)
-    sources: set[str] = set()
-    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
-        spec = policy["spec"]
-        if "Ingress" not in spec["policyTypes"] or not _selects(spec["podSelector"], pods[target]):
-            continue
-        for rule in spec.get("ingress", []):
-            if "ports" in rule and port not in {p["port"] for p in rule["ports"]}:
-                continue
-            for peer in rule.get("from", []):
-                if "namespaceSelector" in peer:
-                    sources.add("ns:" + peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
-                else:
-                    sources |= {name for name, labels in pods.items() if _selects(peer["podSelector"], labels)}
-    return sources
-
-
 def test_default_deny(objects: list[Obj]) -> None:
     deny = find(objects, "NetworkPolicy", "default-deny-all")
     assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
 
 
 def test_only_the_orchestrator_reaches_triton(objects: list[Obj]) -> None:
-    assert _ingress_sources(objects, "triton", 8001) == {"orchestrator"}
-    assert _ingress_sources(objects, "triton", 8002) == {"ns:monitoring"}
+    assert ingress_sources(objects, "triton", 8001) == {"orchestrator"}
+    assert ingress_sources(objects, "triton", 8002) == {"ns:monitoring"}
 
 
 def test_only_the_orchestrator_and_data_jobs_reach_redis(objects: list[Obj]) -> None:
     # The load and pre-compute Jobs write what the orchestrator reads; the bootstrap Job forms the cluster.
-    assert _ingress_sources(objects, "redis-cluster", 6379) == {
+    assert ingress_sources(objects, "redis-cluster", 6379) == {
         "orchestrator",
         "recserve-load",
         "recserve-precompute",
         "redis-cluster-bootstrap",
         "redis-cluster",
     }
-    assert _ingress_sources(objects, "redis-cluster", 16379) == {"redis-cluster"}
+    assert ingress_sources(objects, "redis-cluster", 16379) == {"redis-cluster"}
 
 
 def test_only_the_ingress_reaches_the_orchestrator(objects: list[Obj]) -> None:
     # The edge: the ingress controller's namespace or the Gateway's (k8s/base/network/policies.yaml).
-    assert _ingress_sources(objects, "orchestrator", 8080) == {"ns:ingress-nginx", "ns:gateway-system", "ns:monitoring"}
+    assert ingress_sources(objects, "orchestrator", 8080) == {"ns:ingress-nginx", "ns:gateway-system", "ns:monitoring"}
 
 
 # ------------------------------------------------------------------------------------------ dashboard

@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator import schema
 from orchestrator.composition import fallback_chain
-from orchestrator.errors import NoFallbackAnswer, Overloaded, UnknownUser
+from orchestrator.errors import LoopLate, NoFallbackAnswer, Overloaded, Shed, UnknownUser
 from orchestrator.fallback import Fallback, FallbackChain, FallbackList, FallbackRequest, reason_for
 from orchestrator.popular import PopularLists
 from orchestrator.ranking import RankerUnavailable
@@ -116,6 +116,8 @@ async def test_a_chain_where_no_fallback_has_a_list_says_so() -> None:
 @pytest.mark.parametrize(
     ("cause", "reason"),
     [
+        (Shed(), "shed"),
+        (LoopLate("a store read past its deadline"), "loop_late"),
         (Overloaded("an event loop that runs late"), "overload"),
         (UnknownUser("u1"), "unknown_user"),
         (TimeoutError(), "deadline"),

@@ -22,7 +22,7 @@ def hold_over(now: list[float], hold_s: float = 2.0) -> tuple[OverloadHold, Loca
     return OverloadHold(local, hold_s=hold_s, list_length=2), local
 
 
-@pytest.mark.parametrize("reason", ["overload", "deadline"])
+@pytest.mark.parametrize("reason", ["shed", "loop_late", "overload", "deadline"])
 def test_an_answer_given_because_of_this_processs_load_is_held_briefly_and_says_what_it_is(reason: str) -> None:
     now = [0.0]
     hold, local = hold_over(now)

@@ -591,3 +591,9 @@ async def test_a_computation_a_follower_still_waits_for_goes_on_when_the_first_r
     first.cancel()
     retriever.gate.set()
     assert (await follower).source == "realtime"
+
+
+async def test_a_new_computation_without_a_slot_is_a_bug_not_a_fallback() -> None:
+    recommender = await make(FakeRanker())
+    with pytest.raises(RuntimeError, match="expected a computation slot for a new computation, but found none"):
+        await recommender._compute("1", RequestContext(), 0, time.perf_counter() + 1, None)
