@@ -65,7 +65,7 @@ class TritonRanker:
         url: str,
         model: str,
         model_version: str,
-        output: str = "score",
+        output: str | None = None,
         max_connection_age_s: float = 300.0,
         breaker: CircuitBreaker | None = None,
         max_outstanding: int = 128,
@@ -75,6 +75,8 @@ class TritonRanker:
         self.url = url
         self.model = model
         self.model_version = model_version
+        # The output tensor's name differs by export (ONNX: score, TorchScript: score__0): taken from the
+        # model's metadata on first use unless given.
         self.output = output
         self.max_connection_age_s = max_connection_age_s
         self.breaker = breaker or CircuitBreaker(failures=5, reset_s=2.0)
@@ -84,7 +86,7 @@ class TritonRanker:
         self.max_outstanding = max_outstanding
         self.call_timeout_s = call_timeout_s  # the budget of a call given none (and the most any call gets)
         self.call_grace_s = call_grace_s
-        self._outstanding: set[asyncio.Future[grpcaio.InferResult]] = set()
+        self._outstanding: set[asyncio.Future[np.ndarray]] = set()
 
     def _current_client(self) -> grpcaio.InferenceServerClient:
         now = time.monotonic()
@@ -125,20 +127,35 @@ class TritonRanker:
             metrics.RANKER_ERRORS.inc()
             # The budget ran out (reason deadline): Triton is not down for it, nor is the circuit any nearer open.
             raise TimeoutError(f"Triton at {self.url}: no answer within {timeout_s:.3f} s") from exc
-        return check_scores(result.as_numpy(self.output), request.n_candidates, "triton")
+        return check_scores(result, request.n_candidates, "triton")
 
-    def _settle(self, call: asyncio.Future[grpcaio.InferResult]) -> None:
+    async def _output_name(self, timeout_s: float) -> str:
+        """The model's one output, from Triton's model metadata (read once)."""
+        if self.output is None:
+            metadata = await self._current_client().get_model_metadata(
+                self.model, as_json=True, client_timeout=timeout_s
+            )
+            outputs = [o["name"] for o in metadata.get("outputs", [])]
+            if len(outputs) != 1:
+                raise RankerUnavailable(
+                    f"Triton model {self.model!r}: expected one output tensor (the scores), but found {outputs}"
+                )
+            self.output = outputs[0]
+        return self.output
+
+    def _settle(self, call: asyncio.Future[np.ndarray]) -> None:
         self._outstanding.discard(call)
         if not call.cancelled():
             call.exception()  # retrieved: a caller that stopped waiting must not leave a warning behind
 
-    async def _infer(self, inputs: list[grpcaio.InferInput], budget_s: float) -> grpcaio.InferResult:
+    async def _infer(self, inputs: list[grpcaio.InferInput], budget_s: float) -> np.ndarray:
         """One call within ``budget_s``; its outcome (not the caller's patience) feeds the circuit breaker."""
         try:
+            output = await self._output_name(budget_s)
             result = await self._current_client().infer(
                 self.model,
                 inputs,
-                outputs=[grpcaio.InferRequestedOutput(self.output)],
+                outputs=[grpcaio.InferRequestedOutput(output)],
                 # Microseconds; 0 would mean none. Honoured where the model's queue policy allows overrides
                 # (allow_timeout_override, and only below its default_timeout_microseconds); else ignored.
                 timeout=max(1, int(budget_s * 1e6)),
@@ -161,7 +178,7 @@ class TritonRanker:
             metrics.RANKER_ERRORS.inc()
             raise RankerUnavailable(f"Triton at {self.url}: {exc}") from exc
         self.breaker.record_success()
-        return result
+        return result.as_numpy(output)
 
     async def ready(self, timeout_s: float = 0.5) -> Readiness:
         try:

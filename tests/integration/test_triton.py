@@ -127,3 +127,30 @@ def test_admin_apis_are_closed_without_the_key(exported: Exported, tmp_path: Pat
         with pytest.raises(InferenceServerException):
             client.unload_model("ranker_onnx", headers={"admin-key": "s3cret"})  # model control is off for all
         assert client.is_model_ready("ranker_onnx")  # inference stays open
+
+
+@pytest.mark.parametrize("model", sorted(OUTPUTS))
+async def test_the_service_ranker_serves_either_export_by_its_metadata(
+    triton: TritonServer, exported: Exported, model: str
+) -> None:
+    """RECSERVE_TRITON_MODEL may name either model: the output tensor's name comes from Triton, not a constant."""
+    from orchestrator.ranking import RankingRequest
+    from orchestrator.ranking.triton_ranker import TritonRanker
+
+    n = 7
+    tensors = example_inputs(exported.bundle.dim, n, seed=3)
+    request = RankingRequest(
+        user_embedding=tensors["user_embedding"][0],
+        user_features=tensors["user_features"][0],
+        item_embeddings=tensors["item_embedding"],
+        item_features=tensors["item_features"],
+        context_features=tensors["context_features"][0],
+    )
+    ranker = TritonRanker(triton.grpc_url, model, exported.bundle.model_version)
+    try:
+        scores = await ranker.score(request, timeout_s=5.0)
+    finally:
+        await ranker.aclose()
+    assert ranker.output == OUTPUTS[model]
+    expected = eager_scores(load_ranker(exported.bundle_path), request.tensors())
+    assert np.max(np.abs(scores - expected)) <= 1e-5

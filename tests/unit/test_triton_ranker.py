@@ -26,10 +26,18 @@ class FakeResult:
 class FakeClient:
     """Records every call's keyword arguments; answers, fails with ``error``, or waits on ``gate``."""
 
-    def __init__(self, error: Exception | None = None, gate: asyncio.Event | None = None) -> None:
+    def __init__(
+        self, error: Exception | None = None, gate: asyncio.Event | None = None, outputs: tuple[str, ...] = ("score",)
+    ) -> None:
         self.error = error
         self.gate = gate
+        self.outputs = outputs
         self.calls: list[dict[str, Any]] = []
+        self.metadata_reads = 0
+
+    async def get_model_metadata(self, model: str, **options: Any) -> dict[str, Any]:
+        self.metadata_reads += 1
+        return {"name": model, "outputs": [{"name": name, "datatype": "FP32"} for name in self.outputs]}
 
     async def infer(self, model: str, inputs: list[Any], **options: Any) -> FakeResult:
         self.calls.append(options)
@@ -91,3 +99,18 @@ async def test_a_triton_that_fails_is_unavailable_and_opens_the_circuit() -> Non
     with pytest.raises(RankerUnavailable, match="connection refused"):
         await ranker.score(request(), timeout_s=0.030)
     assert ranker.breaker.state == "open"
+
+
+async def test_the_output_name_comes_from_the_models_metadata_once() -> None:
+    client = FakeClient(outputs=("score__0",))
+    ranker = RankerOver(client)
+    await ranker.score(request(), timeout_s=0.030)
+    await ranker.score(request(), timeout_s=0.030)
+    assert ranker.output == "score__0" and client.metadata_reads == 1
+    assert [c["outputs"][0].name() for c in client.calls] == ["score__0", "score__0"]
+
+
+async def test_a_model_without_exactly_one_output_is_refused_by_name() -> None:
+    ranker = RankerOver(FakeClient(outputs=("score", "logits")))
+    with pytest.raises(RankerUnavailable, match=r"expected one output tensor .* but found \['score', 'logits'\]"):
+        await ranker.score(request(), timeout_s=0.030)
