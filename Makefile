@@ -21,7 +21,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[export,triton,loadtest,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[export,triton,loadtest,dev,telemetry]"
 	@touch $(STAMP)
 
 # redis-server is a system package: the tests start their own servers on free ports. promtool, from Debian's

@@ -193,8 +193,11 @@ def run(
         results["precompute"] = precompute_and_fp16(
             server, bundle_dir, MODEL_REPOSITORY / "ranker_onnx" / "1" / "model.onnx"
         )
-        users_with_recs = load_bundle(bundle_dir).user_ids if results["precompute"] else []
-        results["small_values"] = asyncio.run(measure_small_values(server.url, users_with_recs, version="bench"))
+        bundle = load_bundle(bundle_dir)
+        users_with_recs = bundle.user_ids if results["precompute"] else []
+        results["small_values"] = asyncio.run(
+            measure_small_values(server.url, users_with_recs, version="bench", recs_version=bundle.model_version)
+        )
     finally:
         server.stop()
     shards = [start_server() for _ in range(3)]

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from export import cli_capacity, cli_dataplane, pipeline
+from export import cli_capacity, cli_dataplane, cli_release, pipeline
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, artifacts_dir
 from export.data import SyntheticSpec, generate_synthetic
 from export.errors import ExportError
@@ -116,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     everything.add_argument("--dim", type=int, default=TrainConfig.embedding_dim)
     everything.add_argument("--retrieval-epochs", type=int, default=TrainConfig.retrieval_epochs)
     everything.add_argument("--ranker-epochs", type=int, default=TrainConfig.ranker_epochs)
-    everything.add_argument("--version", type=int, default=1, help="Triton version folder")
+    everything.add_argument(
+        "--version",
+        type=int,
+        default=1,
+        help="model version N: bundle in BUILD_DIR/artifacts/DATASET/vN, Triton version folder N (others kept)",
+    )
     everything.add_argument("--build-dir", default=str(BUILD_DIR), help="artifacts go to BUILD_DIR/artifacts/DATASET")
     everything.add_argument(
         "--data-dir",
@@ -148,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_capacity.add_commands(commands)
     cli_dataplane.add_commands(commands)
+    cli_release.add_commands(commands)
     return parser
 
 

@@ -1,6 +1,8 @@
 """The artifact bundle that training writes and every later offline step reads.
 
-Layout of ``build/artifacts/<dataset>/`` (all generated, git-ignored):
+Layout of ``build/artifacts/<dataset>/v<N>/``, one folder per model version N (``python -m export all
+--version N``), so versions live side by side and building one never overwrites another (all generated,
+git-ignored):
 
 | file | content |
 |---|---|
@@ -29,8 +31,11 @@ BUILD_DIR = REPO_ROOT / "build"
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
 
-def artifacts_dir(dataset: str, build_dir: Path = BUILD_DIR) -> Path:
-    return build_dir / "artifacts" / dataset
+def artifacts_dir(dataset: str, build_dir: Path = BUILD_DIR, version: int = 1) -> Path:
+    """The bundle folder of ``dataset``'s model version ``version`` (its Triton version number too)."""
+    if version < 1:
+        raise ValueError(f"model version must be an integer >= 1, got {version}")
+    return build_dir / "artifacts" / dataset / f"v{version}"
 
 
 @dataclass

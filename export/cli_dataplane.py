@@ -51,7 +51,8 @@ def _add_redis_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_bundle_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="synthetic", help="bundle under build/artifacts/<dataset>")
+    parser.add_argument("--dataset", default="synthetic", help="bundle under build/artifacts/<dataset>/v<version>")
+    parser.add_argument("--version", type=int, default=1, help="model version N: the bundle in v<N> (default 1)")
     parser.add_argument("--bundle", type=Path, default=None, help="artifact bundle folder (overrides --dataset)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -64,7 +65,7 @@ async def open_backend(args: argparse.Namespace) -> Backend:
 
 
 def _bundle_path(args: argparse.Namespace) -> Path:
-    return args.bundle if args.bundle is not None else artifacts_dir(args.dataset)
+    return args.bundle if args.bundle is not None else artifacts_dir(args.dataset, version=args.version)
 
 
 def _cmd_load(args: argparse.Namespace) -> int:
@@ -75,7 +76,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         chunk_rows=args.chunk_rows,
         activate=not args.no_activate,
-        drop_previous=not args.keep_previous,
+        drop_previous=args.drop_previous,
         progress=not args.no_progress,
     )
 
@@ -171,7 +172,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="embedding storage dtype")
     load.add_argument("--chunk-rows", type=int, default=5000, help="rows per pipelined write and checkpoint")
     load.add_argument("--no-activate", action="store_true", help="load beside the active version, do not switch")
-    load.add_argument("--keep-previous", action="store_true", help="do not delete the version switched away from")
+    load.add_argument(
+        "--drop-previous",
+        action="store_true",
+        help="delete the version switched away from (default: keep it for a rollback; `retire` drops it later)",
+    )
     load.set_defaults(func=_cmd_load)
 
     pre = subparsers.add_parser("precompute", help="top-N for every user (or one shard of them) into Redis")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
@@ -40,8 +40,9 @@ class LoadConfig:
     """Rows per pipelined write and per checkpoint."""
     activate: bool = True
     """Switch the version pointer to the loaded version when done."""
-    drop_previous: bool = True
-    """After switching, delete the version it replaced (SCAN + UNLINK, from this job)."""
+    drop_previous: bool = False
+    """After switching, delete the version it replaced (SCAN + UNLINK, from this job). Off by default: the
+    previous version stays for a rollback until ``python -m export retire`` drops it."""
     progress: bool = True
 
     def validate(self) -> None:
@@ -70,7 +71,10 @@ class Loader:
         self.backend = backend
         self.bundle = bundle
         self.cfg = cfg
-        self.info = VersionInfo(bundle.model_version, bundle.dim, cfg.dtype)
+        triton_version = bundle.manifest.get("triton_version")
+        self.info = VersionInfo(
+            bundle.model_version, bundle.dim, cfg.dtype, None if triton_version is None else int(triton_version)
+        )
         self.on_chunk = on_chunk
         self.embeddings = RedisEmbeddingStore(backend, self.info)
         self.features = RedisFeatureStore(backend, self.info.version)
@@ -122,6 +126,9 @@ class Loader:
         meta_key = keys.version_meta(self.info.version)
         if await self.backend.control(Command("GET", meta_key)) is not None:
             existing = await versions.read_meta(self.backend, self.info.version)
+            if existing.triton_version is None and existing == replace(self.info, triton_version=None):
+                await versions.write_meta(self.backend, self.info)  # loaded before metadata named it
+                return
             if existing != self.info:
                 raise VersionError(
                     f"{existing.dtype} x {existing.dim} to resume version {self.info.version!r} as loaded",

@@ -134,9 +134,10 @@ def run_all(
     data_dir: Path | None = None,
     eval_max_users: int | None = MAX_EVAL_USERS,
 ) -> Bundle:
-    """Data -> train -> evaluate -> bundle (``build_dir``/artifacts/<dataset>) -> Triton models (``repo``)
-    -> FAISS index. ``data_dir`` and ``synthetic``: see ``prepare_dataset``; evaluation takes a seeded
-    sample of ``eval_max_users`` users past that many (None: every user)."""
+    """Data -> train -> evaluate -> bundle (``build_dir``/artifacts/<dataset>/v<version>) -> Triton models
+    (``repo``/<model>/<version>) -> FAISS index, beside every other version. ``data_dir`` and
+    ``synthetic``: see ``prepare_dataset``; evaluation takes a seeded sample of ``eval_max_users`` users past
+    that many (None: every user)."""
     cfg = cfg or TrainConfig()
     started = time.perf_counter()
     data = prepare_dataset(dataset, build_dir, synthetic, data_dir)
@@ -153,7 +154,7 @@ def run_all(
         max_users=eval_max_users,
     )
     model_version = f"{data.name}-v{version}-{_weights_digest(models.ranker)}"
-    path = artifacts_dir(dataset, build_dir)
+    path = artifacts_dir(dataset, build_dir, version)
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / "metrics.json", metrics)
     history: dict[str, list[str]] = {}

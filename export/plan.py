@@ -182,9 +182,12 @@ def measure(url: str, dim: int, dtype: str, sample: int = 20_000) -> dict[str, f
     return asyncio.run(measure_bytes_per_entity(url, dim, dtype, sample))
 
 
-async def measure_small_values(url: str, user_ids: list[str], version: str = "plan-measure") -> dict[str, float]:
+async def measure_small_values(
+    url: str, user_ids: list[str], version: str = "plan-measure", recs_version: str | None = None
+) -> dict[str, float]:
     """MEMORY USAGE of a 3-field user feature row packed (int32, as stored, under data version ``version``)
-    vs a hash, and the mean of the stored top-N lists of ``user_ids[:200]`` (0 when none is stored)."""
+    vs a hash, and the mean of the stored top-N lists of ``user_ids[:200]`` (those of model version
+    ``recs_version``; 0 when none is stored)."""
     client = Redis.from_url(url)
     try:
         row = np.array([[3, 2, 15]])
@@ -196,7 +199,7 @@ async def measure_small_values(url: str, user_ids: list[str], version: str = "pl
         packed = await client.memory_usage(packed_key, samples=0)
         hashed = await client.memory_usage(hash_key, samples=0)
         await client.unlink(packed_key, hash_key)
-        recs = [await client.memory_usage(keys.recs(u), samples=0) for u in user_ids[:200]]
+        recs = [await client.memory_usage(keys.recs(u, recs_version), samples=0) for u in user_ids[:200]]
         present = [r for r in recs if r]
         return {
             "feature_row_packed": float(packed or 0),

@@ -144,7 +144,7 @@ async def precompute(
     cfg.validate()
     started = time.perf_counter()
     candidates = Candidates(bundle, retriever, cfg)
-    store = RedisPrecomputedStore(backend)
+    store = RedisPrecomputedStore(backend, ranker.model_version)  # the version's own lists, beside the others
     rows = list(range(cfg.shard_index, len(bundle.user_ids), cfg.shard_count))
     shard = f"{cfg.shard_index}of{cfg.shard_count}"
     ckpt = keys.checkpoint(ranker.model_version, f"precompute:{shard}")

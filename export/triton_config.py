@@ -122,6 +122,9 @@ def build_config(model: ModelSpec, profile: Profile) -> mc.ModelConfig:
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {list(PROFILES)}, got {profile!r}")
     config = mc.ModelConfig(name=model.name, max_batch_size=model.batching.max_batch_size)
+    # Every version folder in the repository is served: a new model version (``python -m export publish``)
+    # is served beside the active one, and a retired one goes with its folder (docs/RELEASES.md).
+    config.version_policy.all.SetInParent()
     for spec in schema.ranker_inputs(model.embedding_dim):
         config.input.add(name=spec.name, data_type=_DTYPES[spec.dtype], dims=[spec.width])
     config.output.add(name=model.output_name, data_type=mc.TYPE_FP32, dims=[1])

@@ -6,7 +6,7 @@ Run by hand against a running stack (``make up``):
 
 or by the driver (``python -m loadtest``), which sets these environment variables:
 
-- ``LOADTEST_BUNDLE``: the data bundle whose users/items/segments to draw (default build/artifacts/synthetic);
+- ``LOADTEST_BUNDLE``: the data bundle whose users/items/segments to draw (default build/artifacts/synthetic/v1);
 - ``LOADTEST_RATE_PER_USER``: requests/s each locust user offers (default 10): offered load = users x rate;
 - ``LOADTEST_STEPS`` (``"5,10,20"``) and ``LOADTEST_STEP_S``: step load, one user count per step; each
   step's first ``LOADTEST_WARMUP_S`` are not measured; the first ``LOADTEST_FIXED_STEPS`` always run (the fixed
@@ -53,7 +53,7 @@ from loadtest.traffic import (
 
 log = logging.getLogger("loadtest")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BUNDLE = REPO_ROOT / "build" / "artifacts" / "synthetic"
+DEFAULT_BUNDLE = REPO_ROOT / "build" / "artifacts" / "synthetic" / "v1"
 SAMPLE_EVERY_S = 1.0
 
 

@@ -1,4 +1,5 @@
-"""``python -m orchestrator``: serve the app with uvicorn (uvloop + httptools)."""
+"""``python -m orchestrator``: serve the app with uvicorn (uvloop + httptools, with the limits of
+``orchestrator/edge.py``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def serve(factory: str, host: str, port: int, workers: int = 1, log_level: str =
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        # httptools with the header, time and connection limits of RECSERVE_LIMITS_* (uvicorn's own have none).
+        http="orchestrator.edge:EdgeHttpProtocol",
         log_level=log_level,
         access_log=False,
     )

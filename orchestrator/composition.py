@@ -31,7 +31,7 @@ from orchestrator.loop_lag import LoopLagMonitor
 from orchestrator.naive import OneByOneBackend
 from orchestrator.overload import OverloadHold
 from orchestrator.popular import PopularLists
-from orchestrator.ranking import Ranker
+from orchestrator.ranking import Ranker, RankerUnavailable
 from orchestrator.ranking.breaker import CircuitBreaker
 from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.ranking.triton_ranker import TritonRanker
@@ -47,12 +47,14 @@ from orchestrator.store.embeddings import RedisEmbeddingStore
 from orchestrator.store.features import RedisFeatureStore
 from orchestrator.store.precomputed import RedisPrecomputedStore
 from orchestrator.store.sharded import ShardedBackend
+from orchestrator.store.versions import VersionInfo
+from orchestrator.versioning import ModelVersion, VersionWatcher, version_path
 
 log = logging.getLogger("orchestrator")
 
 T = TypeVar("T")
 BackendFactory = Callable[[Settings], Awaitable[Backend]]
-RankerFactory = Callable[[Settings, str], Awaitable[Ranker]]  # (settings, model version)
+RankerFactory = Callable[[Settings, VersionInfo], Awaitable[Ranker]]  # (settings, the model version)
 
 
 # -- the tables ---------------------------------------------------------------------------------------
@@ -86,19 +88,26 @@ STORE_READS: dict[str, Callable[[Backend], Backend]] = {  # RECSERVE_ABLATION_ST
 }
 
 
-async def triton_ranker(settings: Settings, model_version: str) -> Ranker:
+async def triton_ranker(settings: Settings, version: VersionInfo) -> Ranker:
     triton = settings.triton
     if triton.url is None:
         raise MissingSetting("RECSERVE_TRITON_URL", "the triton ranker")
     breaker = CircuitBreaker(triton.breaker_failures, triton.breaker_reset_s)
     return TritonRanker(
-        triton.url, triton.model, model_version, max_connection_age_s=triton.max_connection_age_s, breaker=breaker
+        triton.url,
+        triton.model,
+        version.version,
+        max_connection_age_s=triton.max_connection_age_s,
+        breaker=breaker,
+        # Several versions are served side by side (version_policy all): ask for this one's by number.
+        triton_version=version.triton_version,
     )
 
 
-async def onnx_ranker(settings: Settings, model_version: str) -> Ranker:
+async def onnx_ranker(settings: Settings, version: VersionInfo) -> Ranker:
     # Loading the model reads and optimises a file: off the event loop.
-    return await asyncio.to_thread(OnnxRanker, settings.onnx.model_path, model_version)
+    path = version_path(settings.onnx.model_path, version.triton_version)
+    return await asyncio.to_thread(OnnxRanker, path, version.version)
 
 
 RANKERS: dict[str, RankerFactory] = {
@@ -176,12 +185,21 @@ class Services:
     limiters: Limiters
     catalogue: frozenset[str]  # the item ids of the index: an event's item is checked against it, O(1)
     tasks: list[asyncio.Task[None]]
+    # Follows the active model version (orchestrator/versioning.py); on a switch, ``serve`` points retriever,
+    # ranker and catalogue here at the new version's.
+    versions: VersionWatcher | None = None
+
+    def serve(self, version: ModelVersion) -> None:
+        self.retriever, self.ranker, self.catalogue = version.retriever, version.ranker, version.catalogue
 
     async def readiness(self) -> dict[str, Readiness]:
         """Per part, what ``/readyz`` shows; each seam is asked the same question, concurrently."""
         redis, index, ranker = await asyncio.gather(self.backend.ready(), self.retriever.ready(), self.ranker.ready())
         popular = Readiness(True, "ok") if self.popular.loaded else Readiness(False, "not loaded")
-        return {"redis": redis, "index": index, "ranker": ranker, "popular": popular}
+        parts = {"redis": redis, "index": index, "ranker": ranker, "popular": popular}
+        if self.versions is not None:
+            parts["version"] = self.versions.readiness()
+        return parts
 
 
 async def build_services(settings: Settings, ablations: Ablations) -> Services:
@@ -190,17 +208,9 @@ async def build_services(settings: Settings, ablations: Ablations) -> Services:
     if ablations.redis_coalesce:
         backend = CoalescingBackend(backend)
     version = await versions.active(backend)
-    retriever = await asyncio.to_thread(FaissRetriever, settings.index.path, settings.index.inline_max_ms / 1000)
-    log.info(
-        "FAISS search takes %.3f ms: run %s",
-        retriever.search_s * 1000,
-        "on the event loop" if retriever.inline else "in a thread",
-    )
-    model_version = retriever.manifest.model_version
-    if model_version != version.version:
-        log.warning("index model version %s differs from the active Redis version %s", model_version, version.version)
     reads = choose(STORE_READS, ablations.store_reads, "RECSERVE_ABLATION_STORE_READS")(backend)
-    ranker = await choose(RANKERS, ranker_kind(settings), "the ranker kind")(settings, model_version)
+    model = await build_version(settings, reads, backend, version)
+    retriever, ranker = model.retriever, model.ranker
     urls, connection = settings.redis.url_list, settings.redis.connection
     # Pub/sub fans out cluster-wide, and in sharded mode every replica uses the same first shard.
     pubsub = Redis.from_url(urls[0], **connection.client_kwargs(is_tls(urls[0])))
@@ -219,7 +229,7 @@ async def build_services(settings: Settings, ablations: Ablations) -> Services:
         if ablations.cache_enabled
         else NoCache()
     )
-    features = RedisFeatureStore(reads, version.version)
+    features = model.features
     precomputed = RedisPrecomputedStore(backend)
     popular = PopularLists(precomputed)
     await popular.refresh()
@@ -228,14 +238,14 @@ async def build_services(settings: Settings, ablations: Ablations) -> Services:
     recommender = Recommender(
         settings,
         cache,
-        RedisEmbeddingStore(reads, version),
+        model.embeddings,
         features,
         retriever,
         ranker,
         fallback_chain(precomputed, features, popular),
         # Held in the local layer, which only a cache that is on reads.
         OverloadHold(local, settings.overload.hold_s if ablations.cache_enabled else 0.0, settings.ranking.list_length),
-        n_items=len(retriever.item_ids),
+        n_items=model.n_items,
         single_flight=ablations.single_flight_enabled,
         # With admission by capacity, a late loop no longer sends every miss to the fallback (the limiter keeps
         # some computing, so the cache refills); it then only says why a deadline was missed.
@@ -243,19 +253,44 @@ async def build_services(settings: Settings, ablations: Ablations) -> Services:
         admission=admission(settings, ablations),
         loop_late=lag.overloaded if lag is not None else lambda: False,
     )
+    recommender.swap(model)  # the same parts, with the version's own pre-computed lists and catalogue
+
+    async def build_next(info: VersionInfo) -> ModelVersion:
+        new = await build_version(settings, reads, backend, info)
+        if settings.warmup.timeout_s > 0:
+            timings = await recommender.warm_up(new.dim, settings.warmup.timeout_s, new)
+            if "ranking" not in timings:
+                await new.aclose()
+                raise RankerUnavailable(f"model version {info.version}: the warm-up ranking failed")
+        return new
+
+    services_ref: list[Services] = []
+    versions_settings = settings.versions
+    watcher = VersionWatcher(
+        backend,
+        pubsub,
+        recommender,
+        build_next,
+        on_swap=lambda new: services_ref[0].serve(new) if services_ref else None,
+        poll_s=versions_settings.poll_s,
+        claim_ttl_s=versions_settings.claim_ttl_s,
+        drain_s=versions_settings.drain_s,
+        behind_max_s=versions_settings.behind_max_s,
+    )
     tasks = [
         asyncio.create_task(feed.run()),
         asyncio.create_task(popular.refresh_forever(settings.popular.refresh_s)),
     ]
     if lag is not None:
         tasks.append(asyncio.create_task(lag.run()))
+    tasks.append(asyncio.create_task(watcher.run()))
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(2.0):
             await feed.subscribed.wait()
     if settings.warmup.timeout_s > 0:
-        timings = await recommender.warm_up(retriever.manifest.dim, settings.warmup.timeout_s)
+        timings = await recommender.warm_up(model.dim, settings.warmup.timeout_s)
         log.info("warm-up before serving: %s", ", ".join(f"{k} {v:.1f} ms" for k, v in timings.items()) or "nothing")
-    return Services(
+    services = Services(
         settings,
         backend,
         pubsub,
@@ -265,14 +300,54 @@ async def build_services(settings: Settings, ablations: Ablations) -> Services:
         recommender,
         EventRecorder(
             backend,
+            # Events touch only unversioned keys (sessions, seen sets): any version's view writes the same.
             RedisFeatureStore(backend, version.version),
             cache,
             user_state_ttl_s=settings.events.user_state_ttl_s,
             event_id_ttl_s=settings.events.event_id_ttl_s,
         ),
         limiters(settings, backend),
-        frozenset(retriever.item_ids),
+        model.catalogue,
         tasks,
+        watcher,
+    )
+    services_ref.append(services)
+    return services
+
+
+async def build_version(settings: Settings, reads: Backend, backend: Backend, info: VersionInfo) -> ModelVersion:
+    """One model version's parts: its index and ranker (loaded off the event loop) and its store views."""
+    index_path = version_path(settings.index.path, info.triton_version)
+    retriever = await asyncio.to_thread(FaissRetriever, index_path, settings.index.inline_max_ms / 1000)
+    log.info(
+        "model version %s: FAISS search takes %.3f ms: run %s",
+        info.version,
+        retriever.search_s * 1000,
+        "on the event loop" if retriever.inline else "in a thread",
+    )
+    if retriever.manifest.model_version != info.version:
+        log.warning(
+            "index %s is of model version %s, not of the active Redis version %s",
+            index_path,
+            retriever.manifest.model_version,
+            info.version,
+        )
+    try:
+        ranker = await choose(RANKERS, ranker_kind(settings), "the ranker kind")(settings, info)
+    except BaseException:
+        await retriever.aclose()
+        raise
+    return ModelVersion(
+        info.version,
+        retriever,
+        ranker,
+        RedisEmbeddingStore(reads, info),
+        RedisFeatureStore(reads, info.version),
+        RedisPrecomputedStore(backend, info.version),
+        n_items=len(retriever.item_ids),
+        catalogue=frozenset(retriever.item_ids),
+        triton_version=info.triton_version,
+        dim=retriever.manifest.dim,
     )
 
 
@@ -289,6 +364,8 @@ async def close_services(services: Services) -> None:
         task.cancel()
     await asyncio.gather(*services.tasks, return_exceptions=True)
     await services.recommender.drain()
+    if services.versions is not None:
+        await services.versions.aclose()  # versions still draining after a switch, and this replica's claims
     # The request path's parts first (the ranker lets calls in flight finish), then the channel and the store.
     for part in (services.ranker, services.retriever, services.pubsub, services.backend):
         await part.aclose()

@@ -15,7 +15,7 @@ import re
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
@@ -135,14 +135,16 @@ class OnnxSettings(Group):
     """The embedded ranker: ONNX Runtime in process, used when no Triton address is set."""
 
     model_path: Path = REPO_ROOT / "model_repository" / "ranker_onnx" / "1" / "model.onnx"
-    """Ranker model of the in-process backend (used when RECSERVE_TRITON_URL is unset)."""
+    """Ranker model of the in-process backend (used when RECSERVE_TRITON_URL is unset). `{version}` in it stands
+    for the active model version's number (`ranker_onnx/{version}/model.onnx`), so a new version is found."""
 
 
 class IndexSettings(Group):
     """The FAISS item index, in process."""
 
-    path: Path = REPO_ROOT / "build" / "artifacts" / "synthetic" / "item_index.faiss"
-    """FAISS item index; its manifest sits beside it (.json)."""
+    path: Path = REPO_ROOT / "build" / "artifacts" / "synthetic" / "v1" / "item_index.faiss"
+    """FAISS item index; its manifest sits beside it (.json). `{version}` in it stands for the active model
+    version's number (`build/artifacts/synthetic/v{version}/item_index.faiss`), so a new version is found."""
     inline_max_ms: ZeroTurnsOff = 1.0
     """FAISS searches measured at start to take at most this long run on the event loop (a thread hop costs
     more than a short search); longer ones run in a thread; 0: always a thread."""
@@ -280,6 +282,23 @@ class LimitsSettings(Group):
     """Requests inside the service at once; beyond it: 503 + Retry-After."""
     max_body_bytes: AtLeastOne = 4096
     """Largest request body accepted (413 beyond it)."""
+    body_timeout_s: Positive = 5.0
+    """Time a request's whole body may take to arrive once its headers are in (408 beyond it); the body is
+    read before the request takes an admission slot, so a stalled body never holds one."""
+    max_header_bytes: AtLeastOne = 16384
+    """Largest request line plus headers (431 beyond it, and the connection is closed)."""
+    max_headers: AtLeastOne = 64
+    """Most header lines in one request (431 beyond it)."""
+    header_timeout_s: Positive = 5.0
+    """Time from a connection's first byte (or its opening) to the end of a request's headers: a client
+    that sends headers byte by byte, or opens a connection and says nothing, is closed after it."""
+    keep_alive_s: Positive = 5.0
+    """An idle keep-alive connection (between requests) is closed after this long."""
+    max_connections: AtLeastOne = 2048
+    """Open connections per server process; one more is answered 503 and closed at once."""
+    shedding_window_s: Positive = 2.0
+    """/readyz says 503 `shedding` when for this long every request was refused (admission full) and none
+    taken: the load balancer then sends elsewhere until this replica catches up."""
     trusted_proxies: str = ""
     """Comma-separated CIDRs of the proxies (ingress, load balancer) whose X-Forwarded-For is believed; from
     any other peer the header is ignored and the peer's own address is the client's. Unset: never believed."""
@@ -340,6 +359,29 @@ class ReadsSettings(Group):
     """Reads a caller may send in a burst above the sustained rate."""
 
 
+class TelemetrySettings(Group):
+    """What the service tells about each request: its log lines and, when an OTLP endpoint is set, its traces."""
+
+    log_format: Literal["json", "text"] = "json"
+    """`json`: one JSON object per line (ts, level, logger, msg, request_id, and the record's fields), for a
+    log pipeline to index; `text`: plain lines for a terminal."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Level of the service's own loggers (`orchestrator.*`)."""
+    access_log: bool = False
+    """true: one `info` line per request (method, route, status, duration, request id). Off by default: at
+    tens of thousands of requests per second it costs more than the request; the request id is still
+    returned in `X-Request-Id` and carried by every line a request logs."""
+    otlp_endpoint: str | None = None
+    """OpenTelemetry collector (OTLP over gRPC, e.g. `http://otel-collector:4317`): set, the service traces
+    requests (spans for the cache lookup, Redis reads, FAISS search and ranking) and needs the `telemetry`
+    extra installed. Unset (the default): no tracing, and the request path pays nothing for it."""
+    sample_one_in: AtLeastOne = 1
+    """Trace one request in this many (1: every one), by trace id; a caller that sends a W3C `traceparent` has
+    decided already, and its decision is followed."""
+    service_name: str = "recserve-orchestrator"
+    """`service.name` of the spans."""
+
+
 API_KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 API_KEY_MIN_LENGTH = 16
 
@@ -377,6 +419,23 @@ def read_api_keys_file(path: Path) -> dict[str, str]:
     return parse_api_keys(path.read_text(), str(path))
 
 
+class VersionsSettings(Group):
+    """How a replica follows the active model version (docs/RELEASES.md)."""
+
+    poll_s: Positive = 2.0
+    """Besides the notice on the version channel, the active-version pointer is read this often; a switch is
+    taken within this (plus the load of the new index and ranker) even if the notice was lost."""
+    claim_ttl_s: Positive = 15.0
+    """The versions this replica holds are registered in Redis for this long, renewed every poll: `python -m
+    export retire` refuses a version some replica still holds, and a replica that died stops holding after it."""
+    drain_s: ZeroTurnsOff = 10.0
+    """After a switch, the replaced version's index and ranker are closed this much later (requests that took
+    it at their start finish on it)."""
+    behind_max_s: Positive = 30.0
+    """`/readyz` says `version` is degraded when this replica has served another version than the pointer's
+    for longer than this (a new version it cannot load)."""
+
+
 class Settings(BaseSettings):
     """The orchestrator's production settings, one group per concern."""
 
@@ -404,6 +463,8 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
     reads: ReadsSettings = Field(default_factory=ReadsSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    versions: VersionsSettings = Field(default_factory=VersionsSettings)
 
     def api_keys(self) -> dict[str, str]:
         """Every named key ({name: key}): ``events.api_keys`` and the file's; reads the file (call at start)."""

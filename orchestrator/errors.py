@@ -120,3 +120,14 @@ class RateLimited(ClientError):
             f"rate limit of {rate_per_s:g} {what}/s exceeded; retry after {max(1, round(wait_s))} s",
             {"Retry-After": str(max(1, round(wait_s)))},
         )
+
+
+class TelemetryUnavailable(OrchestratorError, RuntimeError):
+    """Tracing was turned on without the packages it needs: raised at start, before any traffic."""
+
+    def __init__(self, endpoint: str, missing: str) -> None:
+        super().__init__(
+            f"expected the OpenTelemetry packages for tracing to {endpoint} (RECSERVE_TELEMETRY_OTLP_ENDPOINT), "
+            f"but {missing} is not installed: install the extra (pip install 'recserve[telemetry]') or unset "
+            "RECSERVE_TELEMETRY_OTLP_ENDPOINT"
+        )

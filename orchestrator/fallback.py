@@ -71,6 +71,8 @@ class FallbackRequest:
     timer: Stages
     # What the user has bought, as far as a fallback read it: the next fallback leaves those items out too.
     seen: set[str] = field(default_factory=set)
+    # The pre-computed lists of the model version the request serves from (None: the fallback's own store).
+    precomputed: PrecomputedStore | None = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,8 @@ class PrecomputedFallback:
         with request.timer.stage(self.name):
             async with asyncio.timeout(max(request.deadline - time.perf_counter(), 0.0)):
                 (stored,), (seen,) = await asyncio.gather(
-                    self.precomputed.get_recs([request.user_id]), self.features.seen([request.user_id])
+                    (request.precomputed or self.precomputed).get_recs([request.user_id]),
+                    self.features.seen([request.user_id]),
                 )
         request.seen = seen or set()
         if stored is None:

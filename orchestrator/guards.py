@@ -1,8 +1,11 @@
 """Protection at the edge: a bound on requests in flight (shed load at once with 503 + Retry-After rather
-than queue without bound), a request-body size limit, an API key and per-client rate limits for writes."""
+than queue without bound) taken only by complete requests (the body is read first, within a deadline: 408),
+a request-body size limit, an API key and per-client rate limits for writes. Header, connection and idle
+limits are the server's (``orchestrator/edge.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections import OrderedDict
@@ -32,33 +35,134 @@ async def send_json(send: Send, status: int, detail: str, headers: dict[str, str
     await send({"type": "http.response.body", "body": body})
 
 
-class AdmissionControl:
-    """At most ``max_in_flight`` requests inside the app; the next one gets 503 immediately."""
+class AdmissionLoad:
+    """What admission control did lately, for /readyz: a replica that refuses every request for a sustained
+    window is not ready (the load balancer should send elsewhere), though the process is healthy."""
 
-    def __init__(self, app: ASGIApp, max_in_flight: int, retry_after_s: int = 1) -> None:
+    def __init__(self, max_in_flight: int, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_in_flight = max_in_flight
+        self.window_s = window_s
+        self.clock = clock
+        self.in_flight = 0
+        self.last_admitted = clock()
+        self.last_refused: float | None = None
+
+    def shedding_everything(self) -> bool:
+        """True when nothing was admitted for ``window_s`` while requests were refused, or while every slot
+        stayed taken."""
+        quiet_s = self.clock() - self.last_admitted
+        if quiet_s < self.window_s:
+            return False
+        refused_since = self.last_refused is not None and self.last_refused > self.last_admitted
+        return refused_since or self.in_flight >= self.max_in_flight
+
+
+class AdmissionControl:
+    """At most ``max_in_flight`` requests inside the app; the next one gets 503 immediately.
+
+    A request comes here complete (``CompleteRequest`` read its body before), so a slot is held only while
+    the app works on it, never while a client is slow to send."""
+
+    def __init__(
+        self, app: ASGIApp, max_in_flight: int, retry_after_s: int = 1, load: AdmissionLoad | None = None
+    ) -> None:
         self.app = app
         self.max_in_flight = max_in_flight
         self.retry_after_s = retry_after_s
-        self.in_flight = 0
+        self.load = load or AdmissionLoad(max_in_flight, window_s=2.0)
+
+    @property
+    def in_flight(self) -> int:
+        return self.load.in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNGUARDED_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_in_flight:
+        load = self.load
+        if load.in_flight >= self.max_in_flight:
             metrics.SHED.inc()
+            load.last_refused = load.clock()
             await send_json(
                 send,
                 503,
-                f"overloaded: {self.in_flight} requests in flight (limit {self.max_in_flight}); retry later",
+                f"overloaded: {load.in_flight} requests in flight (limit {self.max_in_flight}); retry later",
                 {"Retry-After": str(self.retry_after_s)},
             )
             return
-        self.in_flight += 1
+        load.in_flight += 1
+        load.last_admitted = load.clock()
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            load.in_flight -= 1
+
+
+class CompleteRequest:
+    """Reads a request's whole body, at most ``max_bytes`` (413) within ``timeout_s`` (408, and the connection
+    is closed), before passing the request on; the app then reads it from memory.
+
+    Why: admission control comes after this, so a client that sends its body slowly, or never, holds no
+    slot (a few hundred stalled bodies made every call 503). A request without a body passes at once."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNGUARDED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        length = None
+        chunked = False
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        if not chunked and (length is None or length == b"0"):
+            await self.app(scope, receive, send)
+            return
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await send_json(send, 413, f"request body of {int(length)} bytes exceeds the limit of {self.max_bytes}")
+            return
+        chunks: list[bytes] = []
+        received = 0
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                more = True
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client went away: nobody to answer
+                        return
+                    chunk = message.get("body", b"")
+                    received += len(chunk)
+                    if received > self.max_bytes:
+                        await send_json(send, 413, f"request body exceeds the limit of {self.max_bytes} bytes")
+                        return
+                    chunks.append(chunk)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            metrics.EDGE_REFUSED.labels(reason="body_timeout").inc()
+            detail = f"request body not received within {self.timeout_s:g} s ({received} bytes arrived)"
+            await send_json(send, 408, detail, {"Connection": "close"})
+            return
+        await self.app(scope, replay(b"".join(chunks), receive), send)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """The request body, already read, as one message; then whatever the connection says next."""
+    sent = False
+
+    async def again() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again
 
 
 class BodySizeLimit:

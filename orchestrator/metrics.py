@@ -53,3 +53,26 @@ COMPUTE_LIMIT = Gauge(
     "Real-time computations admitted at once now (orchestrator/admission.py); +Inf: no limit (the ablation).",
 )
 COMPUTE_IN_FLIGHT = Gauge("recserve_compute_in_flight", "Real-time computations running now.")
+VERSION_SWITCHES = Counter(
+    "recserve_version_switches_total", "Model versions this replica switched to without a restart (the pointer moved)."
+)
+VERSION_ANSWERS = Counter(
+    "recserve_version_answers_total",
+    "Recommendation answers by the model version that served them and their source (realtime, cache, precomputed, "
+    "popular): compares a new version with the active one.",
+    ["version", "source"],
+)
+EDGE_REFUSED = Counter(
+    "recserve_edge_refused_total",
+    "Connections or requests refused by the HTTP layer's limits (orchestrator/edge.py, guards.py), by reason.",
+    ["reason"],
+)
+METRICS_RENDERS = Counter(
+    "recserve_metrics_renders_total", "Times /metrics was rendered; scrapes in between get the cached bytes."
+)
+VERSION_LATENCY = Histogram(
+    "recserve_version_latency_seconds",
+    "Recommendation latency in the recommender by the model version that served it (a canary against the active one).",
+    ["version"],
+    buckets=LATENCY_BUCKETS_S,
+)

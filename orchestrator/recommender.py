@@ -25,15 +25,16 @@ more stops at its next stage.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from orchestrator import metrics, schema
+from orchestrator import metrics, schema, telemetry
 from orchestrator.admission import Admission, Permit, Unlimited
 from orchestrator.cache import UNKNOWN_GENERATION, CachedList, RecommendationCache
 from orchestrator.config import Settings
@@ -45,6 +46,7 @@ from orchestrator.retrieval import Retriever
 from orchestrator.singleflight import SingleFlight
 from orchestrator.store import EmbeddingStore, FeatureStore
 from orchestrator.store.errors import StoreUnavailable
+from orchestrator.versioning import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,12 @@ class Recommendation:
     model_version: str
     timings_ms: dict[str, float] = field(default_factory=dict)
     fallback_reason: str | None = None
+    arm: str = "active"  # "canary" when a canary version served it (orchestrator/versioning.py)
+
+
+def user_bucket(user_id: str) -> int:
+    """0..99, stable across processes and restarts (blake2b, not ``hash()``): a user's canary arm."""
+    return int.from_bytes(hashlib.blake2b(user_id.encode(), digest_size=8).digest(), "big") % 100
 
 
 class StageTimer:
@@ -108,7 +116,8 @@ class StageTimer:
     def stage(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
         try:
-            yield
+            with telemetry.stage_span(name):  # a shared no-op while tracing is off
+                yield
         finally:
             elapsed = time.perf_counter() - started
             self.timings_ms[name] = round(elapsed * 1000, 3)
@@ -140,13 +149,12 @@ class Recommender:
     ) -> None:
         self.settings = settings
         self.cache = cache
-        self.embeddings = embeddings
-        self.features = features
-        self.retriever = retriever
-        self.ranker = ranker
+        # The model version every request serves from: one immutable object, swapped whole (``swap``) when
+        # the active version moves (orchestrator/versioning.py); a request takes it once, at its start.
+        self._current = ModelVersion(ranker.model_version, retriever, ranker, embeddings, features, None, n_items)
+        self._canary: tuple[ModelVersion, int] | None = None  # (version, percent of users)
         self.fallbacks = fallbacks  # orchestrator/fallback.py: pre-computed, then popular
         self.hold = hold  # orchestrator/overload.py
-        self.n_items = n_items
         self.single_flight: SingleFlight[Computed] | None = SingleFlight() if single_flight else None
         # While true, every miss answers from the fallback (orchestrator/loop_lag.py): the behaviour without
         # admission by capacity; with it, the composition root passes a signal that is never true.
@@ -156,25 +164,88 @@ class Recommender:
         self._background: set[asyncio.Task[None]] = set()
 
     @property
-    def model_version(self) -> str:
-        return self.ranker.model_version
+    def current(self) -> ModelVersion:
+        return self._current
 
-    async def warm_up(self, dim: int, timeout_s: float) -> dict[str, float]:
+    @property
+    def canary(self) -> tuple[ModelVersion, int] | None:
+        return self._canary
+
+    def set_canary(self, canary: tuple[ModelVersion, int] | None) -> tuple[ModelVersion, int] | None:
+        """Serve ``percent`` % of users from a canary version from the next request on (None: nobody)."""
+        old, self._canary = self._canary, canary
+        return old
+
+    def pick(self, user_id: str) -> tuple[ModelVersion, str]:
+        """The version (and arm) that serves ``user_id``: the canary for its share of users, by a stable hash
+        of the id (the same user always lands in the same arm, on every replica), else the active one."""
+        canary = self._canary
+        if canary is not None and user_bucket(user_id) < canary[1]:
+            return canary[0], "canary"
+        return self._current, "active"
+
+    def swap(self, new: ModelVersion) -> ModelVersion:
+        """Serve ``new`` from the next request on (requests under way finish on theirs); returns the old one."""
+        old, self._current = self._current, new
+        return old
+
+    # The current version's parts (tests replace one at a time: a new ModelVersion each time).
+    @property
+    def model_version(self) -> str:
+        return self._current.version
+
+    @property
+    def embeddings(self) -> EmbeddingStore:
+        return self._current.embeddings
+
+    @embeddings.setter
+    def embeddings(self, value: EmbeddingStore) -> None:
+        self._current = replace(self._current, embeddings=value)
+
+    @property
+    def features(self) -> FeatureStore:
+        return self._current.features
+
+    @features.setter
+    def features(self, value: FeatureStore) -> None:
+        self._current = replace(self._current, features=value)
+
+    @property
+    def retriever(self) -> Retriever:
+        return self._current.retriever
+
+    @retriever.setter
+    def retriever(self, value: Retriever) -> None:
+        self._current = replace(self._current, retriever=value)
+
+    @property
+    def ranker(self) -> Ranker:
+        return self._current.ranker
+
+    @ranker.setter
+    def ranker(self, value: Ranker) -> None:
+        self._current = replace(self._current, ranker=value)
+
+    @property
+    def n_items(self) -> int:
+        return self._current.n_items
+
+    async def warm_up(self, dim: int, timeout_s: float, version: ModelVersion | None = None) -> dict[str, float]:
         """One pass over the compute path with a zero user vector before the first request: a fresh process
         opens its Redis connections and the Triton channel and runs the index and the model for the first
         time here, not past a user's deadline. Milliseconds per stage that succeeded; a stage that fails is
-        logged and left cold (requests then fall back, as they would have anyway)."""
-        n = min(self.settings.ranking.n_candidates, self.n_items)
+        logged and left cold (requests then fall back, as they would have anyway). ``version``: a version
+        about to be swapped in (default: the current one)."""
+        mv = version or self._current
+        n = min(self.settings.ranking.n_candidates, mv.n_items)
         candidates: list[str] = []
 
         async def retrieval() -> None:
-            found, _ = await self.retriever.search(np.zeros((1, dim), dtype=np.float32), n)
+            found, _ = await mv.retriever.search(np.zeros((1, dim), dtype=np.float32), n)
             candidates.extend(found[0])
 
         async def item_features() -> None:
-            await asyncio.gather(
-                self.embeddings.get_batch("item", candidates), self.features.get_rows("item", candidates)
-            )
+            await asyncio.gather(mv.embeddings.get_batch("item", candidates), mv.features.get_rows("item", candidates))
 
         async def ranking() -> None:
             request = RankingRequest(
@@ -184,7 +255,7 @@ class Recommender:
                 item_features=np.zeros((n, len(schema.ITEM_FEATURES)), dtype=np.int64),
                 context_features=np.zeros(len(schema.CONTEXT_FEATURES), dtype=np.int64),
             )
-            await self.ranker.score(request, timeout_s=timeout_s)
+            await mv.ranker.score(request, timeout_s=timeout_s)
 
         stages: dict[str, Callable[[], Awaitable[None]]] = {
             "retrieval": retrieval,
@@ -209,28 +280,40 @@ class Recommender:
         return timings
 
     async def recommend(self, user_id: str, n: int, context: RequestContext) -> Recommendation:
+        mv, arm = self.pick(user_id)  # the one model version this request serves from, whatever switches meanwhile
+        started = time.perf_counter()
+        answer = await self._recommend(mv, user_id, n, context)
+        metrics.VERSION_LATENCY.labels(mv.version).observe(time.perf_counter() - started)
+        metrics.VERSION_ANSWERS.labels(mv.version, answer.source).inc()
+        answer.arm = arm
+        return answer
+
+    async def _recommend(self, mv: ModelVersion, user_id: str, n: int, context: RequestContext) -> Recommendation:
         started = time.perf_counter()
         deadline = started + self.settings.deadline.request_ms / 1000
         realtime_budget_s = (self.settings.deadline.request_ms - self.settings.deadline.fallback_reserve_ms) / 1000
         timer = StageTimer()
+        # Cached lists are per model version: after a switch the old version's lists are not served as the new
+        # one's, and are not dropped either (they expire; misses refill the cache under the new version).
+        cache_key = f"{mv.version}|{context.cache_key}"
         with timer.stage("cache"):
             try:
                 async with asyncio.timeout(realtime_budget_s):
-                    lookup = await self.cache.get(user_id, context.cache_key)
+                    lookup = await self.cache.get(user_id, cache_key)
             except DEPENDENCY_ERRORS:
                 lookup = None
         if lookup is not None and lookup.value is not None:
             return self._answer(user_id, lookup.value, n, "cache", timer.timings_ms)
         generation = lookup.generation if lookup is not None else UNKNOWN_GENERATION
         remaining_s = realtime_budget_s - (time.perf_counter() - started)
-        slot = HoldSlot(context.cache_key, generation)
+        slot = HoldSlot(cache_key, generation)
         starved = remaining_s * 1000 < self.settings.deadline.min_compute_ms
         if starved or self.overloaded():
             # The cache lookup alone ate the budget, or the event loop runs late: the process is saturated.
             # Computing now would only add load and still miss the deadline, so answer from the fallback at once.
             why = "the cache lookup past the budget" if starved else "an event loop that runs late"
-            return await self._fallback(user_id, n, Overloaded(why), deadline, timer, slot)
-        key = f"{user_id}|{context.cache_key}"
+            return await self._fallback(mv, user_id, n, Overloaded(why), deadline, timer, slot)
+        key = f"{user_id}|{cache_key}"
         flight = self.single_flight
         permit: Permit | None = None
         if flight is None or not flight.running(key):  # joining a computation under way costs no slot
@@ -238,21 +321,21 @@ class Recommender:
             if permit is None:
                 # Past the capacity: the pre-computed list now (one round trip, then held for the user's next
                 # requests), instead of a computation that would only make every other one late too.
-                return await self._fallback(user_id, n, Shed(), deadline, timer, slot)
+                return await self._fallback(mv, user_id, n, Shed(), deadline, timer, slot)
         realtime_deadline = started + realtime_budget_s
         try:
             async with asyncio.timeout(max(remaining_s, 0.0)):
                 if flight is None:
                     assert permit is not None
-                    computed = await self._compute(user_id, context, generation, realtime_deadline, permit)
+                    computed = await self._compute(mv, user_id, context, generation, realtime_deadline, permit)
                     joined = False
                 else:
                     work = lambda: self._compute(  # noqa: E731
-                        user_id, context, generation, realtime_deadline, permit, lambda: flight.wanted(key)
+                        mv, user_id, context, generation, realtime_deadline, permit, lambda: flight.wanted(key)
                     )
                     computed, joined = await flight.do(key, work)
         except self.fallbacks.catches as exc:
-            return await self._fallback(user_id, n, self._attributed(exc), deadline, timer, slot)
+            return await self._fallback(mv, user_id, n, self._attributed(exc), deadline, timer, slot)
         if joined:
             metrics.SINGLE_FLIGHT_JOINS.inc()
         timer.timings_ms.update(computed.timings_ms)
@@ -260,6 +343,7 @@ class Recommender:
 
     async def _compute(
         self,
+        mv: ModelVersion,
         user_id: str,
         context: RequestContext,
         generation: int,
@@ -277,7 +361,7 @@ class Recommender:
             # its own does. Work past it would be thrown away, and under overload that waste is what keeps the
             # process overloaded: every late computation delays the next ones past their deadlines too.
             async with asyncio.timeout(max(realtime_deadline - time.perf_counter(), 0.0)):
-                computed = await self._compute_stages(user_id, context, generation, realtime_deadline, wanted)
+                computed = await self._compute_stages(mv, user_id, context, generation, realtime_deadline, wanted)
             outcome = permit.succeeded
             return computed
         except asyncio.CancelledError:
@@ -311,6 +395,7 @@ class Recommender:
 
     async def _compute_stages(
         self,
+        mv: ModelVersion,
         user_id: str,
         context: RequestContext,
         generation: int,
@@ -327,9 +412,9 @@ class Recommender:
         next_stage("user_features")
         with timer.stage("user_features"):
             user_vectors, user_rows, seen_sets = await asyncio.gather(
-                self.embeddings.get_batch("user", [user_id]),
-                self.features.get_rows("user", [user_id]),
-                self.features.seen([user_id]),
+                mv.embeddings.get_batch("user", [user_id]),
+                mv.features.get_rows("user", [user_id]),
+                mv.features.seen([user_id]),
             )
         if user_vectors.unavailable[0] or seen_sets[0] is None:
             raise StoreUnavailable(f"user {user_id}", user_vectors.down or ("seen",), user_vectors.timed_out)
@@ -341,14 +426,14 @@ class Recommender:
 
         next_stage("retrieval")
         with timer.stage("retrieval"):
-            k = min(self.n_items, self.settings.ranking.n_candidates + len(seen))
-            found_ids, _ = await self.retriever.search(user_vectors.matrix[:1], k)
+            k = min(mv.n_items, self.settings.ranking.n_candidates + len(seen))
+            found_ids, _ = await mv.retriever.search(user_vectors.matrix[:1], k)
             candidates = [i for i in found_ids[0] if i not in seen][: self.settings.ranking.n_candidates]
 
         next_stage("item_features")
         with timer.stage("item_features"):
             item_vectors, item_rows = await asyncio.gather(
-                self.embeddings.get_batch("item", candidates), self.features.get_rows("item", candidates)
+                mv.embeddings.get_batch("item", candidates), mv.features.get_rows("item", candidates)
             )
         usable = item_vectors.found
         if not usable.all():
@@ -373,19 +458,27 @@ class Recommender:
             timeout_s = realtime_deadline - time.perf_counter()
             if timeout_s <= 0:
                 raise TimeoutError("no time left to rank")
-            scores = await self.ranker.score(request, timeout_s=timeout_s)
+            scores = await mv.ranker.score(request, timeout_s=timeout_s)
 
         order = np.argsort(-scores, kind="stable")[: self.settings.ranking.list_length]
         value = CachedList(
-            tuple(kept[i] for i in order), tuple(float(scores[i]) for i in order), self.model_version, generation
+            tuple(kept[i] for i in order), tuple(float(scores[i]) for i in order), mv.version, generation
         )
-        self._in_background(self.cache.set(user_id, context.cache_key, value))
+        self._in_background(self.cache.set(user_id, f"{mv.version}|{context.cache_key}", value))
         return Computed(value, timer.timings_ms)
 
     async def _fallback(
-        self, user_id: str, n: int, cause: Exception, deadline: float, timer: StageTimer, slot: HoldSlot
+        self,
+        mv: ModelVersion,
+        user_id: str,
+        n: int,
+        cause: Exception,
+        deadline: float,
+        timer: StageTimer,
+        slot: HoldSlot,
     ) -> Recommendation:
-        answer = await self.fallbacks.answer(cause, FallbackRequest(user_id, deadline, timer))
+        request = FallbackRequest(user_id, deadline, timer, precomputed=mv.precomputed)
+        answer = await self.fallbacks.answer(cause, request)
         self.hold.keep(user_id, slot, answer)
         return Recommendation(
             user_id, answer.items[:n], answer.source, answer.model_version, timer.timings_ms, answer.reason

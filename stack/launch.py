@@ -28,9 +28,15 @@ from stack.logs import current_run, open_for_start
 
 ORCHESTRATOR_LOG = BUILD_DIR / "orchestrator.log"
 
-# How every HTTP service of this project is served: uvloop + httptools, no access log (one line per
-# request costs more than a cache hit does).
-UVICORN_OPTIONS: dict[str, Any] = {"factory": True, "loop": "uvloop", "http": "httptools", "access_log": False}
+# How every HTTP service of this project is served: uvloop + httptools with the server-level limits of
+# orchestrator/edge.py (named, not imported), no access log (one line per request costs more than a cache
+# hit does).
+UVICORN_OPTIONS: dict[str, Any] = {
+    "factory": True,
+    "loop": "uvloop",
+    "http": "orchestrator.edge:EdgeHttpProtocol",
+    "access_log": False,
+}
 
 
 def free_port(with_bus: bool = False) -> int:

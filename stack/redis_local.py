@@ -9,6 +9,7 @@ sleeps.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from stack.launch import free_port
 
 READY_LINE = "Ready to accept connections"
 PID_FILE = "redis-server.pid"
+CONFIG_FILE = "secrets.conf"
 
 
 def cluster_node_args(node_timeout_ms: int = 2000) -> tuple[str, ...]:
@@ -99,6 +102,7 @@ def start_server(
     appendonly: bool = False,
     folder: Path | None = None,
     keep_folder: bool = False,
+    config: Sequence[str] = (),
 ) -> RedisServer:
     """Start redis-server on a free port; returns once it accepts connections.
 
@@ -108,6 +112,9 @@ def start_server(
     data folder (restart a server on its AOF); by default a fresh temporary one. ``keep_folder``: ``stop()``
     shuts down cleanly and keeps ``folder`` (which it then needs); a pid file there refuses a second
     server on the same folder while the first still runs (two servers on one AOF would corrupt it).
+    ``config``: redis.conf lines for what must not appear in the process list (``requirepass <password>``,
+    ``user <name> on ><password> ...``): written to a file of mode 0600 in ``folder`` and named first on the
+    command line, the place redis-server reads a config file from; arguments (``extra``) are never secret.
     """
     if keep_folder and folder is None:
         raise RedisLaunchError("keep_folder needs a folder to keep: pass folder=<a path>")
@@ -119,8 +126,13 @@ def start_server(
     if keep_folder:
         _refuse_if_in_use(folder)
     persistence = ("--appendonly", "yes", "--appendfsync", "everysec") if appendonly else ("--appendonly", "no")
+    # The secrets' file, created 0600 before a byte is written (never readable by others, even briefly).
+    config_file = (
+        (str(_write_private(folder / CONFIG_FILE, "".join(f"{line}\n" for line in config))),) if config else ()
+    )
     args = [
         redis_server_binary(),
+        *config_file,
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--dir", str(folder),
@@ -149,6 +161,15 @@ def start_server(
         server.stop()
         raise RedisLaunchError(f"on port {port} did not become ready", "\n".join(server.log))
     return server
+
+
+def _write_private(path: Path, text: str) -> Path:
+    """``text`` in ``path``, readable by this user only (mode 0600 from its creation)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    return path
 
 
 def _refuse_if_in_use(folder: Path) -> None:

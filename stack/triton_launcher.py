@@ -26,6 +26,31 @@ from stack.launch import free_port
 from stack.logs import current_run, open_for_start
 
 RUNTIME_DIR = BUILD_DIR / "triton" / "runtime"
+ARGV_SECRET_SOURCE = Path(__file__).with_name("argv_secret.c")
+ADMIN_KEY_PLACEHOLDER = "@TRITON_ADMIN_KEY@"  # what /proc/<pid>/cmdline shows; stack/argv_secret.c fills it in
+ADMIN_KEY_VARIABLE = "TRITON_ADMIN_KEY"
+
+
+def argv_secret_shim(out_dir: Path = BUILD_DIR / "triton") -> Path | None:
+    """``stack/argv_secret.c`` built as a shared library (again when the source is newer); None without cc."""
+    shim = out_dir / "argv_secret.so"
+    if shim.is_file() and shim.stat().st_mtime >= ARGV_SECRET_SOURCE.stat().st_mtime:
+        return shim.resolve()
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    building = shim.with_suffix(f".{os.getpid()}.tmp")
+    result = subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(building), str(ARGV_SECRET_SOURCE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise TritonLaunchError(f"building {ARGV_SECRET_SOURCE.name} failed:\n{result.stderr}", None)
+    building.replace(shim)  # atomic: a concurrent start never loads a half-written library
+    return shim.resolve()
 
 
 def _pytriton_root() -> Path:
@@ -90,6 +115,7 @@ class TritonServer:
         self.ports = ports
         self.http_port, self.grpc_port, self.metrics_port = ports or (0, 0, 0)
         self.process: subprocess.Popen[bytes] | None = None
+        self._shim: Path | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -120,7 +146,9 @@ class TritonServer:
             "--log-verbose=0",
         ]
         if self.admin_key:
-            restricted = f"model-repository,shared-memory,trace,logging:admin-key={self.admin_key}"
+            # The key itself only with no shim to hide it (no C compiler here; start() warns).
+            key = ADMIN_KEY_PLACEHOLDER if self._shim is not None else self.admin_key
+            restricted = f"model-repository,shared-memory,trace,logging:admin-key={key}"
             args += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
         return args + list(self.extra_args)
 
@@ -132,6 +160,19 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(libs)
         # The stub embeds this interpreter: put its bin first so it finds this venv's packages.
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        if self.admin_key:
+            # The admin key travels in the environment (readable by this user only), never in the argv.
+            self._shim = argv_secret_shim()
+            if self._shim is None:
+                print(
+                    "[triton] WARNING: no C compiler (cc) to build stack/argv_secret.c: the admin key is on "
+                    "tritonserver's command line, visible to every local user",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                env["LD_PRELOAD"] = f"{self._shim}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(self._shim)
+                env[ADMIN_KEY_VARIABLE] = self.admin_key
         # Appended after a dated separator: a restart keeps the log of the run that crashed.
         with open_for_start(self.log_path, f"start: tritonserver (gRPC port {self.grpc_port})") as log:
             # A session of its own, so that stop() reaches the Python-backend stubs too.
@@ -143,7 +184,20 @@ class TritonServer:
                 start_new_session=True,
             )
         self._wait_ready()
+        if self._shim is not None:  # once ready: the loader has long mapped what it preloads
+            self._check_shim_loaded(self._shim)
         return self
+
+    def _check_shim_loaded(self, shim: Path) -> None:
+        """Fail closed: without the shim, the placeholder (public) would be the admin key."""
+        assert self.process is not None
+        try:
+            mapped = str(shim) in Path(f"/proc/{self.process.pid}/maps").read_text()
+        except OSError:
+            mapped = False
+        if not mapped:
+            self.kill()
+            raise TritonLaunchError(f"did not preload {shim}: its admin key would be the public placeholder", None)
 
     def _log_tail(self, lines: int = 5) -> str:
         """Triton's error lines (``E<date> ...``: why a model failed to load) and the last few lines, of

@@ -209,18 +209,26 @@ def run(
         api_key = stack_api_key(os.environ)
         env = {
             "RECSERVE_REDIS_URLS": redis_url,
-            "RECSERVE_INDEX_PATH": str(bundle_path / "item_index.faiss"),
-            "RECSERVE_ONNX_MODEL_PATH": str(onnx_path),
+            # {version}: the active model version's number, so the orchestrator finds the index and the ranker
+            # of each version `python -m export publish` switches to (build/artifacts/<dataset>/v<N>).
+            "RECSERVE_INDEX_PATH": str(bundle_path.parent / "v{version}" / "item_index.faiss"),
+            "RECSERVE_ONNX_MODEL_PATH": str(MODEL_REPOSITORY / "ranker_onnx" / "{version}" / "model.onnx"),
             **api_key.settings,
         }
+        served_repository = ""
         triton: TritonServer | None = None
         if use_triton:
             # Model control and the repository/shared-memory APIs stay closed to anyone without this key.
             admin_key = secrets.token_urlsafe(16)
+            rendered = render_profile_repository("cpu", embedding_dim=bundle.dim)
+            served_repository = str(rendered)
             triton = TritonServer(
-                render_profile_repository("cpu", embedding_dim=bundle.dim),
+                rendered,
                 log_path=paths.triton_log,
                 admin_key=admin_key,
+                # Triton serves every version folder of its repository and looks for new ones every 2 s:
+                # `python -m export publish` adds a version's folder there (docs/RELEASES.md).
+                extra_args=("--model-control-mode=poll", "--repository-poll-secs=2"),
             )
             triton.start()
             stack.callback(triton.stop)
@@ -236,7 +244,11 @@ def run(
             paths,
             triton,
             redis_data,
-            {"STACK_DATASET": dataset, "STACK_MODEL_VERSION": bundle.model_version},
+            {
+                "STACK_DATASET": dataset,
+                "STACK_MODEL_VERSION": bundle.model_version,
+                "STACK_TRITON_REPOSITORY": served_repository,
+            },
         )
         supervisor = orchestrator_supervisor(env, port, paths, policy, stack_env)
         orchestrator = supervisor.start()

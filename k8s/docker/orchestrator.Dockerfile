@@ -17,7 +17,8 @@ COPY orchestrator ./orchestrator
 COPY export ./export
 COPY loadtest ./loadtest
 # A wheel install (not editable): the runtime stage copies only the venv, not the source tree.
-RUN /opt/venv/bin/pip install -c constraints.txt .
+# The telemetry extra: OpenTelemetry, imported only when RECSERVE_TELEMETRY_OTLP_ENDPOINT turns tracing on.
+RUN /opt/venv/bin/pip install -c constraints.txt ".[telemetry]"
 # Fail the build, not a pod, if a dependency ever drags torch into the online image.
 RUN if /opt/venv/bin/python -c "import torch" 2>/dev/null; then \
       echo "torch must not be in the online image (it belongs to the export extra)"; exit 1; fi
@@ -35,5 +36,6 @@ USER 10001:10001
 EXPOSE 8080
 # One worker per pod: Prometheus counters stay in one process, and scaling is the HPA's job.
 # The app is built by a factory (wiring happens in the lifespan, nothing at import time): --factory.
+# --http: httptools with the header, time and connection limits of RECSERVE_LIMITS_* (orchestrator/edge.py).
 ENTRYPOINT ["uvicorn", "--factory", "orchestrator.app:create_app", "--host", "0.0.0.0", "--port", "8080", \
-            "--loop", "uvloop", "--http", "httptools", "--timeout-graceful-shutdown", "20", "--no-access-log"]
+            "--loop", "uvloop", "--http=orchestrator.edge:EdgeHttpProtocol", "--timeout-graceful-shutdown", "20", "--no-access-log"]

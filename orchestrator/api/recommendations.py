@@ -110,6 +110,7 @@ class RecommendationsResponse(BaseModel):
     model_version: str
     fallback_reason: str | None = None
     timings_ms: dict[str, float] | None = None
+    arm: Literal["active", "canary"] | None = None  # with debug=true: which arm served (docs/RELEASES.md)
 
 
 def recommendation_body(result: Recommendation, timings_ms: Mapping[str, float] | None = None) -> dict[str, Any]:
@@ -124,6 +125,7 @@ def recommendation_body(result: Recommendation, timings_ms: Mapping[str, float] 
         body["fallback_reason"] = result.fallback_reason
     if timings_ms is not None:
         body["timings_ms"] = dict(timings_ms)
+        body["arm"] = result.arm  # debug: the active version or the canary
     return body
 
 

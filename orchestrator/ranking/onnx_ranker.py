@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from orchestrator import telemetry
 from orchestrator.ranking import RankingRequest, check_scores
 from orchestrator.readiness import Readiness
 
@@ -34,7 +35,8 @@ class OnnxRanker:
         # ONNX Runtime releases the GIL, so a worker thread keeps the event loop free.
         try:
             async with asyncio.timeout(timeout_s):
-                scores = await asyncio.to_thread(self.run, request.tensors())
+                with telemetry.span("onnxruntime.run"):
+                    scores = await asyncio.to_thread(self.run, request.tensors())
         except TimeoutError as exc:
             raise TimeoutError(f"onnxruntime did not answer within {timeout_s:.3f} s") from exc
         return check_scores(scores, request.n_candidates, "onnxruntime")

@@ -20,7 +20,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from orchestrator import metrics
+from orchestrator import metrics, telemetry
 from orchestrator.ranking import RankerUnavailable, RankingRequest, check_scores
 from orchestrator.ranking.breaker import CircuitBreaker
 from orchestrator.readiness import Readiness
@@ -71,10 +71,14 @@ class TritonRanker:
         max_outstanding: int = 128,
         call_timeout_s: float = 5.0,
         call_grace_s: float = 0.5,
+        triton_version: int | None = None,
     ) -> None:
         self.url = url
         self.model = model
         self.model_version = model_version
+        # The Triton version number of ``model`` that ranks (several are served side by side while a new
+        # model version is published); None: whichever Triton's version policy picks.
+        self.triton_version = "" if triton_version is None else str(triton_version)
         # The output tensor's name differs by export (ONNX: score, TorchScript: score__0): taken from the
         # model's metadata on first use unless given.
         self.output = output
@@ -133,7 +137,7 @@ class TritonRanker:
         """The model's one output, from Triton's model metadata (read once)."""
         if self.output is None:
             metadata = await self._current_client().get_model_metadata(
-                self.model, as_json=True, client_timeout=timeout_s
+                self.model, model_version=self.triton_version, as_json=True, client_timeout=timeout_s
             )
             outputs = [o["name"] for o in metadata.get("outputs", [])]
             if len(outputs) != 1:
@@ -152,17 +156,19 @@ class TritonRanker:
         """One call within ``budget_s``; its outcome (not the caller's patience) feeds the circuit breaker."""
         try:
             output = await self._output_name(budget_s)
-            result = await self._current_client().infer(
-                self.model,
-                inputs,
-                outputs=[grpcaio.InferRequestedOutput(output)],
-                # Microseconds; 0 would mean none. Honoured where the model's queue policy allows overrides
-                # (allow_timeout_override, and only below its default_timeout_microseconds); else ignored.
-                timeout=max(1, int(budget_s * 1e6)),
-                # The budget plus a grace, so that a call is cancelled only when it runs well past the moment
-                # its caller stopped waiting (see score), never as its answer arrives at the deadline.
-                client_timeout=budget_s + self.call_grace_s,
-            )
+            with telemetry.span("triton.infer", {"triton.model": self.model}):
+                result = await self._current_client().infer(
+                    self.model,
+                    inputs,
+                    model_version=self.triton_version,
+                    outputs=[grpcaio.InferRequestedOutput(output)],
+                    # Microseconds; 0 would mean none. Honoured where the model's queue policy allows overrides
+                    # (allow_timeout_override, and only below its default_timeout_microseconds); else ignored.
+                    timeout=max(1, int(budget_s * 1e6)),
+                    # The budget plus a grace, so that a call is cancelled only when it runs well past the moment
+                    # its caller stopped waiting (see score), never as its answer arrives at the deadline.
+                    client_timeout=budget_s + self.call_grace_s,
+                )
         except InferenceServerException as exc:
             if QUEUE_TIMEOUT_MESSAGE in str(exc):
                 # Rejected by its queue for want of time: the server is up and answering (a half-open
@@ -183,7 +189,7 @@ class TritonRanker:
     async def ready(self, timeout_s: float = 0.5) -> Readiness:
         try:
             async with asyncio.timeout(timeout_s):
-                if await self._current_client().is_model_ready(self.model):
+                if await self._current_client().is_model_ready(self.model, model_version=self.triton_version):
                     return Readiness(True, "ok (triton)")
         except (InferenceServerException, OSError, TimeoutError):
             pass

@@ -16,6 +16,10 @@ from orchestrator.store import Kind
 from orchestrator.store.errors import StoreConfigError
 
 ACTIVE_POINTER = "dp:active"
+CANARY_POINTER = "dp:canary"  # "<version> <percent>": that share of users (a stable hash of the id) served by it
+PREVIOUS_POINTER = "dp:previous"  # the version the last switch replaced: what ``rollback`` returns to
+REPLICAS = "dp:replicas"  # sorted set: "<replica> <version>" scored by when the replica's claim expires
+VERSION_CHANNEL = "recserve:version"  # pub/sub: the new active version, published after every switch
 _VERSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # The API's id rule, enforced again where ids become keys: whoever calls (HTTP, loader, CLI), no key
 # embeds a character that could close the hash tag, widen a SCAN MATCH glob, or split a log line.
@@ -86,8 +90,12 @@ def session(user_id: str) -> str:
     return f"sess:{entity_tag('user', user_id)}"
 
 
-def recs(user_id: str) -> str:
-    return f"rec:{entity_tag('user', user_id)}"
+def recs(user_id: str, version: str | None = None) -> str:
+    """A user's pre-computed list: of one model version (``m:<version>:rec:``, loaded and dropped with it),
+    or, without one, the unversioned key of data loaded before versions were kept side by side."""
+    if version is None:
+        return f"rec:{entity_tag('user', user_id)}"
+    return f"{version_prefix(version)}rec:{entity_tag('user', user_id)}"
 
 
 def popular(segment: str) -> str:

@@ -1,8 +1,9 @@
 """``PrecomputedStore`` on any ``Backend``: offline top-N per user and per-segment popular lists.
 
 Values are JSON (items, scores, model_version, computed_at): read once per fallback, small, and
-readable with redis-cli during an incident. Keys are not versioned: the last computed list stays a valid
-fallback across a model switch, and says which model produced it.
+readable with redis-cli during an incident. A store given a model version reads and writes that version's
+lists (``m:<version>:rec:{u:<id>}``): a version's lists are computed before it becomes active, serve
+only while it is, and go when it is retired. Popular lists are not versioned (the last resort).
 """
 
 from __future__ import annotations
@@ -62,18 +63,23 @@ def check_segment(segment: str) -> str:
 
 
 class RedisPrecomputedStore:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, version: str | None = None) -> None:
         self.backend = backend
+        self.version = None if version is None else keys.check_version(version)
+
+    def at(self, version: str) -> RedisPrecomputedStore:
+        """The same store, reading and writing ``version``'s lists."""
+        return RedisPrecomputedStore(self.backend, version)
 
     async def get_recs(self, user_ids: Sequence[str]) -> list[Recommendations | None]:
-        names = [keys.recs(u) for u in user_ids]
+        names = [keys.recs(u, self.version) for u in user_ids]
         replies = await self.backend.execute([Command("GET", k) for k in names])
         return [None if raw is None else decode(k, raw) for k, raw in zip(names, replies.values, strict=True)]
 
     async def set_recs(self, recs: Mapping[str, Recommendations], ttl_s: int) -> None:
         if ttl_s < 1:
             raise StoreConfigError("ttl_s", "must be an integer >= 1", ttl_s)
-        commands = [Command("SET", keys.recs(u), (encode(r), "EX", ttl_s)) for u, r in recs.items()]
+        commands = [Command("SET", keys.recs(u, self.version), (encode(r), "EX", ttl_s)) for u, r in recs.items()]
         (await self.backend.execute(commands)).raise_if_down(f"set_recs({len(commands)} users)")
 
     async def get_popular(self, segment: str) -> Recommendations | None:

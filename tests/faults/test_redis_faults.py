@@ -173,14 +173,17 @@ def test_accepted_events_survive_a_redis_restart_and_a_down_redis_refuses_events
             httpx.Client(timeout=5, headers=API_HEADERS) as client,
         ):
             accepted = []
+            items = stack.exported.bundle.item_ids  # events name catalogue items (others are 422)
             for i in range(30):
                 response = client.post(
-                    f"{app.url}/v1/events", json={"user_id": str(i % 7), "item_id": str(i), "type": "click"}
+                    f"{app.url}/v1/events", json={"user_id": str(i % 7), "item_id": items[i], "type": "click"}
                 )
                 assert response.status_code == 202, response.text
                 accepted.append(response.json()["id"])
             aof_redis.kill()
-            refused = client.post(f"{app.url}/v1/events", json={"user_id": "1", "item_id": "2", "type": "purchase"})
+            refused = client.post(
+                f"{app.url}/v1/events", json={"user_id": "1", "item_id": items[1], "type": "purchase"}
+            )
             assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
             assert refused.json()["detail"].startswith("event not stored")
             # Reads still answer, from memory (popular lists), while the only Redis is down.
@@ -192,7 +195,7 @@ def test_accepted_events_survive_a_redis_restart_and_a_down_redis_refuses_events
             assert set(accepted) <= stored, f"lost {sorted(set(accepted) - stored)}"
 
             def accepts_again() -> bool:
-                body = {"user_id": "1", "item_id": "2", "type": "view"}
+                body = {"user_id": "1", "item_id": items[1], "type": "view"}
                 return client.post(f"{app.url}/v1/events", json=body).status_code == 202
 
             again_s = poll(accepts_again, 10, "events accepted after the restart")

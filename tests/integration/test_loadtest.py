@@ -15,7 +15,7 @@ import pytest
 
 from loadtest.results import StepSamples, best_step, summarize
 from loadtest.traffic import Traffic, Weighted, source_of
-from tests.conftest import Exported
+from tests.conftest import TEST_API_KEY, Exported
 
 pytestmark = pytest.mark.integration
 LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py"
@@ -31,6 +31,7 @@ def test_locustfile_headless_against_the_stack(app_url: str, exported: Exported,
         "LOADTEST_WARMUP_S": "0.5",
         "LOADTEST_FIXED_STEPS": "2",
         "LOADTEST_OUT": str(out),
+        "LOADTEST_API_KEY": TEST_API_KEY,
     }
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",

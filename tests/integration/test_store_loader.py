@@ -114,8 +114,19 @@ async def test_resuming_with_another_dtype_is_refused(backend: Backend, tmp_path
         await load(backend, bundle, LoadConfig(dtype="fp16", chunk_rows=CHUNK, progress=False))
 
 
-async def test_loading_a_new_version_switches_and_drops_the_old(backend: Backend, tmp_path: Path):
+async def test_loading_a_new_version_keeps_the_old_beside_it(backend: Backend, tmp_path: Path):
     cfg = LoadConfig(chunk_rows=CHUNK, progress=False)
+    await load(backend, random_bundle(tmp_path, 50, 20, version="a-v1"), cfg)
+    second = await load(backend, random_bundle(tmp_path, 50, 20, version="a-v2"), cfg)
+    assert (second.previous, second.dropped_keys) == ("a-v1", 0)
+    assert (await versions.read_meta(backend, "a-v1")).version == "a-v1"
+    assert await versions.previous_name(backend) == "a-v1"
+    assert await versions.rollback(backend) == ("a-v2", "a-v1")
+    assert (await versions.active(backend)).version == "a-v1"
+
+
+async def test_loading_a_new_version_switches_and_drops_the_old(backend: Backend, tmp_path: Path):
+    cfg = LoadConfig(chunk_rows=CHUNK, progress=False, drop_previous=True)
     first = await load(backend, random_bundle(tmp_path, 50, 20, version="a-v1"), cfg)
     assert first.previous is None
     second = await load(backend, random_bundle(tmp_path, 50, 20, version="a-v2"), cfg)

@@ -79,7 +79,7 @@ async def test_precompute_writes_every_users_offline_list(sharded: ShardedBacken
     assert reports[0].skipped_users == 256 and reports[1].skipped_users == 0
     assert sum(r.users for r in reports) == len(bundle.user_ids) == 943
 
-    stored = await RedisPrecomputedStore(sharded).get_recs(bundle.user_ids)
+    stored = await RedisPrecomputedStore(sharded, "ml100k-test").get_recs(bundle.user_ids)
     reference = Candidates(bundle, retriever, PrecomputeConfig())
     for row, recs in enumerate(stored):
         assert recs is not None, f"no list for user {bundle.user_ids[row]}"

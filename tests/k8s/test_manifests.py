@@ -589,7 +589,7 @@ def test_dockerfiles_pin_the_base_and_run_as_non_root(name: str) -> None:
 
 def test_online_image_has_no_torch_and_jobs_image_has_the_export_extra() -> None:
     online = _dockerfile("orchestrator")
-    assert ".[export" not in online and "pip install -c constraints.txt ." in online
+    assert ".[export" not in online and 'pip install -c constraints.txt ".[telemetry]"' in online
     assert '".[export]"' in _dockerfile("jobs")
 
 

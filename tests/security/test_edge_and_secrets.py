@@ -27,14 +27,15 @@ pytestmark = pytest.mark.integration
 REDIS_USER, REDIS_PASSWORD = "recserve", "redis-pw-5f1e9a7c0b"
 API_KEY = "api-key-93b2c4d18e"
 BURST_KEY = "burst-key-5e0f1a2b3c"  # its own caller: spending its burst leaves API_KEY's untouched
-ACL = ("--user", "default", "off", "--user", REDIS_USER, "on", f">{REDIS_PASSWORD}", "~*", "&*", "+@all", "-@admin")
+# In redis-server's config file (0600), never on its command line (tests/security/test_http_edge.py).
+ACL = ("user default off", f"user {REDIS_USER} on >{REDIS_PASSWORD} ~* &* +@all -@admin")
 
 
 @pytest.fixture(scope="module")
 def acl_redis(stack: Stack) -> Iterator[RedisServer]:
     """A loaded redis-server whose default user is off: only the ACL user with its password gets in."""
     require_redis()
-    server = start_server(*ACL)
+    server = start_server(config=ACL)
     try:
         load_stack(f"redis://{REDIS_USER}:{REDIS_PASSWORD}@127.0.0.1:{server.port}/0", stack)
         yield server

@@ -34,6 +34,7 @@ from orchestrator.readiness import Readiness
 from orchestrator.recommender import Recommender
 from orchestrator.store import Recommendations
 from orchestrator.store.sharded import ShardedBackend
+from orchestrator.store.versions import VersionInfo
 
 # Nothing listens on port 1: a client that tries to connect is refused at once.
 NOWHERE = "redis://127.0.0.1:1/0"
@@ -88,14 +89,14 @@ async def test_the_read_entries_wrap_the_topology_or_leave_it() -> None:
 async def test_the_triton_entry_builds_a_triton_ranker_behind_the_configured_breaker() -> None:
     settings = Settings(triton=TritonSettings(url="127.0.0.1:1", model="m", breaker_failures=3, breaker_reset_s=7))
     assert ranker_kind(settings) == "triton"
-    ranker = await RANKERS["triton"](settings, "v1")
+    ranker = await RANKERS["triton"](settings, VersionInfo("v1", 8))
     assert isinstance(ranker, TritonRanker)
     assert (ranker.url, ranker.model, ranker.model_version) == ("127.0.0.1:1", "m", "v1")
     assert (ranker.breaker.failures, ranker.breaker.reset_s) == (3, 7.0)
     assert await ranker.ready() == Readiness(False, "unreachable (triton, circuit closed)")
     await ranker.aclose()
     with pytest.raises(MissingSetting, match="RECSERVE_TRITON_URL must be set for the triton ranker"):
-        await RANKERS["triton"](Settings(), "v1")
+        await RANKERS["triton"](Settings(), VersionInfo("v1", 8))
 
 
 async def test_the_onnx_entry_loads_the_model_in_process(tmp_path: Path) -> None:
@@ -105,7 +106,7 @@ async def test_the_onnx_entry_loads_the_model_in_process(tmp_path: Path) -> None
     onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
     settings = Settings(onnx=OnnxSettings(model_path=tmp_path / "model.onnx"))
     assert ranker_kind(settings) == "onnx"
-    ranker = await RANKERS["onnx"](settings, "v1")
+    ranker = await RANKERS["onnx"](settings, VersionInfo("v1", 8))
     assert isinstance(ranker, OnnxRanker) and ranker.model_version == "v1"
     assert await ranker.ready() == Readiness(True, "ok (in-process onnxruntime)")
     await ranker.aclose()

@@ -587,7 +587,11 @@ async def test_a_computation_a_follower_still_waits_for_goes_on_when_the_first_r
     first = asyncio.ensure_future(recommender.recommend("1", 3, RequestContext()))
     await retriever.entered.wait()
     follower = asyncio.ensure_future(recommender.recommend("1", 3, RequestContext()))
-    await until(lambda: flight.waiting(f"1|{RequestContext().cache_key}") == 2, 1, "the follower joined")
+    await until(
+        lambda: flight.waiting(f"1|{recommender.model_version}|{RequestContext().cache_key}") == 2,
+        1,
+        "the follower joined",
+    )
     first.cancel()
     retriever.gate.set()
     assert (await follower).source == "realtime"
@@ -596,4 +600,4 @@ async def test_a_computation_a_follower_still_waits_for_goes_on_when_the_first_r
 async def test_a_new_computation_without_a_slot_is_a_bug_not_a_fallback() -> None:
     recommender = await make(FakeRanker())
     with pytest.raises(RuntimeError, match="expected a computation slot for a new computation, but found none"):
-        await recommender._compute("1", RequestContext(), 0, time.perf_counter() + 1, None)
+        await recommender._compute(recommender.current, "1", RequestContext(), 0, time.perf_counter() + 1, None)
