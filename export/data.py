@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import secrets
 import warnings
 from collections.abc import Callable
@@ -157,7 +156,18 @@ def _read_items(path: Path) -> tuple[list[str], np.ndarray]:
 # u.data is read this many bytes at a time on the fast path; each block is checked and parsed in C.
 READ_BLOCK_BYTES = 1 << 26
 _INTERACTION_BYTES = b"0123456789\t\n.-"
-_LEADING_ZERO = re.compile(rb"(?:^|[\t\n-])0[0-9]")
+
+
+def _has_leading_zero(block: bytes) -> bool:
+    """Whether a field starts with 0 and goes on with a digit: "01" is not the id "1"."""
+    if not (block.startswith(b"0") or b"\t0" in block or b"\n0" in block or b"-0" in block):
+        return False
+    raw = np.frombuffer(block, dtype=np.uint8)
+    zeros = np.flatnonzero(raw[:-1] == ord("0"))
+    after = raw[zeros + 1]
+    before = np.where(zeros > 0, raw[np.maximum(zeros - 1, 0)], ord("\n"))
+    starts = (before == ord("\t")) | (before == ord("\n")) | (before == ord("-"))
+    return bool((starts & (after >= ord("0")) & (after <= ord("9"))).any())
 
 
 def _id_lookup(ids: list[str]) -> np.ndarray | None:
@@ -189,7 +199,7 @@ def _parse_block(
     integers belong), so that it reads the file instead and names the line."""
     if block.translate(None, _INTERACTION_BYTES) or block.count(b"\t") != 3 * block.count(b"\n"):
         return None
-    if _LEADING_ZERO.search(block):
+    if _has_leading_zero(block):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy parses "4.0" as the integer 4 with only a warning

@@ -158,6 +158,14 @@ def ensure_artifacts(dataset: str) -> Path:
     from export.pipeline import run_all
 
     bundle_path = artifacts_dir(dataset)
+    legacy = bundle_path.parent  # bundles were written here before versions lived side by side in v<N>/
+    if (legacy / "manifest.json").is_file() and not bundle_path.exists():
+        print(f"[up] moving the bundle in {legacy} to {bundle_path} (one folder per model version)", flush=True)
+        bundle_path.mkdir(parents=True)
+        # The manifest marks a complete bundle: it moves last.
+        for entry in sorted(legacy.iterdir(), key=lambda e: e.name == "manifest.json"):
+            if entry.is_file():
+                entry.rename(bundle_path / entry.name)
     onnx = MODEL_REPOSITORY / "ranker_onnx" / "1" / "model.onnx"
     manifest = bundle_path / "manifest.json"
     fresh = manifest.is_file() and onnx.is_file()

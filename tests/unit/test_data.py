@@ -5,6 +5,7 @@ import pytest
 
 from export import data as data_module
 from export.data import (
+    Dataset,
     SyntheticSpec,
     generate_synthetic,
     load_movielens,
@@ -161,3 +162,52 @@ def test_prepare_dataset_regenerates_only_for_another_spec(tmp_path: Path) -> No
     other = SyntheticSpec(n_users=40, n_items=60, mean_interactions_per_user=25, min_interactions_per_user=5)
     assert prepare_dataset("synthetic", tmp_path, other, data_dir=folder).n_users == 40
     assert read_spec(folder) == other
+
+
+def _line_by_line(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Dataset:
+    with monkeypatch.context() as patch:
+        patch.setattr(data_module, "_read_interactions_fast", lambda *args: None)
+        return load_movielens(folder, "synthetic")
+
+
+@pytest.mark.parametrize("ratings", ["integer", "fractional"])
+def test_the_block_reader_reads_what_the_line_reader_reads(
+    tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ratings: str
+) -> None:
+    folder = _copy(tiny_folder, tmp_path / "d")
+    if ratings == "fractional":
+        rows = [line.split("\t") for line in (folder / "u.data").read_text().splitlines()]
+        text = "\n".join("\t".join([u, i, "3.5" if r == "4" else r, t]) for u, i, r, t in rows)
+        (folder / "u.data").write_text(text)  # and no newline at the end
+    monkeypatch.setattr(data_module, "READ_BLOCK_BYTES", 1000)  # many blocks, lines cut across them
+    fast = data_module._read_interactions_fast(
+        folder / "u.data", [str(u) for u in range(1, 31)], [str(i) for i in range(1, 61)]
+    )
+    assert fast is not None
+    slow = _line_by_line(folder, monkeypatch)
+    for got, want in zip(fast, (slow.user_idx, slow.item_idx, slow.rating, slow.timestamp), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    if ratings == "fractional":
+        assert (slow.rating == 3.5).any()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("01\t2\t3\t880000000\n", r"u.data:1: expected a user id listed in u.user, but found '01'"),
+        ("1\t2\t3\t880000000.0\n", r"u.data:1: expected a numeric rating and an integer timestamp"),
+        ("1\t2\t3\t880000000\r\n", None),  # CRLF: the line reader takes it as it always did
+    ],
+)
+def test_what_the_block_reader_would_read_differently_goes_line_by_line(
+    tiny_folder: Path, tmp_path: Path, line: str, message: str | None
+) -> None:
+    folder = _copy(tiny_folder, tmp_path / "d")
+    original = (folder / "u.data").read_text().splitlines(keepends=True)
+    (folder / "u.data").write_bytes((line + "".join(original[1:])).encode())
+    if message is None:
+        assert load_movielens(folder).timestamp[0] == 880000000
+    else:
+        with pytest.raises(DataFileError, match=message):
+            load_movielens(folder)
