@@ -65,7 +65,10 @@ def _cmd_all(args: argparse.Namespace) -> int:
     cfg = TrainConfig(embedding_dim=args.dim, retrieval_epochs=args.retrieval_epochs, ranker_epochs=args.ranker_epochs)
     synthetic_options = (args.users, args.items, args.interactions_per_user, args.min_interactions_per_user, args.seed)
     if args.dataset != "synthetic" and any(option is not None for option in synthetic_options):
-        raise ValueError("--users, --items, --interactions-per-user and --seed describe the synthetic data set only")
+        raise ValueError(
+            "--users, --items, --interactions-per-user, --min-interactions-per-user and --seed "
+            "describe the synthetic data set only"
+        )
     # No synthetic option: whatever complete data set the data folder holds (generated with the defaults
     # if none); any option: the data set of exactly that spec (regenerated when the folder holds another).
     spec = _synthetic_spec(args) if any(option is not None for option in synthetic_options) else None

@@ -552,10 +552,14 @@ def generate_synthetic(folder: Path, spec: SyntheticSpec = SyntheticSpec(), prog
     a latent vector and their occupation's, so both towers and the ranker have real signal to learn.
     A user draws their items without replacement with probability proportional to
     ``popularity * exp(1.5 * affinity)`` (the Gumbel-top-k trick). Catalogs of up to
-    ``spec.exact_items`` items are scored whole for every user; past that each user scores a pool of
-    ``spec.pool_factor`` candidates per wanted interaction, drawn from their genre taste and the
-    items' popularity and importance-weighted back to the same distribution, so the cost is
-    O(interactions), not O(users x items). Users are generated in chunks of bounded memory.
+    ``spec.exact_items`` items (the default set's 1,700 among them) are scored whole for every user:
+    that draw is exact. Past that each user scores a pool of ``spec.pool_factor`` candidates per wanted
+    interaction, drawn from their genre taste and the items' popularity and importance-weighted back
+    towards the same distribution (sampling-importance resampling), so the cost is O(interactions), not
+    O(users x items). The pool's draw is close, not exact: at 3,000 users x 10,000 items the items'
+    interaction counts correlate at 0.995 with the exact draw's, the top decile of items takes 57.5% of
+    interactions (exact: 55.6%) and the mean rating is 4.44 (exact: 4.51), a slightly weaker pull of
+    affinity. Users are generated in chunks of bounded memory, with a progress bar.
 
     ``u.data`` is the completion marker: the old one is removed first, ``spec.json``, ``u.user`` and
     ``u.item`` are written next and ``u.data`` last, each through a temporary file renamed into place.

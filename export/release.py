@@ -31,7 +31,6 @@ from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, Bundle
 from export.dataplane import Backend, faiss_retriever, onnx_ranker
 from export.errors import ExportError
 from export.load import LoadConfig, load
-from export.model_repository import PYTHON_MODEL
 from export.precompute import PrecomputeConfig, precompute
 from export.triton_config import ranker_models
 from orchestrator.store import versions
@@ -103,6 +102,8 @@ def add_served_version(served: Path, source: Path, version: int) -> list[Path]:
         staging = folder / f".staging-{version}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
+        from export.model_repository import PYTHON_MODEL  # imports torch: only where a model is staged
+
         shutil.copy(PYTHON_MODEL, staging / "model.py")
         (staging / model.filename).symlink_to(model_file.resolve())
         staging.rename(target)
