@@ -21,7 +21,7 @@ import orjson
 
 from orchestrator.api import events, recommendations
 from orchestrator.api.shared import services_of
-from orchestrator.guards import ASGIApp, Message, Receive, Scope, Send
+from orchestrator.guards import ASGIApp, Receive, Scope, Send, replay
 
 JSON_HEADERS = (b"content-type", b"application/json")
 
@@ -76,7 +76,7 @@ class HotRoute:
         body = b"".join(chunks)
         event = events.parse_event("application/json", body)
         if isinstance(event, events.InvalidEvent):
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay(body, receive), send)
             return
         outcome = await events.take_event(services_of(scope["app"]), event)
         await _respond(send, outcome.status, orjson.dumps(outcome.body), outcome.headers)
@@ -87,17 +87,3 @@ async def _respond(send: Send, status: int, body: bytes, headers: dict[str, str]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """The request body once more (already read here), then whatever the connection says next."""
-    sent = False
-
-    async def again() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return again
