@@ -164,9 +164,13 @@ def grpc_inputs(tensors: dict[str, np.ndarray]) -> list[grpcaio.InferInput]:
 
 
 async def _stats(client: grpcaio.InferenceServerClient) -> tuple[int, int]:
-    stats = await client.get_inference_statistics(MODEL, "1", as_json=True)
-    entry = stats["model_stats"][0]
-    return int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
+    # Every version's entry: with several versions in the repository an unversioned request runs on the
+    # newest, not necessarily version 1.
+    entries = (await client.get_inference_statistics(MODEL, as_json=True))["model_stats"]
+    return (
+        sum(int(e.get("inference_count", 0)) for e in entries),
+        sum(int(e.get("execution_count", 0)) for e in entries),
+    )
 
 
 async def drive(
