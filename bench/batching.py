@@ -39,6 +39,7 @@ from export.model_export import example_inputs
 from export.triton_config import BatchingSpec
 
 log = logging.getLogger(__name__)
+SHIPPED = BatchingSpec()  # the shipped cpu-profile batching, of which the sweep varies one setting
 
 CONCURRENCY: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 DELAYS_MS: tuple[int, ...] = (0, 1, 5, 10)
@@ -256,7 +257,8 @@ def markdown(
             ctx.provenance(),
             "",
             f"`{MODEL}` alone in one tritonserver per setting (Python backend, ONNX Runtime, 1 instance x 1 "
-            "intra-op thread, max batch 1024, preferred sizes 256/512/1024 as shipped; only "
+            f"intra-op thread, max batch {SHIPPED.max_batch_size}, preferred sizes "
+            f"{'/'.join(str(n) for n in SHIPPED.preferred_batch_sizes)} as shipped; only "
             '`max_queue_delay` varies; "no batcher" is the same config without its `dynamic_batching` block, '
             f"one execution per request). Closed-loop clients on one gRPC aio channel "
             f"(`bench/triton_load.py`), {ROWS_PER_REQUEST} rows per request. Each point: {warmup_s:g} s "

@@ -470,7 +470,8 @@ TRITON_CONFIGS = {
     "ranker_off": (SHIPPED_MAX_BATCH, ""),
     "ranker_on": (
         SHIPPED_MAX_BATCH,
-        "dynamic_batching {\n  preferred_batch_size: [256, 512, 1024]\n  max_queue_delay_microseconds: 5000\n}\n",
+        "dynamic_batching {\n  preferred_batch_size: [200, 400, 600, 800, 1000]\n"
+        "  max_queue_delay_microseconds: 5000\n}\n",
     ),
     "ranker_on_uncapped": (
         CLIENTS * ROWS_PER_REQUEST,
@@ -479,7 +480,7 @@ TRITON_CONFIGS = {
 }
 TRITON_LABELS = {
     "ranker_off": "off: no dynamic_batching block, max_batch_size 1024",
-    "ranker_on": "on: shipped settings (max_batch_size 1024, preferred 256/512/1024, 5 ms)",
+    "ranker_on": "on: shipped settings (max_batch_size 1024, preferred 200/400/600/800/1000, 5 ms)",
     "ranker_on_uncapped": "on: max_batch_size 6400, 5 ms",
 }
 
