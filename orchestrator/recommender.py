@@ -189,7 +189,7 @@ class Recommender:
         old, self._current = self._current, new
         return old
 
-    # The current version's parts (tests replace one at a time: a new ModelVersion each time).
+    # The current version's parts (tests replace the retriever: a new ModelVersion each time).
     @property
     def model_version(self) -> str:
         return self._current.version
@@ -198,17 +198,9 @@ class Recommender:
     def embeddings(self) -> EmbeddingStore:
         return self._current.embeddings
 
-    @embeddings.setter
-    def embeddings(self, value: EmbeddingStore) -> None:
-        self._current = replace(self._current, embeddings=value)
-
     @property
     def features(self) -> FeatureStore:
         return self._current.features
-
-    @features.setter
-    def features(self, value: FeatureStore) -> None:
-        self._current = replace(self._current, features=value)
 
     @property
     def retriever(self) -> Retriever:
@@ -221,10 +213,6 @@ class Recommender:
     @property
     def ranker(self) -> Ranker:
         return self._current.ranker
-
-    @ranker.setter
-    def ranker(self, value: Ranker) -> None:
-        self._current = replace(self._current, ranker=value)
 
     @property
     def n_items(self) -> int:

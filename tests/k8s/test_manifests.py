@@ -12,14 +12,13 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.k8s.render import ingress_sources
+from tests.k8s.render import ingress_sources, pod_template, workloads
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -29,7 +28,6 @@ K8S_VERSION = "1.31.0"
 NAMESPACE = "recserve"
 TRITON_RELEASE_TAG = "24.10-py3"  # Triton 2.51.0
 
-WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "CronJob")
 
 Obj = dict[str, Any]
 
@@ -86,17 +84,6 @@ def find_generated(objects: list[Obj], kind: str, name: str) -> Obj:
     matches = [o for o in objects if o["kind"] == kind and pattern.fullmatch(o["metadata"]["name"])]
     assert len(matches) == 1, f"expected one generated {kind}/{name}, but found {len(matches)}"
     return matches[0]
-
-
-def pod_template(obj: Obj) -> Obj:
-    """The pod template of a workload (a CronJob's is one level deeper)."""
-    if obj["kind"] == "CronJob":
-        return dict(obj["spec"]["jobTemplate"]["spec"]["template"])
-    return dict(obj["spec"]["template"])
-
-
-def workloads(objects: list[Obj]) -> Iterator[Obj]:
-    return (o for o in objects if o["kind"] in WORKLOAD_KINDS)
 
 
 def containers(pod: Obj) -> list[Obj]:
