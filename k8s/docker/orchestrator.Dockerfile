@@ -23,11 +23,22 @@ RUN /opt/venv/bin/pip install -c constraints.txt ".[telemetry]"
 RUN if /opt/venv/bin/python -c "import torch" 2>/dev/null; then \
       echo "torch must not be in the online image (it belongs to the export extra)"; exit 1; fi
 
+# stack/argv_secret.c as a shared library: the Triton Deployment's init container copies it from this image
+# and tritonserver preloads it, so that the admin key never appears in its command line
+# (k8s/base/triton/deployment.yaml). Built with only glibc symbols old enough for the NGC Triton image.
+FROM ${PYTHON_IMAGE} AS argv-secret
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY stack/argv_secret.c /src/argv_secret.c
+RUN gcc -shared -fPIC -O2 -Wall -Werror -o /src/argv_secret.so /src/argv_secret.c
+
 FROM ${PYTHON_IMAGE}
 # Fixed uid/gid so that the pod's runAsUser/fsGroup (10001) match the files' owner.
 RUN groupadd --system --gid 10001 recserve \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin recserve
 COPY --from=build /opt/venv /opt/venv
+COPY --from=argv-secret /src/argv_secret.so /opt/recserve/argv_secret.so
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.k8s.render import ingress_sources, pod_template, workloads
+from stack.triton_launcher import ADMIN_KEY_PLACEHOLDER
+from tests.k8s.render import image_name, ingress_sources, pod_template, workloads
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -336,8 +337,63 @@ def test_triton_admin_apis_are_closed(objects: list[Obj]) -> None:
         apis, _, key = value.partition(":")
         assert {"model-repository", "shared-memory", "statistics", "trace", "logging"} <= set(apis.split(","))
         assert "inference" not in apis.split(","), "inference must stay open to the orchestrator"
-        assert key == "admin-key=$(TRITON_ADMIN_KEY)", key
+        assert key == f"admin-key={ADMIN_KEY_PLACEHOLDER}", key
     assert env_value(c, "TRITON_ADMIN_KEY") == {"secretKeyRef": {"name": "triton-admin", "key": "admin-key"}}
+
+
+def test_triton_admin_key_stays_off_its_command_line(objects: list[Obj], tmp_path: Path) -> None:
+    """The rendered Deployment preloads the shim an init container copies from the orchestrator image, whose
+    Dockerfile compiles stack/argv_secret.c; run that very compile line and the rendered arguments and
+    environment, with python3 standing in for tritonserver: main() sees the key, the process list does not."""
+    triton = find(objects, "Deployment", "triton")
+    c = container(triton, "triton")
+    assert not [a for a in c["args"] if "$(TRITON_ADMIN_KEY)" in a], "the key must not be expanded into argv"
+    preload = env_value(c, "LD_PRELOAD")
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    shim_dir = str(Path(preload).parent)
+    assert mounts[shim_dir].get("readOnly") is True, "Triton must not be able to replace its own shim"
+    volume = next(v for v in pod_template(triton)["spec"]["volumes"] if v["name"] == mounts[shim_dir]["name"])
+    assert "emptyDir" in volume, volume
+    installs = [
+        i
+        for i in pod_template(triton)["spec"].get("initContainers", [])
+        if any(m["name"] == volume["name"] for m in i.get("volumeMounts", []))
+    ]
+    assert len(installs) == 1, f"expected one init container filling {volume['name']}, found {installs}"
+    install = installs[0]
+    assert image_name(install["image"]) == "ghcr.io/recserve/orchestrator"
+    source, target = install["command"][-2:]
+    assert install["command"][0] == "cp" and target == f"{shim_dir}/{Path(preload).name}", install["command"]
+
+    dockerfile = (K8S / "docker" / "orchestrator.Dockerfile").read_text()
+    assert f"/src/argv_secret.so {source}" in dockerfile, f"the orchestrator image must hold {source}"
+    compile_line = next(line for line in dockerfile.splitlines() if "gcc" in line and "argv_secret.c" in line)
+    assert "COPY stack/argv_secret.c /src/argv_secret.c" in dockerfile
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no gcc to compile stack/argv_secret.c as the orchestrator image does")
+    command = compile_line.removeprefix("RUN ").replace("/src/argv_secret.c", str(REPO / "stack" / "argv_secret.c"))
+    command = command.replace("/src/argv_secret.so", str(tmp_path / "argv_secret.so"))
+    subprocess.run(command, shell=True, check=True, timeout=60)
+
+    key = "k8s-test-admin-key-0123456789abcdef"
+    probe = (
+        "import json, sys; cmdline = open('/proc/self/cmdline', 'rb').read().decode();"
+        "print(json.dumps({'argv': sys.argv[1:], 'cmdline': cmdline}))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "TRITON_ADMIN_KEY": key, "LD_PRELOAD": str(tmp_path / "argv_secret.so")}
+    seen = json.loads(
+        subprocess.run(
+            ["python3", "-c", probe, *c["args"]], env=env, capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    )
+    filled = [a for a in seen["argv"] if a.endswith(f"admin-key={key}")]
+    assert len(filled) == 2, seen["argv"]
+    assert key not in seen["cmdline"] and seen["cmdline"].count(ADMIN_KEY_PLACEHOLDER) == 2
+    # Fails closed: without the key the placeholder (public) must not become the key.
+    del env["TRITON_ADMIN_KEY"]
+    refused = subprocess.run(["python3", "-c", probe, *c["args"]], env=env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0 and "TRITON_ADMIN_KEY is not set" in refused.stderr
 
 
 def test_triton_model_repository_comes_from_object_storage(objects: list[Obj], overlay: str) -> None:

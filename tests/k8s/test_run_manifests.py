@@ -69,6 +69,10 @@ RUN = {
 NOT_RUN = {
     ("Job", "recserve-export", "export"): "trains and exports: the `exported` fixture runs the same pipeline",
     ("Job", "recserve-export", "stage-model-repository"): "a `cp` of the image's model_repository/ to a volume",
+    ("Deployment", "triton", "install-admin-key-shim"): (
+        "a `cp` of the image's argv_secret.so to a volume; tests/k8s/test_manifests.py compiles it as the image"
+        " does and runs the Deployment's arguments through it"
+    ),
     ("Deployment", "triton", "triton"): "tritonserver on the cpu profile: the `triton` fixture runs it",
 }
 AWS_CLI = "docker.io/amazon/aws-cli"
