@@ -59,6 +59,7 @@ class CachedList:
     # why, so that a hit on it says so. Such lists live in the local layer only, never in Redis.
     source: str = "realtime"
     fallback_reason: str | None = None
+    segment: str | None = None  # a held popular list's segment
 
     def encode(self) -> bytes:
         return orjson.dumps([list(self.items), list(self.scores), self.model_version, self.generation])

@@ -25,8 +25,8 @@ from orchestrator.admission import Admission, AimdLimiter, Unlimited
 from orchestrator.cache import InvalidationFeed, LayeredCache, LocalTTLCache, NoCache, RecommendationCache
 from orchestrator.config import Ablations, Settings
 from orchestrator.errors import MissingSetting, Overloaded, UnknownKind, UnknownUser
-from orchestrator.events import EventRecorder
-from orchestrator.fallback import Fallback, FallbackChain, PopularFallback, PrecomputedFallback
+from orchestrator.events import EventRecorder, invalidating
+from orchestrator.fallback import Fallback, FallbackChain, PopularFallback, PrecomputedFallback, SessionFallback
 from orchestrator.loop_lag import LoopLagMonitor
 from orchestrator.naive import OneByOneBackend
 from orchestrator.overload import OverloadHold
@@ -136,16 +136,21 @@ def check(settings: Settings, ablations: Ablations) -> None:
     choose(RANKERS, ranker_kind(settings), "the ranker kind")
 
 
-def fallback_chain(precomputed: PrecomputedStore, features: FeatureStore, popular: PopularLists) -> FallbackChain:
-    """What answers when the real-time path cannot: the user's pre-computed list, then the popular list.
+def fallback_chain(
+    precomputed: PrecomputedStore, features: FeatureStore, popular: PopularLists, list_length: int = 100
+) -> FallbackChain:
+    """What answers when the real-time path cannot: the user's pre-computed list, then the popular list of
+    their segment.
 
     Each fallback answers for the errors it declares; any other error is a bug and propagates. An unknown
-    user (no embedding) has no pre-computed list either, so only the popular list answers for one.
+    user (no embedding) has no pre-computed list either: items like those of their session answer for one
+    (``list_length`` of them), else the popular list.
     """
     failures = (*DEPENDENCY_ERRORS, Overloaded)
     return FallbackChain(
         [
             Fallback(PrecomputedFallback(precomputed, features), catches=failures),
+            Fallback(SessionFallback(list_length), catches=(UnknownUser,)),
             Fallback(PopularFallback(popular), catches=(*failures, UnknownUser)),
         ]
     )
@@ -242,7 +247,7 @@ async def build_services(settings: Settings, ablations: Ablations) -> Services:
         features,
         retriever,
         ranker,
-        fallback_chain(precomputed, features, popular),
+        fallback_chain(precomputed, features, popular, settings.ranking.list_length),
         # Held in the local layer, which only a cache that is on reads.
         OverloadHold(local, settings.overload.hold_s if ablations.cache_enabled else 0.0, settings.ranking.list_length),
         n_items=model.n_items,
@@ -305,6 +310,7 @@ async def build_services(settings: Settings, ablations: Ablations) -> Services:
             cache,
             user_state_ttl_s=settings.events.user_state_ttl_s,
             event_id_ttl_s=settings.events.event_id_ttl_s,
+            invalidate_on=invalidating(settings.session.max_events > 0),
         ),
         limiters(settings, backend),
         model.catalogue,

@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.errors import RenamedSetting
 from orchestrator.store.backend import ConnectionOptions
+from orchestrator.store.features import SESSION_CAP
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "RECSERVE_"
@@ -266,6 +267,44 @@ class CacheSettings(Group):
     """Lifetime of a shared (Redis) cache entry."""
 
 
+def _share_percent(value: int) -> int:
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be an integer in 0..100, got {value}")
+    return value
+
+
+def _session_events(value: int) -> int:
+    if not 0 <= value <= SESSION_CAP:
+        raise ValueError(f"must be an integer in 0..{SESSION_CAP} (the events a session list keeps), got {value}")
+    return value
+
+
+SharePercent = Annotated[int, AfterValidator(_share_percent)]
+SessionEvents = Annotated[int, AfterValidator(_session_events)]
+
+
+class SessionSettings(Group):
+    """How the user's recent events (POST /v1/events) shift the next answer without retraining
+    (docs/SESSION.md): the query vector moves toward the items they touched, before retrieval."""
+
+    max_events: SessionEvents = 10
+    """Most recent session events read per request, in the same round trip as the user's embedding; 0 turns
+    session-aware serving off (no session read, and views and clicks no longer invalidate cached lists)."""
+    window_s: Positive = 1800.0
+    """Events older than this do not count: the session."""
+    half_life_s: Positive = 600.0
+    """An event counts half as much this much later (a click now outweighs one from 20 minutes ago)."""
+    share_percent: SharePercent = 50
+    """Share of the session in a known user's query (orchestrator/session.py's alpha, in percent): their embedding
+    blended with the weighted mean of the touched items' (scaled to the embedding's norm); 0: their answer
+    ignores the session. A user without an embedding gets items like those of the session whatever the share."""
+
+    @property
+    def alpha(self) -> float:
+        """``share_percent`` as the fraction ``session.blend_query`` takes."""
+        return self.share_percent / 100
+
+
 class PopularSettings(Group):
     """The popular lists per segment: the last fallback, and the anonymous segment endpoint."""
 
@@ -459,6 +498,7 @@ class Settings(BaseSettings):
     overload: OverloadSettings = Field(default_factory=OverloadSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    session: SessionSettings = Field(default_factory=SessionSettings)
     popular: PopularSettings = Field(default_factory=PopularSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)

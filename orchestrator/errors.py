@@ -4,6 +4,11 @@ what was expected, what was found, and the fix."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class OrchestratorError(Exception):
@@ -39,12 +44,27 @@ class MissingSetting(OrchestratorError, ValueError):
         super().__init__(f"{setting} must be set for {needed_by}, but found it unset")
 
 
-class UnknownUser(OrchestratorError):
-    """No embedding for this user: nothing to personalise with (a fallback answers, the popular list)."""
+@dataclass(frozen=True)
+class UserRead:
+    """What the real-time path read of a user before it gave up on them (``UnknownUser``): the fallbacks
+    (orchestrator/fallback.py) answer from it instead of reading it again."""
 
-    def __init__(self, user_id: str) -> None:
+    segment: str  # from their feature row (``schema.user_segment``); the global segment without one
+    seen: frozenset[str]  # what they bought
+    session: np.ndarray | None  # their session vector (orchestrator/session.py); None: no event in the window
+    touched: frozenset[str]  # the items of their session's events in the window
+
+
+class UnknownUser(OrchestratorError):
+    """No embedding for this user: nothing to personalise with. A fallback answers: items like those of the
+    user's session, else their segment's popular list. ``read``: what the real-time path read of the user
+    before it found out (their feature row's segment, bought items, session), so that no fallback reads it
+    again; every request waiting on the computation gets this one error, and so the read too."""
+
+    def __init__(self, user_id: str, read: UserRead | None = None) -> None:
         super().__init__(f"expected an embedding for user {user_id!r}, but found none; a fallback answers")
         self.user_id = user_id
+        self.read = read
 
 
 class Overloaded(OrchestratorError):

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Literal
 
-from orchestrator import metrics
+from orchestrator import metrics, session
 from orchestrator.cache import RecommendationCache
 from orchestrator.errors import ClientError
 from orchestrator.store import FeatureStore, SessionEvent, keys
@@ -23,8 +23,18 @@ log = logging.getLogger(__name__)
 
 EventType = Literal["view", "click", "add_to_cart", "purchase"]
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
-# Actions that change what we should recommend right away.
+# Actions that change what we should recommend right away, whether or not the request path reads the session.
 SIGNIFICANT: frozenset[str] = frozenset({"add_to_cart", "purchase"})
+
+
+def invalidating(session_aware: bool) -> frozenset[str]:
+    """The events after which a user's cached lists are stale: the significant ones, and, while the request
+    path reads the session (``session.max_events`` > 0), every kind the session weighs, since each moves the
+    user's query (orchestrator/session.py). Invalidating is O(1) (one generation bump, cache.py), and only
+    the user who acted misses: everyone else keeps their hit rate."""
+    return SIGNIFICANT | frozenset(session.EVENT_WEIGHTS) if session_aware else SIGNIFICANT
+
+
 STREAM_MAX_LEN = 1_000_000  # approximate trim: the stream is a buffer for the offline pipeline
 
 
@@ -42,22 +52,34 @@ class EventRecorder:
         cache: RecommendationCache,
         user_state_ttl_s: int = 30 * 86_400,
         event_id_ttl_s: int = 86_400,
+        invalidate_on: frozenset[str] = SIGNIFICANT,
     ) -> None:
         self.backend = backend
         self.features = features
         self.cache = cache
         self.user_state_ttl_s = user_state_ttl_s
         self.event_id_ttl_s = event_id_ttl_s
+        self.invalidate_on = invalidate_on  # see ``invalidating``
 
-    async def record(self, user_id: str, item_id: str, event_type: str, event_id: str | None = None) -> str:
+    async def record(
+        self,
+        user_id: str,
+        item_id: str,
+        event_type: str,
+        event_id: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
         """Returns the stream entry id. Raises StoreUnavailable if any step could not be stored.
 
         With ``event_id`` (the client's), the event is stored once however often it is sent within
         ``event_id_ttl_s``: a retry after a 503 gets the first one's entry id if that one was stored after
         all, and is stored now if it was not. The id is claimed with SET NX first, so two copies sent at
         once are not both stored (the second gets ``EventInProgress``)."""
+        # The answer this event follows (its X-Request-Id), kept in the stream: offline, a click joins exactly to
+        # the answer it followed (and so to the answer's model version), whatever switched since.
+        quoted = ("request_id", request_id) if request_id is not None else ()
         if event_id is None:
-            return await self._store(user_id, item_id, event_type, ())
+            return await self._store(user_id, item_id, event_type, quoted)
         key = keys.event_id(user_id, event_id)
         # One round trip (both commands on the user's shard, in order): claim the id, then read what holds it.
         replies = await self.backend.execute(
@@ -71,7 +93,7 @@ class EventRecorder:
             metrics.DUPLICATE_EVENTS.inc()
             return _text(previous)
         try:
-            entry = await self._store(user_id, item_id, event_type, ("event_id", event_id))
+            entry = await self._store(user_id, item_id, event_type, ("event_id", event_id, *quoted))
         except BaseException:
             # Not stored: free the id for the retry at once (if Redis cannot, the claim expires by itself).
             with contextlib.suppress(StoreUnavailable):
@@ -101,7 +123,7 @@ class EventRecorder:
                 [Command("SADD", seen, (item_id,)), Command("EXPIRE", seen, (self.user_state_ttl_s,))]
             )
             stored.raise_if_down("add_seen(1 user)")
-        if event_type in SIGNIFICANT:
+        if event_type in self.invalidate_on:
             await self.cache.invalidate(user_id)  # the generation counter it bumps expires too (cache.py)
         metrics.EVENTS.labels(event_type).inc()
         return _text(entry)

@@ -6,7 +6,10 @@ first fallback that catches that error and has a list for the user; a fallback w
 an error it catches passes the request on to the next one. An error that no fallback declares is a bug:
 it propagates, it is never papered over with a list.
 
-The composition root (``orchestrator/composition.py``) builds the chain: pre-computed, then popular.
+The composition root (``orchestrator/composition.py``) builds the chain: pre-computed, then (for a user the
+model does not know) items like those of their session, then popular. The lists follow the user: the
+popular list is the user's segment's, from their feature row as the request or the pre-computed fallback
+read it (the global list when nothing says which).
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from orchestrator import metrics, schema
-from orchestrator.errors import LoopLate, NoFallbackAnswer, Overloaded, Shed, UnknownUser
+from orchestrator.errors import LoopLate, NoFallbackAnswer, Overloaded, Shed, UnknownUser, UserRead
 from orchestrator.popular import PopularLists
 from orchestrator.ranking import RankerUnavailable
+from orchestrator.retrieval import Retriever
 from orchestrator.store import FeatureStore, PrecomputedStore
 from orchestrator.store.errors import StoreUnavailable
 
@@ -73,20 +79,35 @@ class FallbackRequest:
     seen: set[str] = field(default_factory=set)
     # The pre-computed lists of the model version the request serves from (None: the fallback's own store).
     precomputed: PrecomputedStore | None = None
+    # The user's popular segment, as far as the request or a fallback read their feature row.
+    segment: str = schema.GLOBAL_SEGMENT
+    # What the real-time path read before it gave up on an unknown user (None: nothing, or a known user).
+    read: UserRead | None = None
+    # The parts of the model version the request serves from (None: the fallback's own).
+    features: FeatureStore | None = None
+    retriever: Retriever | None = None
+    model_version: str = ""
+
+    def __post_init__(self) -> None:
+        if self.read is not None:
+            self.segment = self.read.segment
+            self.seen = set(self.read.seen)
 
 
 @dataclass(frozen=True)
 class FallbackList:
     items: list[tuple[str, float]]  # the whole list (the caller cuts it to n), without what the user bought
     model_version: str
+    segment: str | None = None  # the popular list's segment
 
 
 @dataclass(frozen=True)
 class FallbackAnswer:
-    source: str  # the fallback that answered: "precomputed", "popular"
+    source: str  # the fallback that answered: "precomputed", "session", "popular"
     items: list[tuple[str, float]]
     model_version: str
     reason: str  # why the real-time path did not answer: see REASONS
+    segment: str | None = None  # which popular list answered (source "popular")
 
 
 class FallbackSource(Protocol):
@@ -145,12 +166,14 @@ class FallbackChain:
                 )
                 continue
             if found is not None:
-                return FallbackAnswer(fallback.source.name, found.items, found.model_version, reason)
+                return FallbackAnswer(fallback.source.name, found.items, found.model_version, reason, found.segment)
         raise NoFallbackAnswer(reason, self.names) from cause
 
 
 class PrecomputedFallback:
-    """The user's offline top-N (Redis), less what they bought since it was computed; within the deadline."""
+    """The user's offline top-N (Redis), less what they bought since it was computed; within the deadline.
+    Their feature row travels in the same round trip (the same shard: the keys share the user's hash tag),
+    so that the popular list after it, if it comes to that, is their segment's."""
 
     name = "precomputed"
 
@@ -161,11 +184,14 @@ class PrecomputedFallback:
     async def lookup(self, request: FallbackRequest) -> FallbackList | None:
         with request.timer.stage(self.name):
             async with asyncio.timeout(max(request.deadline - time.perf_counter(), 0.0)):
-                (stored,), (seen,) = await asyncio.gather(
+                (stored,), (seen,), rows = await asyncio.gather(
                     (request.precomputed or self.precomputed).get_recs([request.user_id]),
                     self.features.seen([request.user_id]),
+                    (request.features or self.features).get_rows("user", [request.user_id]),
                 )
         request.seen = seen or set()
+        if rows.found[0]:
+            request.segment = schema.user_segment(int(rows.matrix[0, 0]))  # the first user feature: age_bucket
         if stored is None:
             return None
         # Purchases since the list was computed must not come back.
@@ -173,8 +199,35 @@ class PrecomputedFallback:
         return FallbackList(items, stored.model_version) if items else None
 
 
+class SessionFallback:
+    """A user the model does not know, who did something in this session: the items nearest to what they
+    touched (their session vector alone, orchestrator/session.py), by retrieval score, without what they
+    touched or bought. No Redis read: the real-time path read the session before it found no embedding
+    (``UserRead``), and the search is in process; without a session (or an index), no list.
+
+    Not ranked: the ranker scores a user's embedding and features against the items', and this user has
+    no embedding; nearness to the session is what there is to order by."""
+
+    name = "session"
+
+    def __init__(self, list_length: int) -> None:
+        self.list_length = list_length
+
+    async def lookup(self, request: FallbackRequest) -> FallbackList | None:
+        read = request.read
+        if read is None or read.session is None or request.retriever is None:
+            return None
+        excluded = read.touched | request.seen
+        with request.timer.stage("session_retrieval"):
+            query = read.session.astype(np.float32).reshape(1, -1)
+            found, scores = await request.retriever.search(query, self.list_length + len(excluded))
+        items = [(i, float(s)) for i, s in zip(found[0], scores[0].tolist(), strict=False) if i not in excluded]
+        return FallbackList(items[: self.list_length], request.model_version) if items else None
+
+
 class PopularFallback:
-    """The global popular list, held in memory: the last resort, which answers whether or not Redis does."""
+    """The user's segment's popular list (the global one when their segment is not known or has no list),
+    held in memory: the last resort, which answers whether or not Redis does."""
 
     name = "popular"
 
@@ -182,6 +235,6 @@ class PopularFallback:
         self.popular = popular
 
     async def lookup(self, request: FallbackRequest) -> FallbackList | None:
-        popular = self.popular.get(schema.GLOBAL_SEGMENT)
+        segment, popular = self.popular.best(request.segment)
         items = [(i, s) for i, s in zip(popular.items, popular.scores, strict=True) if i not in request.seen]
-        return FallbackList(items, popular.model_version)
+        return FallbackList(items, popular.model_version, segment)

@@ -59,7 +59,7 @@ VERSION_SWITCHES = Counter(
 VERSION_ANSWERS = Counter(
     "recserve_version_answers_total",
     "Recommendation answers by the model version that served them and their source (realtime, cache, precomputed, "
-    "popular): compares a new version with the active one.",
+    "session, popular): compares a new version with the active one.",
     ["version", "source"],
 )
 EDGE_REFUSED = Counter(
@@ -75,4 +75,19 @@ VERSION_LATENCY = Histogram(
     "Recommendation latency in the recommender by the model version that served it (a canary against the active one).",
     ["version"],
     buckets=LATENCY_BUCKETS_S,
+)
+# The ranker's output is a sigmoid (export/models.py): 0..1, finer near the top where good lists sit.
+TOP_SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+VERSION_TOP_SCORE = Histogram(
+    "recserve_version_top_score",
+    "The ranker's score of the first item of each ranked answer (realtime, cache, precomputed), by the model "
+    "version that served it: a canary whose scores shift shows before its clicks do.",
+    ["version"],
+    buckets=TOP_SCORE_BUCKETS,
+)
+ATTRIBUTED_EVENTS = Counter(
+    "recserve_attributed_events_total",
+    "Accepted events that quote the request id of the answer they follow, by the model version and arm that "
+    "serve the event's user and the event type: events per answer of a canary against the active version.",
+    ["version", "arm", "type"],
 )

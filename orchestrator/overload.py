@@ -64,5 +64,6 @@ class OverloadHold:
             slot.generation,
             answer.source,  # a hit on it says what it is and why
             answer.reason,
+            answer.segment,
         )
         return self.local.set(user_id, slot.context_key, value, self.hold_s)

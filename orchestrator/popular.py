@@ -24,10 +24,16 @@ class PopularLists:
 
     def get(self, segment: str) -> Recommendations:
         """The segment's list; the global list for a segment that has none."""
-        found = self._lists.get(segment) or self._lists.get(schema.GLOBAL_SEGMENT)
+        return self.best(segment)[1]
+
+    def best(self, segment: str) -> tuple[str, Recommendations]:
+        """The segment's list, or the global list for a segment that has none, with the segment it is of."""
+        if segment in self._lists:
+            return segment, self._lists[segment]
+        found = self._lists.get(schema.GLOBAL_SEGMENT)
         if found is None:
             raise LookupError("no popular lists loaded yet: run `python -m export load` against this Redis")
-        return found
+        return schema.GLOBAL_SEGMENT, found
 
     async def refresh(self) -> int:
         """Re-read every segment's list; returns how many came back. A segment whose read failed or found

@@ -1,14 +1,19 @@
 """The request flow, in the order of the diagram in DESIGN.md:
 
-    cache (local -> Redis)
+    cache (local -> Redis; an event of the user's drops their lists, orchestrator/events.py)
       miss -> single-flight per (user, context): join the computation under way, or start one if the
               admission limiter (orchestrator/admission.py) has a slot; none free: the fallback at once (shed)
-        user embedding + features + seen set (Redis, concurrently)
-        -> FAISS candidates (on the event loop when short, else a thread)
+        user embedding + features + seen set + last session events (Redis, one round trip: one hash tag)
+        -> session: the touched items' embeddings (Redis, per shard; only with events in the window)
+           -> query = the user's embedding blended with their weighted mean (orchestrator/session.py)
+        -> FAISS candidates for the query (on the event loop when short, else a thread)
         -> candidate embeddings + features (Redis, per shard)
-        -> ranking (Triton over gRPC, within what is left of the deadline)
-        -> exclude seen/purchased -> top N -> cache write
-      shed, deadline missed, a part down or the process overloaded -> pre-computed list (Redis) -> popular list (memory)
+        -> ranking of the query against them (Triton over gRPC, within what is left of the deadline)
+        -> exclude seen/purchased -> top N, the session's share of places to the candidates nearest it
+           (orchestrator/session.py interleave) -> cache write
+      shed, deadline missed, a part down or the process overloaded -> pre-computed list (Redis)
+                                                                   -> the segment's popular list (memory)
+      no embedding (unknown user) -> items nearest their session (FAISS) -> the segment's popular list
 
 What answers when the real-time path cannot is the fallback chain the recommender is given
 (``orchestrator/fallback.py``, built by the composition root): its fallbacks catch the errors they declare
@@ -34,17 +39,17 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from orchestrator import metrics, schema, telemetry
+from orchestrator import metrics, schema, session, telemetry
 from orchestrator.admission import Admission, Permit, Unlimited
 from orchestrator.cache import UNKNOWN_GENERATION, CachedList, RecommendationCache
 from orchestrator.config import Settings
-from orchestrator.errors import ComputationAbandoned, LoopLate, Overloaded, Shed, UnknownUser
+from orchestrator.errors import ComputationAbandoned, LoopLate, Overloaded, Shed, UnknownUser, UserRead
 from orchestrator.fallback import FallbackChain, FallbackRequest
 from orchestrator.overload import HoldSlot, OverloadHold
 from orchestrator.ranking import Ranker, RankerUnavailable, RankingRequest
 from orchestrator.retrieval import Retriever
 from orchestrator.singleflight import SingleFlight
-from orchestrator.store import EmbeddingStore, FeatureStore
+from orchestrator.store import EmbeddingStore, FeatureStore, SessionEvent
 from orchestrator.store.errors import StoreUnavailable
 from orchestrator.versioning import ModelVersion
 
@@ -59,6 +64,9 @@ MISSED_ERRORS = (TimeoutError, LoopLate)
 
 
 CONTEXT_FIELDS: tuple[str, ...] = ("page_type", "device")
+# Answers whose scores are the ranker's (a sigmoid): their top score is comparable across versions. Popular
+# lists carry counts and session answers retrieval scores, on other scales.
+RANKED_SOURCES = frozenset({"realtime", "cache", "precomputed"})
 
 
 @dataclass(frozen=True)
@@ -96,11 +104,12 @@ class RequestContext:
 class Recommendation:
     user_id: str
     items: list[tuple[str, float]]
-    source: str  # cache | realtime | precomputed | popular
+    source: str  # cache | realtime | precomputed | session | popular
     model_version: str
     timings_ms: dict[str, float] = field(default_factory=dict)
     fallback_reason: str | None = None
     arm: str = "active"  # "canary" when a canary version served it (orchestrator/versioning.py)
+    segment: str | None = None  # the popular list's segment (source popular)
 
 
 def user_bucket(user_id: str) -> int:
@@ -273,6 +282,8 @@ class Recommender:
         answer = await self._recommend(mv, user_id, n, context)
         metrics.VERSION_LATENCY.labels(mv.version).observe(time.perf_counter() - started)
         metrics.VERSION_ANSWERS.labels(mv.version, answer.source).inc()
+        if answer.source in RANKED_SOURCES and answer.items:
+            metrics.VERSION_TOP_SCORE.labels(mv.version).observe(answer.items[0][1])
         answer.arm = arm
         return answer
 
@@ -399,23 +410,39 @@ class Recommender:
         timer = StageTimer()
         next_stage("user_features")
         with timer.stage("user_features"):
-            user_vectors, user_rows, seen_sets = await asyncio.gather(
+            # One round trip: the session list shares the user's hash tag (orchestrator/store/keys.py), so the
+            # coalescing backend sends these four reads in one pipeline to one shard.
+            user_vectors, user_rows, seen_sets, events = await asyncio.gather(
                 mv.embeddings.get_batch("user", [user_id]),
                 mv.features.get_rows("user", [user_id]),
                 mv.features.seen([user_id]),
+                self._recent_events(mv, user_id),
             )
         if user_vectors.unavailable[0] or seen_sets[0] is None:
             raise StoreUnavailable(f"user {user_id}", user_vectors.down or ("seen",), user_vectors.timed_out)
-        if not user_vectors.found[0]:
-            raise UnknownUser(user_id)
         if not user_rows.found[0]:
             metrics.MISSING_FEATURES.labels("user").inc()  # defaulted to the "unknown" index 0
         seen = seen_sets[0]
 
+        touched = self._touched(events)
+        session_vector = None
+        if touched:
+            next_stage("session")
+            with timer.stage("session"):
+                session_vector = await self._session_vector(mv, touched)
+        if not user_vectors.found[0]:
+            found_row = bool(user_rows.found[0])
+            segment = schema.user_segment(int(user_rows.matrix[0, 0])) if found_row else schema.GLOBAL_SEGMENT
+            raise UnknownUser(user_id, UserRead(segment, frozenset(seen), session_vector, frozenset(touched)))
+        # The session moves the query for retrieval and ranking alike: the ranker is given it as the user's
+        # embedding (its contract unchanged; docs/SESSION.md says why it takes no session features).
+        query = session.blend_query(user_vectors.matrix[0], session_vector, self.settings.session.alpha)
+        assert query is not None  # the user's vector was found
+
         next_stage("retrieval")
         with timer.stage("retrieval"):
             k = min(mv.n_items, self.settings.ranking.n_candidates + len(seen))
-            found_ids, _ = await mv.retriever.search(user_vectors.matrix[:1], k)
+            found_ids, _ = await mv.retriever.search(query[None, :], k)
             candidates = [i for i in found_ids[0] if i not in seen][: self.settings.ranking.n_candidates]
 
         next_stage("item_features")
@@ -437,7 +464,7 @@ class Recommender:
         next_stage("ranking")
         with timer.stage("ranking"):
             request = RankingRequest(
-                user_embedding=user_vectors.matrix[0],
+                user_embedding=query,
                 user_features=user_rows.matrix[0],
                 item_embeddings=item_vectors.matrix[usable],
                 item_features=item_rows.matrix[usable],
@@ -448,12 +475,50 @@ class Recommender:
                 raise TimeoutError("no time left to rank")
             scores = await mv.ranker.score(request, timeout_s=timeout_s)
 
-        order = np.argsort(-scores, kind="stable")[: self.settings.ranking.list_length]
+        length = self.settings.ranking.list_length
+        ranked: list[int] = np.argsort(-scores, kind="stable").tolist()
+        order = ranked[:length]
+        if session_vector is not None:
+            # A share of the places to the candidates nearest the session: the ranker takes no session features,
+            # and one that scores mostly by item would rank what the session asks for out of sight again.
+            nearness = item_vectors.matrix[usable] @ session_vector.astype(np.float32)
+            nearest = [i for i in np.argsort(-nearness, kind="stable").tolist() if kept[i] not in touched]
+            order = session.interleave(ranked, nearest, self.settings.session.alpha, length)
         value = CachedList(
             tuple(kept[i] for i in order), tuple(float(scores[i]) for i in order), mv.version, generation
         )
         self._in_background(self.cache.set(user_id, f"{mv.version}|{context.cache_key}", value))
         return Computed(value, timer.timings_ms)
+
+    async def _recent_events(self, mv: ModelVersion, user_id: str) -> list[SessionEvent]:
+        limit = self.settings.session.max_events
+        return await mv.features.recent_events(user_id, limit) if limit > 0 else []
+
+    def _touched(self, events: list[SessionEvent]) -> dict[str, float]:
+        """Each item of the session's events with the sum of their weights (kind, age; orchestrator/session.py):
+        only those within the window and of a kind the session weighs."""
+        settings = self.settings.session
+        weights = session.event_weights(
+            [(event.event, event.ts_ms) for event in events],
+            int(time.time() * 1000),  # the clock the events were stamped with (orchestrator/events.py)
+            settings.window_s,
+            settings.half_life_s,
+        )
+        touched: dict[str, float] = {}
+        for event, weight in zip(events, weights.tolist(), strict=True):
+            if weight > 0:
+                touched[event.item_id] = touched.get(event.item_id, 0.0) + weight
+        return touched
+
+    async def _session_vector(self, mv: ModelVersion, touched: dict[str, float]) -> np.ndarray | None:
+        """The weighted mean of the touched items' embeddings. Best effort: an item the store does not hold
+        (or whose shard does not answer) is left out, and the session with it if none is left; the request
+        never fails for its session."""
+        vectors = await mv.embeddings.get_batch("item", list(touched))
+        weights = np.fromiter(touched.values(), dtype=np.float64, count=len(touched))
+        if not vectors.found.all():
+            metrics.MISSING_FEATURES.labels("session_item").inc(int((~vectors.found).sum()))
+        return session.session_vector(vectors.matrix[vectors.found], weights[vectors.found])
 
     async def _fallback(
         self,
@@ -465,11 +530,26 @@ class Recommender:
         timer: StageTimer,
         slot: HoldSlot,
     ) -> Recommendation:
-        request = FallbackRequest(user_id, deadline, timer, precomputed=mv.precomputed)
+        request = FallbackRequest(
+            user_id,
+            deadline,
+            timer,
+            precomputed=mv.precomputed,
+            read=cause.read if isinstance(cause, UnknownUser) else None,
+            features=mv.features,
+            retriever=mv.retriever,
+            model_version=mv.version,
+        )
         answer = await self.fallbacks.answer(cause, request)
         self.hold.keep(user_id, slot, answer)
         return Recommendation(
-            user_id, answer.items[:n], answer.source, answer.model_version, timer.timings_ms, answer.reason
+            user_id,
+            answer.items[:n],
+            answer.source,
+            answer.model_version,
+            timer.timings_ms,
+            answer.reason,
+            segment=answer.segment,
         )
 
     def _answer(
@@ -478,7 +558,9 @@ class Recommender:
         items = list(zip(value.items[:n], value.scores[:n], strict=True))
         if value.fallback_reason is not None:  # a held fallback: it says what it is, wherever it came from
             metrics.FALLBACKS.labels(value.fallback_reason).inc()
-            return Recommendation(user_id, items, value.source, value.model_version, timings, value.fallback_reason)
+            return Recommendation(
+                user_id, items, value.source, value.model_version, timings, value.fallback_reason, segment=value.segment
+            )
         return Recommendation(user_id, items, source, value.model_version, timings)
 
     def _in_background(self, coroutine: object) -> None:

@@ -24,9 +24,14 @@ from orchestrator import metrics
 from orchestrator.api.shared import Id, Problem, services_of
 from orchestrator.composition import Services
 from orchestrator.events import EventInProgress
+from orchestrator.request_id import WELL_FORMED
 from orchestrator.store.errors import StoreUnavailable
 
 PATH = "/v1/events"
+
+
+# What orchestrator/request_id.py accepts as a request id (and so what an answer's X-Request-Id can be).
+RequestId = Annotated[str, Field(pattern=f"^{WELL_FORMED.pattern.decode()}$")]
 
 
 class EventIn(BaseModel):
@@ -39,6 +44,12 @@ class EventIn(BaseModel):
         None,
         description="Optional id the client chose for this event: a retry with the same id (after a 503 or a "
         "timeout) is stored once, and answered with the first one's entry id.",
+    )
+    request_id: RequestId | None = Field(
+        None,
+        description="Optional: the X-Request-Id of the recommendation answer this event follows (a click on one "
+        "of its items, say). Stored with the event, and counted by the model version and arm that serve the user "
+        "(recserve_attributed_events_total): a canary's events per answer against the active version's.",
     )
 
 
@@ -174,7 +185,7 @@ async def take_event(services: Services, event: EventIn) -> EventOutcome:
         }
         return EventOutcome(422, {"detail": [error]}, {})
     try:
-        entry = await services.events.record(event.user_id, event.item_id, event.type, event.event_id)
+        entry = await services.events.record(event.user_id, event.item_id, event.type, event.event_id, event.request_id)
     except EventInProgress as exc:
         return EventOutcome(exc.status, {"detail": exc.detail}, exc.headers)
     except StoreUnavailable as exc:
@@ -182,6 +193,11 @@ async def take_event(services: Services, event: EventIn) -> EventOutcome:
         detail = f"event not stored: {exc}; retry with the same event_id to store it once"
         return EventOutcome(503, {"detail": detail}, {"Retry-After": "1"})
     metrics.REQUEST_LATENCY.labels("events", "stored").observe(time.perf_counter() - started)
+    if event.request_id is not None:
+        # The arm is a stable hash of the user (orchestrator/recommender.py pick): the one that served the quoted
+        # answer unless the canary moved since; the stream keeps the request id for the exact join.
+        version, arm = services.recommender.pick(event.user_id)
+        metrics.ATTRIBUTED_EVENTS.labels(version.version, arm, event.type).inc()
     return EventOutcome(202, {"status": "accepted", "id": entry}, {})
 
 

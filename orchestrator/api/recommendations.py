@@ -106,11 +106,12 @@ def openapi_parameters() -> list[dict[str, Any]]:
 class RecommendationsResponse(BaseModel):
     user_id: str
     items: list[ScoredItem]
-    source: Literal["cache", "realtime", "precomputed", "popular"]
+    source: Literal["cache", "realtime", "precomputed", "session", "popular"]
     model_version: str
     fallback_reason: str | None = None
     timings_ms: dict[str, float] | None = None
     arm: Literal["active", "canary"] | None = None  # with debug=true: which arm served (docs/RELEASES.md)
+    segment: str | None = None  # with debug=true, on a popular list: whose segment's (docs/SESSION.md)
 
 
 def recommendation_body(result: Recommendation, timings_ms: Mapping[str, float] | None = None) -> dict[str, Any]:
@@ -126,6 +127,8 @@ def recommendation_body(result: Recommendation, timings_ms: Mapping[str, float] 
     if timings_ms is not None:
         body["timings_ms"] = dict(timings_ms)
         body["arm"] = result.arm  # debug: the active version or the canary
+        if result.segment is not None:
+            body["segment"] = result.segment  # debug: which segment's popular list answered
     return body
 
 

@@ -19,6 +19,8 @@ from orchestrator.store.errors import CorruptValueError, ShapeError, StoreConfig
 
 WIDTHS: dict[str, int] = {"user": len(schema.USER_FEATURES), "item": len(schema.ITEM_FEATURES)}
 _ROW_DTYPE = np.dtype("<i4")
+# Events kept in a user's session list (``sess:``, newest first): the request path reads at most this many.
+SESSION_CAP = 50
 
 
 def encode_rows(kind: Kind, rows: np.ndarray) -> list[bytes]:
@@ -55,7 +57,9 @@ def _text(value: bytes | str) -> str:
 
 
 class RedisFeatureStore:
-    def __init__(self, backend: Backend, version: str, session_cap: int = 50, session_ttl_s: int = 7 * 86400) -> None:
+    def __init__(
+        self, backend: Backend, version: str, session_cap: int = SESSION_CAP, session_ttl_s: int = 7 * 86400
+    ) -> None:
         if session_cap < 1:
             raise StoreConfigError("session_cap", "must be an integer >= 1", session_cap)
         self.backend = backend

@@ -71,6 +71,14 @@ def test_served_top_n_equals_the_offline_top_n(app_url: str, stack: Stack) -> No
     candidates = Candidates(bundle, retriever, PrecomputeConfig())
     score = OnnxRanker(stack.onnx_path, bundle.model_version).run
     for user in ("3", "17", "42"):
+        # The offline top-N knows no session: clear any the load test's events left (they move the answer).
+        import redis
+
+        client = redis.Redis.from_url(stack.redis.url)
+        dropped = client.delete(keys.session(user))
+        client.close()
+        if dropped:
+            forget(stack, user, app_url)
         served = recs(app_url, user, n=20, page_type="home", device="web")
         offline_items, offline_scores = offline_top_n(candidates, bundle.user_ids.index(user), score)
         assert [i["item_id"] for i in served["items"]] == offline_items[:20]
@@ -156,12 +164,53 @@ def test_bad_query_input_is_a_422_naming_the_field(app_url: str, path: str, para
         ({"user_id": "", "item_id": "2", "type": "view"}, "user_id"),
         ({"user_id": "1", "type": "view"}, "item_id"),
         ({"user_id": "1", "item_id": "2", "type": "view", "extra": 1}, "extra"),
+        ({"user_id": "1", "item_id": "2", "type": "click", "request_id": "a b"}, "request_id"),
     ],
 )
 def test_bad_events_are_a_422_naming_the_field(app_url: str, body: dict, field: str) -> None:
     response = httpx.post(f"{app_url}/v1/events", json=body, headers=API_HEADERS, timeout=10)
     assert response.status_code == 422
     assert field in [str(part) for part in response.json()["detail"][0]["loc"]]
+
+
+def attributed(base: str, version: str, arm: str, event_type: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {"version": version, "arm": arm, "type": event_type}
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=10).text):
+        if family.name == "recserve_attributed_events":
+            return sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels == wanted)
+    return 0.0
+
+
+def test_a_click_quoting_an_answers_request_id_is_stored_with_it_and_counted_for_its_version(
+    app_url: str, stack: Stack
+) -> None:
+    import redis
+
+    answer = httpx.get(f"{app_url}/v1/recommendations/52", params={"n": 5, "debug": "true"}, timeout=10)
+    assert answer.status_code == 200
+    request_id, body = answer.headers["x-request-id"], answer.json()
+    version, arm = body["model_version"], body["arm"]
+    before = attributed(app_url, version, arm, "click")
+    clicked = body["items"][0]["item_id"]
+    event = {"user_id": "52", "item_id": clicked, "type": "click"}
+    # First an event that quotes no answer: stored, and counted for no version.
+    plain = httpx.post(f"{app_url}/v1/events", json=event, headers=API_HEADERS, timeout=10)
+    assert plain.status_code == 202, plain.text
+    response = httpx.post(
+        f"{app_url}/v1/events", json=event | {"request_id": request_id}, headers=API_HEADERS, timeout=10
+    )
+    assert response.status_code == 202, response.text
+    # /metrics is rendered at most once a second: wait for a render after the second event. One that shows it
+    # shows the first too, had that one been counted.
+    poll(lambda: attributed(app_url, version, arm, "click") > before, 5, "the quoting click counted")
+    assert attributed(app_url, version, arm, "click") == before + 1
+    client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    entry = response.json()["id"]
+    stored = dict(client.xrange(keys.EVENTS_STREAM, min=entry, max=entry)[0][1])
+    client.close()
+    assert (stored["user_id"], stored["item_id"], stored["request_id"]) == ("52", clicked, request_id)
 
 
 def test_malformed_json_is_a_422(app_url: str) -> None:

@@ -256,6 +256,20 @@ def test_dashboard_has_redis_triton_gpu_and_fallback_reason_panels() -> None:
     assert share_by_reason, "a panel with the share of answers per fallback reason"
 
 
+def test_dashboard_compares_a_canary_with_the_active_version() -> None:
+    """docs/RELEASES.md: per version, answers by source, latency, fallback share, top scores and the events that
+    quote an answer's request id, each split by version so the two arms sit side by side."""
+    exprs = dashboard_exprs(overlay("gpu-t4"))
+    for metric in (
+        "recserve_version_answers_total",
+        "recserve_version_latency_seconds_bucket",
+        "recserve_version_top_score_bucket",
+        "recserve_attributed_events_total",
+    ):
+        assert any(metric in e and "version" in e.split(metric)[0] for e in exprs), f"a panel of {metric} by version"
+    assert any("recserve_attributed_events_total" in e and "arm" in e for e in exprs), "events per answer by arm"
+
+
 # ------------------------------------------------------------------------------- names against exports
 
 

@@ -178,7 +178,8 @@ class FakeSeen:
         return [set(self._seen) for _ in user_ids]
 
     async def get_rows(self, kind: str, ids: Sequence[str]) -> Lookup:
-        raise NotImplementedError
+        n, width = len(ids), len(schema.USER_FEATURES if kind == "user" else schema.ITEM_FEATURES)
+        return Lookup(np.zeros((n, width), np.int64), np.zeros(n, bool), np.zeros(n, bool))  # no feature row
 
     async def set_rows(self, kind: str, ids: Sequence[str], rows: np.ndarray) -> None:
         raise NotImplementedError

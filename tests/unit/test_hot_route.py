@@ -162,7 +162,14 @@ class CountingRecorder:
     def __init__(self) -> None:
         self.taken: list[tuple[str, str, str]] = []
 
-    async def record(self, user_id: str, item_id: str, event_type: str, event_id: str | None = None) -> str:
+    async def record(
+        self,
+        user_id: str,
+        item_id: str,
+        event_type: str,
+        event_id: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
         if item_id == "down":
             raise StoreUnavailable("append to the events stream", ("shard-0",))
         self.taken.append((user_id, item_id, event_type))

@@ -181,3 +181,23 @@ async def test_a_canary_serves_its_share_of_users_by_a_stable_hash_and_is_promot
     assert await watcher.check()
     assert builds == ["v-two"] and recommender.current.version == "v-two" and recommender.canary is None
     assert all(recommender.pick(u) == (recommender.current, "active") for u in users)
+
+
+async def test_each_version_counts_the_top_score_of_its_ranked_answers_only() -> None:
+    from prometheus_client import REGISTRY
+
+    def observed(version: str) -> tuple[float, float]:
+        labels = {"version": version}
+        count = REGISTRY.get_sample_value("recserve_version_top_score_count", labels) or 0.0
+        return count, REGISTRY.get_sample_value("recserve_version_top_score_sum", labels) or 0.0
+
+    recommender = await make(FakeRanker())
+    before = observed("v-test")
+    answer = await recommender.recommend("1", 3, RequestContext())
+    assert answer.source == "realtime"
+    count, total = observed("v-test")
+    assert count == before[0] + 1 and total - before[1] == pytest.approx(answer.items[0][1])
+    # A user the model does not know gets a popular list: its scores are counts, not the ranker's.
+    unknown = await recommender.recommend("no-such-user", 3, RequestContext())
+    assert unknown.source not in {"realtime", "cache", "precomputed"}
+    assert observed("v-test")[0] == count
