@@ -34,6 +34,16 @@ def movielens_dir() -> Path:
     return Path(os.environ.get(MOVIELENS_DIR_ENV, str(DEFAULT_MOVIELENS_DIR)))
 
 
+MOVIELENS_SMALL_DIR_ENV = "RECSERVE_MOVIELENS_SMALL_DIR"
+DEFAULT_MOVIELENS_SMALL_DIR = DEFAULT_MOVIELENS_DIR.parent / "movielens-latest-small"
+
+
+def movielens_small_dir() -> Path:
+    """Where MovieLens latest-small lives (read in place, never copied: its licence):
+    $RECSERVE_MOVIELENS_SMALL_DIR, else ../shared/data/movielens-latest-small."""
+    return Path(os.environ.get(MOVIELENS_SMALL_DIR_ENV, str(DEFAULT_MOVIELENS_SMALL_DIR)))
+
+
 @dataclass
 class Dataset:
     """Users, items, their static categorical features and the interactions between them."""
@@ -45,8 +55,21 @@ class Dataset:
     item_genre_year: np.ndarray  # int64 [n_items, 2]; popularity is derived from training data
     user_idx: np.ndarray  # int64 [n_interactions]
     item_idx: np.ndarray  # int64 [n_interactions]
-    rating: np.ndarray  # float32 [n_interactions]
-    timestamp: np.ndarray  # int64 [n_interactions]
+    rating: np.ndarray  # float32 [n_interactions]: the rating, or the contract's weight (1.0 when absent)
+    timestamp: np.ndarray  # int64 [n_interactions]: epoch seconds
+    # Names and vocabulary sizes (index 0 = unknown) of the columns of ``user_features`` and
+    # ``item_genre_year``: the models size their feature embedding tables from these. MovieLens and the
+    # synthetic set use orchestrator.schema's vocabularies; an own data set's come from its files
+    # (export/interactions.py); a slot it leaves unused is all 0 with size 1.
+    user_feature_spec: tuple[tuple[str, int], ...] = schema.USER_FEATURES
+    item_feature_spec: tuple[tuple[str, int], ...] = schema.ITEM_FEATURES[:2]
+    event_type: np.ndarray | None = None  # int64 [n_interactions] into ``event_types``; None: not given
+    event_types: tuple[str, ...] = ()
+
+    @property
+    def item_model_features(self) -> tuple[tuple[str, int], ...]:
+        """The item features the models see: the data set's two, then the derived popularity bucket."""
+        return (*self.item_feature_spec, schema.ITEM_FEATURES[2])
 
     @property
     def n_users(self) -> int:

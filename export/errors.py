@@ -10,11 +10,34 @@ class ExportError(Exception):
 
 
 class DataFileError(ExportError):
-    def __init__(self, path: Path, line: int | None, expected: str, found: str) -> None:
-        where = f"{path}:{line}" if line is not None else str(path)
+    """A data file breaks a rule: names the file, the line (``path:N``; Parquet: ``path, row N``, counting
+    data rows from 1) and the column where known, then the rule and what broke it."""
+
+    def __init__(
+        self,
+        path: Path,
+        line: int | None,
+        expected: str,
+        found: str,
+        column: str | None = None,
+        unit: str = "line",
+    ) -> None:
+        where = str(path)
+        if line is not None:
+            where += f":{line}" if unit == "line" else f", {unit} {line}"
+        if column is not None:
+            where += f", column {column!r}"
         super().__init__(f"{where}: expected {expected}, but found {found}")
         self.path = path
         self.line = line
+        self.column = column
+
+
+class DatasetSpecError(ExportError):
+    """An own data set's command line is inconsistent: a name, a feature declaration, too many features."""
+
+    def __init__(self, what: str, expected: str, found: str, fix: str = "") -> None:
+        super().__init__(f"{what}: expected {expected}, but found {found}" + (f"; {fix}" if fix else ""))
 
 
 class MissingDataError(ExportError):

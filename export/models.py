@@ -41,14 +41,26 @@ class Tower(nn.Module):
         return nn.functional.normalize(self.mlp(x), dim=1)
 
 
+# (name, vocabulary size) per feature column: orchestrator.schema's by default (MovieLens, synthetic); an own
+# data set's from its files (``export.data.Dataset.user_feature_spec``, recorded in the bundle's manifest).
+FeatureSpec = tuple[tuple[str, int], ...]
+
+
 class TwoTower(nn.Module):
     """Dot-product retrieval: user and item towers into one ``dim``-wide space (inner product = cosine)."""
 
-    def __init__(self, n_users: int, n_items: int, dim: int = 128) -> None:
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        dim: int = 128,
+        user_features: FeatureSpec = schema.USER_FEATURES,
+        item_features: FeatureSpec = schema.ITEM_FEATURES,
+    ) -> None:
         super().__init__()
         self.dim = dim
-        self.user_tower = Tower(n_users, schema.USER_FEATURES, dim)
-        self.item_tower = Tower(n_items, schema.ITEM_FEATURES, dim)
+        self.user_tower = Tower(n_users, user_features, dim)
+        self.item_tower = Tower(n_items, item_features, dim)
 
 
 class CrossLayer(nn.Module):
@@ -65,11 +77,24 @@ class CrossLayer(nn.Module):
 class Ranker(nn.Module):
     """DCN-v2 style ranker over (user, item, context); returns P(interaction) as a [batch, 1] tensor."""
 
-    def __init__(self, embedding_dim: int = 128, n_cross: int = 2) -> None:
+    def __init__(
+        self,
+        embedding_dim: int = 128,
+        n_cross: int = 2,
+        user_features: FeatureSpec = schema.USER_FEATURES,
+        item_features: FeatureSpec = schema.ITEM_FEATURES,
+    ) -> None:
         super().__init__()
+        # The tensor widths are the contract's; only the vocabulary sizes may differ.
+        for name, spec, contract in (
+            ("user_features", user_features, schema.USER_FEATURES),
+            ("item_features", item_features, schema.ITEM_FEATURES),
+        ):
+            if len(spec) != len(contract):
+                raise ValueError(f"{name} must have {len(contract)} columns (orchestrator.schema), got {len(spec)}")
         self.embedding_dim = embedding_dim
-        self.user_feature_embeddings = _feature_embeddings(schema.USER_FEATURES, 8)
-        self.item_feature_embeddings = _feature_embeddings(schema.ITEM_FEATURES, 8)
+        self.user_feature_embeddings = _feature_embeddings(user_features, 8)
+        self.item_feature_embeddings = _feature_embeddings(item_features, 8)
         self.context_embeddings = _feature_embeddings(schema.CONTEXT_FEATURES, 8)
         n_categorical = len(schema.USER_FEATURES) + len(schema.ITEM_FEATURES) + len(schema.CONTEXT_FEATURES)
         # user, item, their elementwise product, their dot product, categorical embeddings

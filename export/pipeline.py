@@ -6,26 +6,38 @@ import hashlib
 import io
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from export import model_repository
-from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, Bundle, artifacts_dir, save_bundle, write_json
+from export.artifacts import (
+    BUILD_DIR,
+    MODEL_REPOSITORY,
+    Bundle,
+    artifacts_dir,
+    load_bundle,
+    save_bundle,
+    write_json,
+)
 from export.data import (
     Dataset,
     SyntheticSpec,
     generate_synthetic,
     load_movielens,
     movielens_dir,
+    movielens_small_dir,
     read_spec,
     temporal_split,
 )
 from export.evaluate import MAX_EVAL_USERS, ScoreFn, default_context, evaluate
 from export.faiss_index import build_index
+from export.interactions import check_name, load_movielens_small, read_interactions
 from export.models import Ranker
 from export.train import TrainConfig, TrainedModels, random_context, train
 from export.triton_config import BatchingSpec
@@ -33,7 +45,9 @@ from orchestrator import schema
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("synthetic", "movielens")
+# The built-in data sets; an own one (``python -m export all --interactions FILE --name NAME``) is any other
+# name, its bundle under build/artifacts/NAME like theirs.
+DATASETS = ("synthetic", "movielens", "movielens-small")
 POPULAR_LIST_LENGTH = 100
 
 
@@ -47,7 +61,9 @@ def prepare_dataset(
     """``synthetic`` is generated (seeded) into ``data_dir`` (default build/data/synthetic) unless a
     complete one is there already: with no ``spec``, any (``u.data`` is the completion marker); with a
     ``spec``, one generated from that very spec (its ``spec.json``). ``movielens`` is read where it
-    lies: ``data_dir``, else $RECSERVE_MOVIELENS_DIR or ../shared/data/movielens-100k."""
+    lies: ``data_dir``, else $RECSERVE_MOVIELENS_DIR or ../shared/data/movielens-100k; ``movielens-small``
+    (MovieLens latest-small) too: ``data_dir``, else $RECSERVE_MOVIELENS_SMALL_DIR or
+    ../shared/data/movielens-latest-small, read through the own-data contract (``export.interactions``)."""
     if name == "synthetic":
         folder = Path(data_dir) if data_dir is not None else synthetic_dir(build_dir)
         complete = (folder / "u.data").is_file()
@@ -57,6 +73,8 @@ def prepare_dataset(
         return load_movielens(folder, "synthetic")
     if name == "movielens":
         return load_movielens(Path(data_dir) if data_dir is not None else movielens_dir(), "movielens-100k")
+    if name == "movielens-small":
+        return load_movielens_small(Path(data_dir) if data_dir is not None else movielens_small_dir())
     raise ValueError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
 
 
@@ -133,14 +151,44 @@ def run_all(
     synthetic: SyntheticSpec | None = None,
     data_dir: Path | None = None,
     eval_max_users: int | None = MAX_EVAL_USERS,
+    data: Dataset | None = None,
+    extra_manifest: dict[str, Any] | None = None,
+    extra_files: dict[str, Any] | None = None,
 ) -> Bundle:
     """Data -> train -> evaluate -> bundle (``build_dir``/artifacts/<dataset>/v<version>) -> Triton models
     (``repo``/<model>/<version>) -> FAISS index, beside every other version. ``data_dir`` and
-    ``synthetic``: see ``prepare_dataset``; evaluation takes a seeded sample of ``eval_max_users`` users past
-    that many (None: every user)."""
+    ``synthetic``: see ``prepare_dataset``; ``data``: a data set already read (an own one, ``run_own``),
+    ``extra_manifest`` goes into its manifest, ``extra_files`` (name -> JSON value) into its folder;
+    evaluation takes a seeded sample of ``eval_max_users`` users past that many (None: every user). A run
+    that fails removes the bundle folder it created."""
     cfg = cfg or TrainConfig()
+    if data is None:
+        data = prepare_dataset(dataset, build_dir, synthetic, data_dir)
+    path = artifacts_dir(dataset, build_dir, version)
+    created = not path.exists()
+    try:
+        return _train_and_export(
+            data, dataset, cfg, version, path, repo, batching, eval_max_users, extra_manifest, extra_files or {}
+        )
+    except BaseException:
+        if created:  # nothing half written: a bundle is whole (manifest last) or not there
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _train_and_export(
+    data: Dataset,
+    dataset: str,
+    cfg: TrainConfig,
+    version: int,
+    path: Path,
+    repo: Path,
+    batching: BatchingSpec | None,
+    eval_max_users: int | None,
+    extra_manifest: dict[str, Any] | None,
+    extra_files: dict[str, Any],
+) -> Bundle:
     started = time.perf_counter()
-    data = prepare_dataset(dataset, build_dir, synthetic, data_dir)
     split = temporal_split(data)
     log.info("%s: %d users, %d items, %d interactions", data.name, data.n_users, data.n_items, data.n_interactions)
     models = train(data, split, cfg)
@@ -154,9 +202,10 @@ def run_all(
         max_users=eval_max_users,
     )
     model_version = f"{data.name}-v{version}-{_weights_digest(models.ranker)}"
-    path = artifacts_dir(dataset, build_dir, version)
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / "metrics.json", metrics)
+    for name, value in extra_files.items():
+        write_json(path / name, value)
     history: dict[str, list[str]] = {}
     for u, i in zip(data.user_idx.tolist(), data.item_idx.tolist(), strict=True):
         history.setdefault(data.user_ids[u], []).append(data.item_ids[i])
@@ -170,10 +219,16 @@ def run_all(
         "n_interactions": data.n_interactions,
         "train_config": asdict(cfg),
         "inputs": [asdict(spec) for spec in schema.ranker_inputs(cfg.embedding_dim)],
+        # The models' feature vocabulary sizes (load_ranker rebuilds the ranker from them).
+        "feature_sizes": {
+            "user": [list(column) for column in data.user_feature_spec],
+            "item": [list(column) for column in data.item_model_features],
+        },
         "metrics": metrics,
         "git_commit": model_repository.git_commit(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "train_seconds": round(train_seconds, 1),
+        **(extra_manifest or {}),
     }
     bundle = Bundle(
         path,
@@ -209,12 +264,70 @@ def run_all(
     return bundle
 
 
+def run_own(
+    interactions: Path,
+    name: str,
+    users: Path | None = None,
+    items: Path | None = None,
+    categorical: tuple[str, ...] = (),
+    **options: Any,
+) -> Bundle:
+    """An own interaction log (and feature tables) -> everything ``run_all`` builds, under
+    build/artifacts/``name``. The files are read and checked in full before anything is written."""
+    check_name(name)
+    own = read_interactions(Path(interactions), name, users=users, items=items, categorical=categorical)
+    source = {
+        "interactions": str(Path(interactions).resolve()),
+        "users": str(Path(users).resolve()) if users else None,
+        "items": str(Path(items).resolve()) if items else None,
+    }
+    extra = {"features": own.describe(), "source": source, "event_types": list(own.dataset.event_types)}
+    files = {"feature_vocabularies.json": own.vocabularies()}
+    return run_all(name, data=own.dataset, extra_manifest=extra, extra_files=files, **options)
+
+
+def _feature_spec(manifest: dict[str, Any], kind: str) -> tuple[tuple[str, int], ...]:
+    """A bundle's feature vocabulary sizes; orchestrator.schema's for bundles written before they were kept."""
+    sizes = manifest.get("feature_sizes", {}).get(kind)
+    if sizes is None:
+        return schema.USER_FEATURES if kind == "user" else schema.ITEM_FEATURES
+    return tuple((str(name), int(size)) for name, size in sizes)
+
+
 def load_ranker(bundle_path: Path) -> Ranker:
     manifest = json.loads((bundle_path / "manifest.json").read_text())
-    ranker = Ranker(int(manifest["embedding_dim"]))
+    ranker = Ranker(
+        int(manifest["embedding_dim"]),
+        user_features=_feature_spec(manifest, "user"),
+        item_features=_feature_spec(manifest, "item"),
+    )
     ranker.load_state_dict(torch.load(bundle_path / "ranker.pt"))
     ranker.eval()
     return ranker
+
+
+def export_bundle(bundle_path: Path, repo: Path = MODEL_REPOSITORY, batching: BatchingSpec | None = None) -> None:
+    """Export a bundle's trained ranker (``ranker.pt``) to ``repo`` again, without training: what ``make up``
+    does when the repository's ranker belongs to another data set or version. Parity is checked on
+    batches of the bundle's own (user, item) rows, as at training time."""
+    bundle = load_bundle(bundle_path)
+    ranker = load_ranker(bundle_path)
+    rng = np.random.default_rng(0)
+    batches = []
+    for size in (1, 7, (batching or BatchingSpec()).max_batch_size):
+        users = rng.integers(0, len(bundle.user_ids), size)
+        items = rng.integers(0, len(bundle.item_ids), size)
+        batches.append(
+            {
+                "user_embedding": bundle.user_embeddings[users],
+                "item_embedding": bundle.item_embeddings[items],
+                "user_features": bundle.user_features[users],
+                "item_features": bundle.item_features[items],
+                "context_features": random_context(rng, size),
+            }
+        )
+    version = int(bundle.manifest.get("triton_version", 1))
+    model_repository.export_ranker(ranker, version, batches, bundle.manifest, repo, batching)
 
 
 def format_metrics(metrics: dict[str, dict[str, float]]) -> str:

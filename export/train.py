@@ -133,7 +133,7 @@ def train_two_tower(
     """In-batch sampled softmax over training interactions; returns the model and both vector tables."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = TwoTower(data.n_users, data.n_items, cfg.embedding_dim)
+    model = TwoTower(data.n_users, data.n_items, cfg.embedding_dim, data.user_feature_spec, data.item_model_features)
     optimisers = two_tower_optimisers(model, cfg.retrieval_lr)
     users = torch.from_numpy(data.user_idx[split.train])
     items = torch.from_numpy(data.item_idx[split.train])
@@ -213,7 +213,7 @@ def train_ranker(
     labels = np.concatenate([np.ones(len(pos_users)), np.zeros(int(keep.sum()))]).astype(np.float32)
     context = random_context(rng, len(users))
 
-    model = Ranker(cfg.embedding_dim)
+    model = Ranker(cfg.embedding_dim, user_features=data.user_feature_spec, item_features=data.item_model_features)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.ranker_lr)
     tensors = {
         "u_emb": torch.from_numpy(user_table),

@@ -17,8 +17,6 @@ from export.errors import ExportError
 from stack.errors import StackError
 from stack.supervise import RestartPolicy
 
-DATASETS = ("synthetic", "movielens")
-
 
 def _cmd_up(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from stack import up
@@ -70,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="the whole local stack: Redis, Triton, load, pre-compute, orchestrator")
-    up.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    up.add_argument(
+        "--dataset",
+        default="synthetic",
+        help="synthetic (default), movielens, movielens-small, or the NAME of an own data set "
+        "(python -m export all --interactions FILE --name NAME)",
+    )
     up.add_argument("--port", type=int, default=8080)
     up.add_argument("--no-triton", action="store_true", help="rank in process with ONNX Runtime instead")
     up.add_argument(

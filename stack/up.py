@@ -153,10 +153,15 @@ def orchestrator_supervisor(
 
 
 def ensure_artifacts(dataset: str) -> Path:
-    """The dataset's bundle folder; trains and exports it first (minutes) when it or its ONNX ranker is
-    missing or the exported ranker belongs to another model version."""
-    from export.pipeline import run_all
+    """The dataset's bundle folder. A built-in data set (``export.pipeline.DATASETS``) with no bundle is
+    trained and exported first (minutes); an own one (``python -m export all --interactions FILE --name
+    NAME``) must have its bundle already. When the repository's ranker belongs to another data set or
+    model version, the bundle's trained ranker is exported there again (seconds, no training)."""
+    from export.interactions import check_name
+    from export.pipeline import DATASETS, export_bundle, run_all
 
+    if dataset not in DATASETS:
+        check_name(dataset, "--dataset")  # it names a folder under build/artifacts: no path tricks
     bundle_path = artifacts_dir(dataset)
     legacy = bundle_path.parent  # bundles were written here before versions lived side by side in v<N>/
     if (legacy / "manifest.json").is_file() and not bundle_path.exists():
@@ -173,9 +178,17 @@ def ensure_artifacts(dataset: str) -> Path:
         version = json.loads(manifest.read_text())["model_version"]
         onnx_manifest = onnx.parent / "manifest.json"
         fresh = onnx_manifest.is_file() and json.loads(onnx_manifest.read_text()).get("model_version") == version
-    if not fresh:
+    if not fresh and manifest.is_file() and (bundle_path / "ranker.pt").is_file():
+        print(f"[up] the model repository holds another model: exporting {dataset}'s ranker again", flush=True)
+        export_bundle(bundle_path)
+    elif not fresh and dataset in DATASETS:
         print(f"[up] no exported model for {dataset}: training and exporting (takes a few minutes)", flush=True)
         run_all(dataset)
+    elif not fresh:
+        raise StackError(
+            f"expected the bundle of the data set {dataset!r} at {bundle_path}, but found none: build it with "
+            f"`python -m export all --interactions FILE --name {dataset}` (built-in data sets: {', '.join(DATASETS)})"
+        )
     return bundle_path
 
 
