@@ -2,9 +2,10 @@
 rewrite docs/BENCHMARKS.md and the measured keys of docs/measurements.json.
 
 Each section lives in its own module (``bench.ranker``, ``bench.batching``, ``bench.dataplane``,
-``bench.service``) and returns a ``SectionResult``: its markdown and the figures the capacity plan
-reads. In BENCHMARKS.md every section sits between ``<!-- section:NAME -->`` and ``<!-- /section:NAME -->``
-so that ``--only NAME`` replaces that block and leaves the others as they were measured.
+``bench.service``, ``bench.redis_scale`` for the section ``redis``) and returns a ``SectionResult``: its
+markdown and the figures the capacity plan reads. In BENCHMARKS.md every section sits between
+``<!-- section:NAME -->`` and ``<!-- /section:NAME -->`` so that ``--only NAME`` replaces that block and
+leaves the others as they were measured.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ IMAGES_DIR = REPO_ROOT / "docs" / "img"
 BENCH_DIR = BUILD_DIR / "bench"
 BASE_COMMAND = "python -m bench"
 HEADER = "header"
-SECTION_ORDER: tuple[str, ...] = ("ranker", "batching", "dataplane", "service")
+SECTION_ORDER: tuple[str, ...] = ("ranker", "batching", "dataplane", "service", "redis")
 _NAME = re.compile(r"^[a-z0-9_-]+$")
 
 
@@ -273,6 +274,7 @@ SECTIONS: dict[str, Section] = {
     "batching": _module_section("bench.batching"),
     "dataplane": _dataplane_section,
     "service": _module_section("bench.service"),
+    "redis": _module_section("bench.redis_scale"),
 }
 
 
@@ -348,4 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=BASE_COMMAND, description=__doc__)
     _add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: a line per request costs the client CPU on the cores it shares with
+    # the service under test (the service section sends tens of thousands).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return _cmd_bench(parser.parse_args(argv))

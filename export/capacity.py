@@ -36,6 +36,7 @@ REQUIRED_MEASUREMENTS: tuple[str, ...] = (
     "redis_bytes_per_embedding_128_fp32",
     "redis_bytes_per_feature_row",
     "redis_bytes_per_precomputed_list",
+    "redis_bytes_per_seen_set",
     "redis_bytes_per_cache_entry",
     "faiss_bytes_per_item",
     "faiss_bytes_per_item_pq",
@@ -43,6 +44,10 @@ REQUIRED_MEASUREMENTS: tuple[str, ...] = (
 )
 # Optional: a measured T4 figure replaces the CPU figure x speed-up assumption.
 T4_MEASURED_KEY = "triton_t4_rows_per_s"
+# Bytes per value of a stored embedding, and the measurement of a stored 128-d one (key and overhead
+# included) per storage dtype; fp32's is required, fp16's is read when a plan stores fp16.
+EMBEDDING_BYTES = {"fp32": 4, "fp16": 2}
+EMBEDDING_MEASUREMENT = {"fp32": "redis_bytes_per_embedding_128_fp32", "fp16": "redis_bytes_per_embedding_128_fp16"}
 
 
 class CapacityInputError(ValueError):
@@ -71,6 +76,7 @@ class Load:
     items: int = 50_000_000
     candidates_per_request: int = 200  # rows Triton scores per cache-missing request
     embedding_dim: int = 128
+    embedding_dtype: Literal["fp32", "fp16"] = "fp32"  # as stored in Redis (``python -m export load --dtype``)
 
     def validate(self) -> None:
         if self.users < 1:
@@ -85,6 +91,8 @@ class Load:
             raise CapacityInputError("cache_hit_rate", "a fraction in [0, 1)", self.cache_hit_rate)
         if self.candidates_per_request < 1:
             raise CapacityInputError("candidates_per_request", "an integer >= 1", self.candidates_per_request)
+        if self.embedding_dtype not in EMBEDDING_BYTES:
+            raise CapacityInputError("embedding_dtype", f"one of {sorted(EMBEDDING_BYTES)}", self.embedding_dtype)
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,7 @@ class Policy:
     redis_fill: float = 0.75  # maxmemory / node memory: RDB fork copy-on-write + replication buffers
     redis_raw_overhead: float = 1.5  # only when no measured bytes/entity exist (keys, dict, allocator)
     cache_user_fraction: float = 0.2  # users with a live cached response (TTL) at any time
+    cache_contexts_per_user: float = 1.0  # cached contexts (page type x device) per such user, one hash field each
     faiss_placement: Literal["in-process", "dedicated"] = "in-process"
     faiss_in_process_max_gb: float = 6.0  # of an orchestrator pod's memory (8 GiB in gpu-t4)
     faiss_replica_memory_gb: float = 64.0  # dedicated placement only
@@ -116,6 +125,10 @@ class Policy:
             raise CapacityInputError("redis_raw_overhead", ">= 1.0", self.redis_raw_overhead)
         if self.min_replicas < 1:
             raise CapacityInputError("min_replicas", "an integer >= 1", self.min_replicas)
+        if not 0.0 <= self.cache_user_fraction <= 1.0:
+            raise CapacityInputError("cache_user_fraction", "a fraction in [0, 1]", self.cache_user_fraction)
+        if self.cache_contexts_per_user < 0:
+            raise CapacityInputError("cache_contexts_per_user", ">= 0", self.cache_contexts_per_user)
 
 
 @dataclass
@@ -178,6 +191,48 @@ def _ceil(x: float) -> int:
     return math.ceil(round(x, 9))
 
 
+def embedding_bytes(
+    load: Load, measurements: dict[str, Measurement], policy: Policy, measured_bytes_per_entity: float | None = None
+) -> tuple[float, str]:
+    """Redis bytes per stored embedding (key and overhead included) and what that figure rests on, best
+    evidence first: the memory planner's measurement, a benchmarked figure for the dtype, else raw arithmetic
+    (dim x bytes per value) times the stated overhead factor."""
+    per_value = EMBEDDING_BYTES[load.embedding_dtype]
+    embedding = measurements.get(EMBEDDING_MEASUREMENT[load.embedding_dtype])
+    if measured_bytes_per_entity is not None:
+        return measured_bytes_per_entity, "measured by the memory planner (plan_measured.json)"
+    if embedding is not None and not embedding.provisional:
+        # Scaled with the dim: the vector dominates a 128-d value (256 of 430 B in fp16, 512 of 750 in fp32).
+        return embedding.value * load.embedding_dim / 128, f"measured: {embedding.source}"
+    raw = load.embedding_dim * per_value * policy.redis_raw_overhead
+    return raw, f"raw {load.embedding_dim} x {per_value} B x {policy.redis_raw_overhead} overhead (no measurement yet)"
+
+
+def redis_data_bytes(
+    load: Load, measurements: dict[str, Measurement], policy: Policy, measured_bytes_per_entity: float | None = None
+) -> tuple[dict[str, float], float, str]:
+    """Redis bytes per key kind, the bytes per entity (embedding + feature row) and the embedding's basis.
+
+    Kinds: embeddings and feature rows of every user and item; per user a seen set (the items of the history,
+    excluded at serving) and a pre-computed list; per cached user ``cache_contexts_per_user`` cached lists.
+    Not counted, being small or bounded: the version pointers and metadata, the per-segment popular lists,
+    generation counters (users with an event in the last 30 days), session lists (capped, 7-day TTL), the
+    events stream (MAXLEN) and rate-limit buckets (docs/CAPACITY.md).
+    """
+    m = {k: v.value for k, v in measurements.items()}
+    embedding, basis = embedding_bytes(load, measurements, policy, measured_bytes_per_entity)
+    feature_row = m["redis_bytes_per_feature_row"]
+    cached_lists = load.users * policy.cache_user_fraction * policy.cache_contexts_per_user
+    by_kind = {
+        "embeddings": (load.users + load.items) * embedding,
+        "feature_rows": (load.users + load.items) * feature_row,
+        "seen_sets": load.users * m["redis_bytes_per_seen_set"],
+        "precomputed_lists": load.users * m["redis_bytes_per_precomputed_list"],
+        "cache_entries": cached_lists * m["redis_bytes_per_cache_entry"],
+    }
+    return by_kind, embedding + feature_row, basis
+
+
 def plan(
     load: Load,
     measurements: dict[str, Measurement],
@@ -232,29 +287,14 @@ def plan(
         "max_queue_delay_ms": policy.triton_max_queue_delay_ms,
     }
 
-    # Redis: embeddings + features for users and items, pre-computed lists per user, live cache entries.
-    # Bytes per embedding, best evidence first: the memory planner's measurement, a benchmarked figure,
-    # else raw arithmetic (dim x 4 bytes) times the stated overhead factor.
-    embedding = measurements["redis_bytes_per_embedding_128_fp32"]
-    if measured_bytes_per_entity is not None:
-        embedding_bytes = measured_bytes_per_entity
-        embedding_basis = "measured by the memory planner (plan_measured.json)"
-    elif not embedding.provisional:
-        embedding_bytes = embedding.value * load.embedding_dim / 128
-        embedding_basis = f"measured: {embedding.source}"
-    else:
-        embedding_bytes = load.embedding_dim * 4 * policy.redis_raw_overhead
-        embedding_basis = f"raw {load.embedding_dim} x 4 B x {policy.redis_raw_overhead} overhead (no measurement yet)"
-    entity_bytes = embedding_bytes + m["redis_bytes_per_feature_row"]
-    total_bytes = (
-        (load.users + load.items) * entity_bytes
-        + load.users * m["redis_bytes_per_precomputed_list"]
-        + load.users * policy.cache_user_fraction * m["redis_bytes_per_cache_entry"]
-    )
+    # Redis: every key kind the data plane holds (redis_data_bytes says which).
+    by_kind, entity_bytes, embedding_basis = redis_data_bytes(load, measurements, policy, measured_bytes_per_entity)
+    total_bytes = sum(by_kind.values())
     usable_per_shard = policy.redis_shard_memory_gb * GB * policy.redis_fill
     shards = max(3, _ceil(total_bytes / usable_per_shard))  # 3: the smallest Redis Cluster
     result.redis = {
         "data_gb": round(total_bytes / GB, 1),
+        "data_gb_by_kind": {kind: round(b / GB, 2) for kind, b in by_kind.items()},
         "bytes_per_entity": round(entity_bytes),
         "basis": embedding_basis,
         "shards": shards,
@@ -337,6 +377,8 @@ def reference_case() -> tuple[Load, dict[str, Measurement], Policy]:
         "redis_bytes_per_embedding_128_fp32": ref(640, "bytes"),
         "redis_bytes_per_feature_row": ref(120, "bytes"),
         "redis_bytes_per_precomputed_list": ref(1_300, "bytes"),
+        # The reference plan counts no seen sets.
+        "redis_bytes_per_seen_set": ref(0, "bytes"),
         "redis_bytes_per_cache_entry": ref(1_600, "bytes"),
         # IVF-HNSW,Flat over 256-d fp32: 1 KiB per item + ids and lists.
         "faiss_bytes_per_item": ref(1_100, "bytes"),
@@ -361,6 +403,8 @@ def format_plan(p: Plan) -> str:
         f"  redis         {r['shards']} shards x {r['node_memory_gb']:g} GB (+1 replica each = "
         f"{r['nodes_with_replicas']} nodes; {r['data_gb']} GB of data, maxmemory {r['maxmemory_gb']} GB; "
         f"{r['basis']})",
+        "                "
+        + ", ".join(f"{kind.replace('_', ' ')} {gb:g} GB" for kind, gb in r["data_gb_by_kind"].items()),
         f"  faiss         {f['replicas']} replicas ({f['placement']}, {f['index']}) "
         f"x {f['replica_memory_gb']} GB "
         f"(index {f['index_gb']} GB, flat {f['flat_index_gb']} GB; {f['search_qps']:,} searches/s)",

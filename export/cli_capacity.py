@@ -23,6 +23,7 @@ def _cmd_capacity(args: argparse.Namespace) -> int:
             items=args.items,
             candidates_per_request=args.candidates,
             embedding_dim=args.dim,
+            embedding_dtype=args.dtype,
         )
         measurements = capacity.load_measurements(Path(args.measurements))
         policy = capacity.Policy(cores_per_pod=args.cores_per_pod)
@@ -53,6 +54,12 @@ def add_commands(subparsers: Any) -> None:
         help="candidate rows the ranker scores per cache-missing request",
     )
     cmd.add_argument("--dim", type=int, default=capacity.Load.embedding_dim, help="embedding dimension")
+    cmd.add_argument(
+        "--dtype",
+        choices=sorted(capacity.EMBEDDING_BYTES),
+        default=capacity.Load.embedding_dtype,
+        help="embeddings as stored in Redis (`python -m export load --dtype`)",
+    )
     cmd.add_argument("--cores-per-pod", type=int, default=capacity.Policy.cores_per_pod)
     cmd.add_argument("--measurements", default=str(capacity.MEASUREMENTS_PATH))
     cmd.add_argument(

@@ -97,38 +97,45 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
-    from export.precompute import PrecomputeConfig, precompute
+    from export.precompute import BackendSpec, PrecomputeConfig, available_cores, precompute_processes
 
     path = _bundle_path(args)
-    bundle = load_bundle(path)
+    manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").is_file() else None
+    if manifest is None:
+        load_bundle(path)  # raises the bundle's own "missing manifest.json" error
     # Kubernetes Indexed Jobs hand each pod its index in JOB_COMPLETION_INDEX.
     shard_index = args.shard_index if args.shard_index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", 0))
     cfg = PrecomputeConfig(
         top_n=args.top_n,
         n_candidates=args.candidates,
         batch_users=args.batch_users,
+        rank_rows=args.rank_rows,
         ttl_s=args.ttl_s,
         shard_index=shard_index,
         shard_count=args.shard_count,
     )
     cfg.validate()
-    retriever = dataplane.faiss_retriever(args.index or path / "item_index.faiss")
-    ranker = dataplane.onnx_ranker(
-        args.model or default_onnx_model(bundle.manifest), bundle.model_version, args.threads
-    )
-
-    async def run() -> None:
-        backend = await open_backend(args)
-        try:
-            report = await precompute(backend, bundle, retriever, ranker, cfg, progress=not args.no_progress)
-        finally:
-            await backend.aclose()
-        print(
-            f"shard {report.shard}: {report.users} users ({report.skipped_users} already done) in "
-            f"{report.seconds:.1f} s, {report.users_per_s:,.0f} users/s, model {report.version}"
+    processes = args.processes or available_cores()
+    urls = tuple(u.strip() for u in args.redis.split(",") if u.strip())
+    if args.cluster and len(urls) != 1:
+        raise ValueError(f"--cluster takes one seed URL, got {len(urls)}")
+    report = _run(
+        precompute_processes(
+            BackendSpec(urls, args.cluster, args.timeout_ms),
+            path,
+            args.index or path / "item_index.faiss",
+            args.model or default_onnx_model(manifest or {}),
+            cfg,
+            processes,
+            progress=not args.no_progress,
         )
-
-    _run(run())
+    )
+    done = report.users - report.skipped_users
+    print(
+        f"shard {report.shard}: {report.users} users ({report.skipped_users} already done) in "
+        f"{report.seconds:.1f} s with {processes} processes, {report.users_per_s:,.0f} users/s "
+        f"({done / report.cpu_seconds if report.cpu_seconds else 0:,.0f} per CPU-second), model {report.version}"
+    )
     return 0
 
 
@@ -186,11 +193,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--index", type=Path, default=None, help="FAISS index (default: the bundle's)")
     pre.add_argument("--top-n", type=int, default=50)
     pre.add_argument("--candidates", type=int, default=200, help="ranked candidates per user")
-    pre.add_argument("--batch-users", type=int, default=256)
+    pre.add_argument("--batch-users", type=int, default=1024, help="users per FAISS search, write and checkpoint")
+    pre.add_argument("--rank-rows", type=int, default=1024, help="user-candidate rows per ranker call")
     pre.add_argument("--ttl-s", type=int, default=7 * 86400)
     pre.add_argument("--shard-index", type=int, default=None, help="default: $JOB_COMPLETION_INDEX or 0")
     pre.add_argument("--shard-count", type=int, default=1)
-    pre.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads")
+    pre.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="worker processes, one ranker thread each (default 0: one per core this pod may use, "
+        "its CPU affinity capped by the cgroup CPU limit)",
+    )
     pre.set_defaults(func=_cmd_precompute)
 
     plan = subparsers.add_parser("plan", help="memory and shards for N users x M items x D dims")

@@ -6,7 +6,8 @@ Profiles:
 - ``cpu`` (local and CI, rendered under ``build/``): the very same model files served by the Python
   backend (``export/triton_python_backend/model.py``) on the CPU.
 
-Both share the dynamic-batching block, so what is measured locally is the same policy that ships.
+Both share the dynamic-batching block (sizes, queue policy) but for the queue delay, which is each profile's
+own (``PROFILE_MAX_QUEUE_DELAY_MICROSECONDS``): what pays on a GPU is pure latency on a CPU.
 """
 
 from __future__ import annotations
@@ -54,21 +55,39 @@ QUEUE_TIMEOUT_MICROSECONDS = 40_000
 MAX_QUEUE_SIZE = 128
 
 
+# How long the batcher may hold a request to fill a larger batch, per profile (microseconds).
+# gpu-t4: 5 ms fills a 1000-row batch at a few thousand requests/s without breaking a 100 ms budget; on a GPU
+# one execution of 1000 rows costs about what one of 200 does, so the wait buys throughput.
+# cpu: 0. The batching study (docs/BENCHMARKS.md, batching section, bench/batching.py) found that on the CPU
+# the model's work grows with the rows, so a delay buys no throughput under load (0 ms ties the best delay
+# at 8+ clients: requests already queue while the instance is busy and merge up to 1000 rows per
+# execution), while at low load it is pure added latency (1 client: p50 1.7 ms at 0 ms, 6.9 ms at 5 ms).
+PROFILE_MAX_QUEUE_DELAY_MICROSECONDS: dict[Profile, int] = {"gpu-t4": 5000, "cpu": 0}
+
+
 @dataclass(frozen=True)
 class BatchingSpec:
     """Dynamic batching, in rows (one row = one user x candidate pair), and the queue in front of it.
 
-    5 ms of queue delay on a T4 fills a 1000-row batch at a few thousand requests/s without breaking a
-    100 ms budget. ``queue_timeout_microseconds`` 0 and ``max_queue_size`` 0 turn the queue policy off.
+    ``max_queue_delay_microseconds`` None takes the profile's delay (``PROFILE_MAX_QUEUE_DELAY_MICROSECONDS``);
+    a number sets it for every profile (the benchmarks' sweeps, the tests). ``queue_timeout_microseconds`` 0
+    and ``max_queue_size`` 0 turn the queue policy off.
     """
 
     max_batch_size: int = MAX_BATCH_SIZE
     preferred_batch_sizes: tuple[int, ...] = PREFERRED_BATCH_SIZES
-    max_queue_delay_microseconds: int = 5000
+    max_queue_delay_microseconds: int | None = None
     queue_timeout_microseconds: int = QUEUE_TIMEOUT_MICROSECONDS
     max_queue_size: int = MAX_QUEUE_SIZE
 
-    def validate(self) -> None:
+    def queue_delay_microseconds(self, profile: Profile) -> int:
+        """The delay rendered under ``profile``: the spec's own, else the profile's."""
+        if self.max_queue_delay_microseconds is not None:
+            return self.max_queue_delay_microseconds
+        return PROFILE_MAX_QUEUE_DELAY_MICROSECONDS[profile]
+
+    def validate(self, profile: Profile | None = None) -> None:
+        """Check the rules for ``profile``, or for every profile when None (a spec may render under any)."""
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size}")
         if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
@@ -76,17 +95,18 @@ class BatchingSpec:
                 f"preferred_batch_sizes must lie in 1..max_batch_size ({self.max_batch_size}), "
                 f"got {list(self.preferred_batch_sizes)}"
             )
-        if self.max_queue_delay_microseconds < 0:
+        if self.max_queue_delay_microseconds is not None and self.max_queue_delay_microseconds < 0:
             raise ValueError(f"max_queue_delay_microseconds must be >= 0, got {self.max_queue_delay_microseconds}")
         if self.queue_timeout_microseconds < 0:
             raise ValueError(
                 f"queue_timeout_microseconds must be >= 0 (0: none), got {self.queue_timeout_microseconds}"
             )
-        if 0 < self.queue_timeout_microseconds <= self.max_queue_delay_microseconds:
+        delay = max(self.queue_delay_microseconds(p) for p in ((profile,) if profile else PROFILES))
+        if 0 < self.queue_timeout_microseconds <= delay:
             # Every request would be rejected while the batcher still waits for it to form a batch.
             raise ValueError(
                 f"queue_timeout_microseconds must exceed max_queue_delay_microseconds "
-                f"({self.max_queue_delay_microseconds}), got {self.queue_timeout_microseconds}"
+                f"({delay}), got {self.queue_timeout_microseconds}"
             )
         if self.max_queue_size < 0:
             raise ValueError(f"max_queue_size must be an integer >= 0 (0: unbounded), got {self.max_queue_size}")
@@ -118,9 +138,9 @@ def ranker_models(embedding_dim: int = 128, batching: BatchingSpec | None = None
 
 def build_config(model: ModelSpec, profile: Profile) -> mc.ModelConfig:
     """The ``ModelConfig`` of ``model`` under ``profile``."""
-    model.batching.validate()
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {list(PROFILES)}, got {profile!r}")
+    model.batching.validate(profile)
     config = mc.ModelConfig(name=model.name, max_batch_size=model.batching.max_batch_size)
     # Every version folder in the repository is served: a new model version (``python -m export publish``)
     # is served beside the active one, and a retired one goes with its folder (docs/RELEASES.md).
@@ -130,7 +150,7 @@ def build_config(model: ModelSpec, profile: Profile) -> mc.ModelConfig:
     config.output.add(name=model.output_name, data_type=mc.TYPE_FP32, dims=[1])
     batching = config.dynamic_batching
     batching.preferred_batch_size.extend(model.batching.preferred_batch_sizes)
-    batching.max_queue_delay_microseconds = model.batching.max_queue_delay_microseconds
+    batching.max_queue_delay_microseconds = model.batching.queue_delay_microseconds(profile)
     if model.batching.queue_timeout_microseconds or model.batching.max_queue_size:
         queue = batching.default_queue_policy
         queue.timeout_action = mc.ModelQueuePolicy.REJECT

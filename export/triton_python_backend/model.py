@@ -105,7 +105,10 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
                 columns[name].append(tensor.astype(_NUMPY_DTYPES[dtype], copy=False))
             sizes.append(len(columns[self.inputs[0][0]][-1]))
-        batch = {name: np.concatenate(parts) for name, parts in columns.items()}
+        # A lone request (every request at low load, with no queue delay on the cpu profile) runs on its own
+        # arrays: copying 200 rows into a batch of one cost 38 us of the stub's CPU per request (5 inputs,
+        # 200 rows; 4 us without), measured in process.
+        batch = {name: parts[0] if len(parts) == 1 else np.concatenate(parts) for name, parts in columns.items()}
         scores = self._run(batch).reshape(-1, 1)
         responses = []
         for part in np.split(scores, np.cumsum(sizes)[:-1]):

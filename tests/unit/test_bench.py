@@ -207,3 +207,46 @@ def test_pinning_moves_every_thread_and_restores_them() -> None:
     thread.join()
     assert seen == {"main": {cores[1]}, "worker": {cores[1]}}
     assert os.sched_getaffinity(0) == before
+
+
+def test_redis_section_turns_the_sample_into_the_plans_inputs_and_estimate() -> None:
+    """Per-key figures are used_memory deltas per key (embeddings and feature rows: mean of user and item);
+    the estimate is the capacity plan's own arithmetic on them, counting every kind."""
+    from bench.redis_scale import per_unit_figures, plan_before, plan_estimate
+    from export.plan import FillSpec, KindMeasurement, ScaleMeasurement
+
+    def sample(per_key: dict[str, float]) -> ScaleMeasurement:
+        kinds = {k: KindMeasurement(100, int(v * 100), v - 10, 0.1) for k, v in per_key.items()}
+        return ScaleMeasurement(FillSpec(100, 100), 1_000, 0, kinds, 120.0, "7.0")
+
+    fp16 = sample(
+        {
+            "user_embedding": 420,
+            "item_embedding": 440,
+            "user_features": 110,
+            "item_features": 130,
+            "seen": 600,
+            "precomputed": 1200,
+            "cache_entry": 3300,
+        }
+    )
+    fp32 = sample({"user_embedding": 740, "item_embedding": 760})
+    figures = per_unit_figures(fp16, fp32)
+    assert figures == {
+        "redis_bytes_per_embedding_128_fp16": 430,
+        "redis_bytes_per_embedding_128_fp32": 750,
+        "redis_bytes_per_feature_row": 120,
+        "redis_bytes_per_seen_set": 600,
+        "redis_bytes_per_precomputed_list": 1200,
+        "redis_bytes_per_cache_entry": 3300,
+    }
+    estimate = plan_estimate(figures, 1000, 2000, "test run")
+    assert estimate == {
+        "embeddings": 3000 * 430,
+        "feature_rows": 3000 * 120,
+        "seen_sets": 1000 * 600,
+        "precomputed_lists": 1000 * 1200,
+        "cache_entries": 200 * 3300,  # the plan's 20% of users with a cached list
+    }
+    # The plan before: no seen sets, a 600 B cache entry, its old per-key figures.
+    assert plan_before(1000, 2000, 0.2) == 3000 * (424 + 88) + 1000 * 952 + 200 * 600

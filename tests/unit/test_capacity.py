@@ -60,7 +60,8 @@ def test_our_plan_for_the_reference_load() -> None:
     assert p.faiss["placement"] == "in-process" and p.faiss["index"] == "IVF-HNSW,PQ"
     assert p.faiss["replicas"] == p.orchestrator["pods"]
     assert "raw" in p.redis["basis"], "no benchmark yet: raw arithmetic x the stated overhead"
-    assert p.redis["shards"] == 9
+    # 150M entities x (768 + 100) + 100M x (500 list + 413 seen set) + 20M cached x 600 = 233.5 GB over 24 GB.
+    assert p.redis["data_gb"] == 233.5 and p.redis["shards"] == 10
     assert "t4_speedup_over_cpu_instance" in p.provisional
 
 
@@ -192,3 +193,60 @@ def test_policy_replace_keeps_validation() -> None:
             _ours(),
             replace(Policy(), redis_raw_overhead=0.5),
         )
+
+
+def test_redis_counts_every_key_kind() -> None:
+    """Embeddings and feature rows of users and items, per user a seen set and a pre-computed list, per
+    cached user its cached contexts: each kind from its own measured figure, none left out."""
+    ours = _ours()
+    figures = {
+        "redis_bytes_per_embedding_128_fp16": 430.0,
+        "redis_bytes_per_feature_row": 120.0,
+        "redis_bytes_per_seen_set": 410.0,
+        "redis_bytes_per_precomputed_list": 1_170.0,
+        "redis_bytes_per_cache_entry": 3_340.0,
+    }
+    for key, value in figures.items():
+        ours[key] = Measurement(value, "bytes", "bench: redis run", False)
+    load = Load(users=1_000_000, qps=1_000, p99_ms=100, cache_hit_rate=0.9, items=2_000_000, embedding_dtype="fp16")
+    policy = Policy(cache_user_fraction=0.2, cache_contexts_per_user=1.0)
+    by_kind, entity, basis = capacity.redis_data_bytes(load, ours, policy)
+    assert by_kind == {
+        "embeddings": 3_000_000 * 430.0,
+        "feature_rows": 3_000_000 * 120.0,
+        "seen_sets": 1_000_000 * 410.0,
+        "precomputed_lists": 1_000_000 * 1_170.0,
+        "cache_entries": 200_000 * 3_340.0,
+    }
+    assert entity == 550.0 and basis == "measured: bench: redis run"
+    p = plan(load, ours, policy)
+    assert p.redis["data_gb"] == round(sum(by_kind.values()) / 1e9, 1) == 3.9
+    assert p.redis["data_gb_by_kind"]["seen_sets"] == 0.41
+    # Two cached contexts per cached user double the cache's share and nothing else.
+    doubled, _, _ = capacity.redis_data_bytes(load, ours, replace(policy, cache_contexts_per_user=2.0))
+    assert doubled["cache_entries"] == 2 * by_kind["cache_entries"]
+    assert {k: v for k, v in doubled.items() if k != "cache_entries"} == {
+        k: v for k, v in by_kind.items() if k != "cache_entries"
+    }
+
+
+def test_embedding_bytes_follow_the_stored_dtype() -> None:
+    ours = _ours()
+    ours["redis_bytes_per_embedding_128_fp32"] = Measurement(744, "bytes", "bench fp32", False)
+    ours["redis_bytes_per_embedding_128_fp16"] = Measurement(424, "bytes", "bench fp16", False)
+    fp32 = Load(users=10, qps=1, p99_ms=100, cache_hit_rate=0.9, embedding_dim=256)
+    assert capacity.embedding_bytes(fp32, ours, Policy()) == (1488, "measured: bench fp32")
+    fp16 = replace(fp32, embedding_dtype="fp16")
+    assert capacity.embedding_bytes(fp16, ours, Policy()) == (848, "measured: bench fp16")
+    # No fp16 figure measured: raw arithmetic at 2 bytes per value, said so.
+    del ours["redis_bytes_per_embedding_128_fp16"]
+    raw, basis = capacity.embedding_bytes(fp16, ours, Policy(redis_raw_overhead=1.5))
+    assert raw == 256 * 2 * 1.5 and basis.startswith("raw 256 x 2 B x 1.5")
+
+
+def test_bad_dtype_and_cache_policy_state_the_rule() -> None:
+    load = Load(users=1, qps=1, p99_ms=1, cache_hit_rate=0.5, embedding_dtype="int8")  # type: ignore[arg-type]
+    with pytest.raises(CapacityInputError, match=r"embedding_dtype: expected one of \['fp16', 'fp32'\]"):
+        plan(load, _ours())
+    with pytest.raises(CapacityInputError, match=r"cache_user_fraction: expected a fraction in \[0, 1\]"):
+        plan(Load(users=1, qps=1, p99_ms=1, cache_hit_rate=0.5), _ours(), Policy(cache_user_fraction=1.5))

@@ -43,10 +43,44 @@ def test_cpu_profile_serves_the_same_files_through_the_python_backend() -> None:
         assert cpu.backend == "python" and not cpu.platform
         assert cpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
         assert cpu.parameters["model_file"].string_value == model.filename
-        assert cpu.dynamic_batching == gpu.dynamic_batching
+        # The same batching block but for the queue delay (below).
+        cpu_batching, gpu_batching = mc.ModelDynamicBatching(), mc.ModelDynamicBatching()
+        cpu_batching.CopyFrom(cpu.dynamic_batching)
+        gpu_batching.CopyFrom(gpu.dynamic_batching)
+        cpu_batching.ClearField("max_queue_delay_microseconds")
+        gpu_batching.ClearField("max_queue_delay_microseconds")
+        assert cpu_batching == gpu_batching
         assert list(cpu.input) == list(gpu.input) and list(cpu.output) == list(gpu.output)
         # Both warm every instance up before reporting ready, with the same zero-data batches.
         assert list(cpu.model_warmup) == list(gpu.model_warmup) and len(cpu.model_warmup) == 3
+
+
+def test_queue_delay_is_the_profiles_own_unless_the_spec_sets_one() -> None:
+    """The batching study recommends 0 ms on the CPU (a delay there is pure latency); the GPU keeps 5 ms."""
+    for model in ranker_models():
+        assert build_config(model, "cpu").dynamic_batching.max_queue_delay_microseconds == 0
+        assert build_config(model, "gpu-t4").dynamic_batching.max_queue_delay_microseconds == 5000
+    swept = BatchingSpec(max_queue_delay_microseconds=1000)  # what the benchmarks' sweeps pass
+    for profile in PROFILES:
+        config = build_config(ranker_models(batching=swept)[0], profile)
+        assert config.dynamic_batching.max_queue_delay_microseconds == 1000
+    # 0 renders as proto3's default: the cpu config.pbtxt does not spell the field out, and parses back to 0.
+    cpu_text = render(build_config(ranker_models()[0], "cpu"))
+    assert "max_queue_delay_microseconds" not in cpu_text
+    assert parse(cpu_text).dynamic_batching.max_queue_delay_microseconds == 0
+
+
+def test_queue_timeout_is_checked_against_the_delay_of_the_profile_rendered() -> None:
+    """A queue timeout must exceed the delay of every profile the spec may render for, else of the one asked."""
+    short = BatchingSpec(queue_timeout_microseconds=3000)
+    short.validate("cpu")  # 3 ms > 0 ms
+    with pytest.raises(ValueError, match=r"must exceed max_queue_delay_microseconds \(5000\), got 3000"):
+        short.validate("gpu-t4")
+    with pytest.raises(ValueError, match=r"must exceed max_queue_delay_microseconds \(5000\), got 3000"):
+        short.validate()
+    assert build_config(ranker_models(batching=short)[0], "cpu").dynamic_batching.max_queue_delay_microseconds == 0
+    with pytest.raises(ValueError, match=r"\(5000\), got 3000"):
+        build_config(ranker_models(batching=short)[0], "gpu-t4")
 
 
 def test_committed_gpu_configs_match_the_spec() -> None:
