@@ -12,8 +12,9 @@ one backoff per congestion window), not a gradient limiter (its ``Gradient2Limit
   falls whenever cache hits, events or a burst take the event loop. A fixed limit measured once is wrong
   on every other machine and at every other mix of traffic (set ``min_limit = max_limit`` for one anyway).
 - Why not the gradient: it reads congestion from the ratio of the recent to the long-term latency, but
-  here latency rises with concurrency by design: Triton's dynamic batcher waits up to 5 ms to fill larger
-  batches, which is how it gains throughput. A gradient limiter reads that as queueing and holds the limit
+  here latency rises with concurrency by design: Triton's dynamic batcher merges the requests that queue
+  behind a busy instance (and on a GPU waits up to 5 ms to fill larger batches), which is how it gains
+  throughput. A gradient limiter reads that as queueing and holds the limit
   low, and its long-term baseline drifts with the traffic mix (a cache flush changes it at once). What
   matters is explicit: a computation must finish within its deadline. So the signal is whether it did, with
   a margin (``slow_s``, below the budget): slower or timed out is a miss.
