@@ -9,19 +9,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.artifacts import Bundle
+from export.artifacts import Bundle, load_bundle
 from export.data import load_movielens, movielens_dir, temporal_split
 from export.faiss_index import build_index
 from export.model_export import export_onnx
 from export.pipeline import popular_lists
-from export.precompute import Candidates, PrecomputeConfig, offline_top_n, precompute
+from export.precompute import (
+    Candidates,
+    PrecomputeConfig,
+    PrecomputeWorkerError,
+    offline_top_n,
+    precompute,
+    precompute_processes,
+)
+from export.precompute_bench import synthetic_bundle
 from export.train import TrainConfig, train
 from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.retrieval import FaissRetriever
 from orchestrator.store.precomputed import RedisPrecomputedStore
 from orchestrator.store.sharded import ShardedBackend
+from tests.redis_harness import RedisServer
 
-pytestmark = [pytest.mark.integration, pytest.mark.movielens]
+pytestmark = pytest.mark.integration
 # Quality does not matter here, only that job and reference agree: train as little as possible.
 TINY = TrainConfig(
     embedding_dim=16,
@@ -59,6 +68,7 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.movielens
 async def test_precompute_writes_every_users_offline_list(sharded: ShardedBackend, movielens_bundle):
     bundle, path = movielens_bundle
     retriever = FaissRetriever(path / "item_index.faiss")
@@ -88,3 +98,48 @@ async def test_precompute_writes_every_users_offline_list(sharded: ShardedBacken
         np.testing.assert_allclose(recs.scores, scores, rtol=1e-5, atol=1e-6)
         assert recs.model_version == "ml100k-test" and len(items) == 50
         assert not set(items) & set(bundle.user_history[bundle.user_ids[row]])
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Bundle, Path]:
+    path = tmp_path_factory.mktemp("precompute-synthetic")
+    synthetic_bundle(path, 301, 1_500, dim=16, mean_history=30, min_history=1)
+    return load_bundle(path), path
+
+
+async def test_processes_of_a_pod_write_every_users_list_once_and_resume(
+    sharded: ShardedBackend, shard_servers: list[RedisServer], synthetic
+):
+    bundle, path = synthetic
+    urls = [s.url for s in shard_servers]
+    cfg = PrecomputeConfig(top_n=20, n_candidates=80, batch_users=40, ttl_s=3600, shard_index=1, shard_count=2)
+    args = (path, path / "item_index.faiss", path / "ranker.onnx", cfg, 2)
+    report = await precompute_processes(urls, *args, progress=False)
+    pod_rows = list(range(1, 301, 2))
+    assert (report.users, report.skipped_users, report.processes) == (150, 0, 2)
+    # Process w of 2 in pod 1 of 2 takes rows r % 4 == 1 + 2w: 75 users each, no user twice.
+    assert [(r.shard, r.users) for r in report.per_process] == [("1of4", 75), ("3of4", 75)]
+    assert report.cpu_seconds > 0
+
+    stored = await RedisPrecomputedStore(sharded, bundle.model_version).get_recs(bundle.user_ids)
+    assert [row for row, recs in enumerate(stored) if recs is not None] == pod_rows  # the other pod's: none
+    ranker = OnnxRanker(path / "ranker.onnx", bundle.model_version)
+    reference = Candidates(bundle, FaissRetriever(path / "item_index.faiss"), cfg)
+    for row in pod_rows:
+        recs = stored[row]
+        assert recs is not None
+        items, scores = offline_top_n(reference, row, ranker.run)
+        assert list(recs.items) == items
+        np.testing.assert_allclose(recs.scores, scores, rtol=1e-5, atol=1e-6)
+
+    again = await precompute_processes(urls, *args, progress=False)
+    assert (again.users, again.skipped_users) == (150, 150)  # each process resumed past its checkpoint
+
+
+async def test_a_failing_process_fails_the_pod_with_its_reason(shard_servers: list[RedisServer], synthetic, tmp_path):
+    _, path = synthetic
+    cfg = PrecomputeConfig(top_n=20, n_candidates=80, ttl_s=3600)
+    with pytest.raises(PrecomputeWorkerError, match=r"expected every pre-compute process.*found 2.*missing\.onnx"):
+        await precompute_processes(
+            [shard_servers[0].url], path, path / "item_index.faiss", tmp_path / "missing.onnx", cfg, 2, progress=False
+        )

@@ -1,0 +1,238 @@
+"""The shipped ranker's arithmetic regrouped for pre-compute: the same scores with a third of the work.
+
+Pre-compute ranks ``n_candidates`` items for each user, so every user's row of the ranker input repeats
+``n_candidates`` times, and every popular item's row once per user who gets it. The DCN ranker
+(``export.models.Ranker``) spends nearly all of its time in three matrix products of its input
+``x0 = [u, i, u*i, u.i, user features, item features, context]`` (449 wide at dim 128): ``W1 x0`` (cross 1),
+``W2 x1`` (cross 2) and ``D1 x0`` (deep 1), about 1.07 MFLOP per (user, item) row, which ONNX Runtime runs
+at this CPU's fp32 peak (measured: 81-87K rows/s per core, 2.35 ms per user at 200 candidates, 77-96%
+of the job's time). Two identities make most of it per-user or per-item work:
+
+- ``x0 W^T`` is a sum over x0's column blocks: the user and context blocks are one product per user, the
+  item blocks one per item (a table computed once per process), and only the ``u*i`` block (128 columns)
+  and the ``u.i`` column are per row.
+- Cross 2 enters the score only through the head: ``h . x2 = (h * x0) . (W2 x1 + b2) + h . x1``, and
+  ``(h * x0) . (W2 x1) = x1 . (x0 A)`` with ``A = diag(h) W2``: a product of x0 again, which splits the same
+  way, instead of a full 449 x 449 product of x1.
+
+Per row that leaves one [128] x [128, 1154] product (the three blocks of ``u*i`` side by side) and the
+256 -> 64 deep layer: about 0.33 MFLOP. The weights are read from the exported ONNX file that serving uses,
+and ``check_parity`` compares this against ONNX Runtime on the job's own rows before anything is written.
+Floating-point sums run in another order, so scores differ in the last bits (measured max |diff| ~1e-7):
+lists are equal up to the order of items whose scores tie within that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator import schema
+
+# Per-item table (n_items x 1154 float32 at dim 128) kept whole up to this size; past it, each batch
+# computes the rows of its own candidate items.
+ITEM_TABLE_BYTES = 1 << 30
+
+
+class FactoredParityError(ValueError):
+    """The regrouped ranker disagrees with ONNX Runtime: the model is not the architecture it assumes."""
+
+    def __init__(self, max_abs_diff: float, tolerance: float) -> None:
+        super().__init__(
+            f"expected the factored ranker to match ONNX Runtime within {tolerance:g}, but found max |diff| "
+            f"{max_abs_diff:.3g}; the model is not export.models.Ranker as this module assumes: run pre-compute "
+            "with --ranker onnx"
+        )
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Column ranges of x0 (export.models.Ranker.forward's concatenation order)."""
+
+    dim: int
+    n_user_features: int
+    n_item_features: int
+    n_context: int
+
+    @property
+    def u(self) -> slice:
+        return slice(0, self.dim)
+
+    @property
+    def i(self) -> slice:
+        return slice(self.dim, 2 * self.dim)
+
+    @property
+    def p(self) -> slice:
+        return slice(2 * self.dim, 3 * self.dim)
+
+    @property
+    def dot(self) -> int:
+        return 3 * self.dim
+
+    @property
+    def uf(self) -> slice:
+        start = 3 * self.dim + 1
+        return slice(start, start + 8 * self.n_user_features)
+
+    @property
+    def itf(self) -> slice:
+        start = self.uf.stop
+        return slice(start, start + 8 * self.n_item_features)
+
+    @property
+    def ctx(self) -> slice:
+        start = self.itf.stop
+        return slice(start, start + 8 * self.n_context)
+
+
+def _embed(tables: list[np.ndarray], columns: np.ndarray) -> np.ndarray:
+    """The feature embeddings, indices clamped as the model clamps them."""
+    return np.concatenate(
+        [t[np.clip(columns[:, k], 0, len(t) - 1)] for k, t in enumerate(tables)], axis=1, dtype=np.float32
+    )
+
+
+class FactoredRanker:
+    """Scores (user, item) pairs of a fixed context with the regrouped arithmetic (module docstring)."""
+
+    def __init__(self, weights: dict[str, np.ndarray], context: np.ndarray) -> None:
+        w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+        self.user_tables = [w[f"user_feature_embeddings.{k}.weight"] for k in range(len(schema.USER_FEATURES))]
+        self.item_tables = [w[f"item_feature_embeddings.{k}.weight"] for k in range(len(schema.ITEM_FEATURES))]
+        self.context_tables = [w[f"context_embeddings.{k}.weight"] for k in range(len(schema.CONTEXT_FEATURES))]
+        w1, b1 = w["cross.0.linear.weight"], w["cross.0.linear.bias"]
+        w2, b2 = w["cross.1.linear.weight"], w["cross.1.linear.bias"]
+        d1, c1 = w["deep.0.weight"], w["deep.0.bias"]
+        self.d2t, self.c2 = np.ascontiguousarray(w["deep.2.weight"].T), w["deep.2.bias"]
+        head, self.head_bias = w["head.weight"].reshape(-1), float(w["head.bias"].reshape(-1)[0])
+        width = w1.shape[0]
+        if "cross.2.linear.weight" in w or w1.shape != (width, width) or head.shape[0] != width + len(self.c2):
+            raise FactoredParityError(float("inf"), 0.0)
+        self.width = width
+        self.h_x, self.h_d = head[:width], head[width:]
+        dim = (width - 1 - 8 * (len(self.user_tables) + len(self.item_tables) + len(self.context_tables))) // 3
+        self.blocks = _Blocks(dim, len(self.user_tables), len(self.item_tables), len(self.context_tables))
+        # x0 @ wcat = [x0 W1^T, x0 A, x0 D1^T], A = diag(h_x) W2: [width, 2 * width + deep].
+        self.wcat = np.ascontiguousarray(np.concatenate([w1.T, self.h_x[:, None] * w2, d1.T], axis=1))
+        # Biases folded into the per-user part: b1 + 1 (x1 = x0 * (W1 x0 + b1) + x0 = x0 * h1), h_x (the
+        # head's x1 . h_x term joins x1 . v), c1.
+        self.bias = np.concatenate([b1 + 1.0, self.h_x, c1]).astype(np.float32)
+        self.hb2 = (self.h_x * b2).astype(np.float32)
+        self.context = _embed(self.context_tables, np.asarray(context, np.int64).reshape(1, -1))[0]
+        self.item_table: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def from_onnx(cls, path: Path, context: np.ndarray) -> FactoredRanker:
+        """The weights of an ONNX export of ``export.models.Ranker`` (its parameter names)."""
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(path))
+        return cls({t.name: numpy_helper.to_array(t) for t in model.graph.initializer}, context)
+
+    def _user_rows(self, embeddings: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """Each user's own part of x0 @ wcat (user, user-feature and context blocks) plus the biases."""
+        b = self.blocks
+        wc = self.wcat
+        out = embeddings @ wc[b.u] + _embed(self.user_tables, features) @ wc[b.uf]
+        out += self.context @ wc[b.ctx] + self.bias
+        return out.astype(np.float32, copy=False)
+
+    def item_rows(self, embeddings: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each item's own part of x0 @ wcat (item and item-feature blocks), and its feature embeddings."""
+        b = self.blocks
+        item_fe = _embed(self.item_tables, np.asarray(features, np.int64))
+        out = np.asarray(embeddings, np.float32) @ self.wcat[b.i] + item_fe @ self.wcat[b.itf]
+        return out.astype(np.float32, copy=False), item_fe
+
+    def prepare_items(self, embeddings: np.ndarray, features: np.ndarray, budget_bytes: int = ITEM_TABLE_BYTES) -> None:
+        """Compute every item's part once, when the table fits ``budget_bytes``."""
+        if len(embeddings) * self.wcat.shape[1] * 4 <= budget_bytes:
+            self.item_table = self.item_rows(embeddings, features)
+
+    def score(
+        self,
+        user_embeddings: np.ndarray,
+        user_features: np.ndarray,
+        item_embeddings: np.ndarray,
+        item_features: np.ndarray,
+        candidates: np.ndarray,
+        chunk_rows: int = 1024,
+    ) -> np.ndarray:
+        """float32 [n_users, n] scores of each user's ``candidates`` [n_users, n] (rows of the item tables,
+        the ones given to ``prepare_items``); a slot of -1 gets a meaningless score, for the caller to mask."""
+        b, width = self.blocks, self.width
+        n_users, n = candidates.shape
+        user_embeddings = np.asarray(user_embeddings, np.float32)
+        user_features = np.asarray(user_features, np.int64)
+        user_part = self._user_rows(user_embeddings, user_features)
+        user_fe = _embed(self.user_tables, user_features)
+        rows = np.maximum(candidates, 0)  # -1: any item, its score is masked
+        if self.item_table is not None:
+            (item_part, item_fe), item_index = self.item_table, rows
+        else:  # only the batch's own items
+            unique, inverse = np.unique(rows, return_inverse=True)
+            item_part, item_fe = self.item_rows(item_embeddings[unique], item_features[unique])
+            item_index = inverse.reshape(rows.shape)
+        wp = self.wcat[b.p.start : b.dot + 1]  # the u*i block and the u.i column: per row
+        out = np.empty((n_users, n), dtype=np.float32)
+        step = max(1, chunk_rows // max(1, n))  # whole users per chunk: their own part adds by broadcast
+        x0 = np.empty((step * n, width), dtype=np.float32)
+        x0[:, b.ctx] = self.context
+        # Buffers reused by every chunk: a fresh 4.6 MB array per step costs page faults, not just copies.
+        h_buf = np.empty((step * n, self.wcat.shape[1]), dtype=np.float32)
+        gathered = np.empty_like(h_buf)
+        for lo in range(0, n_users, step):
+            users = np.arange(lo, min(n_users, lo + step))
+            m = len(users) * n
+            x = x0[:m]
+            items = rows[users].reshape(-1)
+            u, i = x[:, b.u], x[:, b.i]
+            u.reshape(len(users), n, -1)[:] = user_embeddings[users][:, None, :]
+            i[:] = item_embeddings[items]
+            p = np.multiply(u, i, out=x[:, b.p])
+            x[:, b.dot] = p.sum(axis=1)
+            x[:, b.uf].reshape(len(users), n, -1)[:] = user_fe[users][:, None, :]
+            x[:, b.itf] = item_fe[item_index[users].reshape(-1)]
+            h = np.matmul(x[:, b.p.start : b.dot + 1], wp, out=h_buf[:m])
+            h += np.take(item_part, item_index[users].reshape(-1), axis=0, out=gathered[:m])
+            h.reshape(len(users), n, -1)[:] += user_part[users][:, None, :]
+            # With the biases folded in (b1 + 1 and h_x, see __init__): x1 = x0 * h1, and the score's cross
+            # part is x1 . v + x0 . (h_x * b2).
+            h1, v, g = h[:, :width], h[:, width : 2 * width], h[:, 2 * width :]
+            logit = np.einsum("ij,ij,ij->i", x, h1, v)
+            logit += x @ self.hb2
+            np.maximum(g, 0, out=g)
+            deep = g @ self.d2t
+            deep += self.c2
+            np.maximum(deep, 0, out=deep)
+            logit += deep @ self.h_d
+            logit += self.head_bias
+            out.reshape(-1)[lo * n : lo * n + m] = 1.0 / (1.0 + np.exp(-logit))
+        return out
+
+
+def check_parity(
+    factored: FactoredRanker, run: object, tensors: dict[str, np.ndarray], tolerance: float = 1e-5
+) -> float:
+    """Max |score diff| against ``run`` (ONNX Runtime) on rows given as the ranker's named tensors (one
+    user per row); raises ``FactoredParityError`` past ``tolerance``."""
+    table, factored.item_table = factored.item_table, None  # the rows' own items, not the job's table
+    try:
+        ours = factored.score(
+            tensors["user_embedding"],
+            tensors["user_features"],
+            tensors["item_embedding"],
+            tensors["item_features"],
+            np.arange(len(tensors["item_embedding"])).reshape(-1, 1),
+        ).reshape(-1)
+    finally:
+        factored.item_table = table
+    reference = np.asarray(run(tensors), dtype=np.float32).reshape(-1)  # type: ignore[operator]
+    diff = float(np.abs(ours - reference).max(initial=0.0))
+    if not diff <= tolerance:
+        raise FactoredParityError(diff, tolerance)
+    return diff
