@@ -1,6 +1,9 @@
 """Offline evaluation on the held-out (latest) interactions: Recall@K and NDCG@K for retrieval alone,
 retrieval + ranking, and the popularity baseline, on every user with held-out items or, past
-``MAX_EVAL_USERS``, a seeded sample of them."""
+``MAX_EVAL_USERS``, a seeded sample of them: what ``python -m export all`` records in a bundle.
+
+The temporal protocol (a global time cutoff too, and the session-aware model as it is served) is
+``export/temporal_eval.py`` (docs/EVALUATION.md); both use the metrics here."""
 
 from __future__ import annotations
 
@@ -31,6 +34,39 @@ def recall_ndcg(recommended: list[np.ndarray], relevant: list[set[int]], k: int)
         ideal = discounts[: min(len(truth), k)].sum()
         ndcgs.append(float((discounts[: len(hits)] * hits).sum() / ideal))
     return float(np.mean(recalls)), float(np.mean(ndcgs))
+
+
+def hits_at(recommended: np.ndarray, truth: UserItems, users: np.ndarray) -> np.ndarray:
+    """bool ``[len(users), L]``: whether ``recommended[j, r]`` is one of ``truth[users[j]]``.
+
+    ``recommended`` is an int64 ``[len(users), L]`` array of item rows, best first, -1 for padding
+    (never a hit). One sorted search over (position, item) keys, no Python set per user."""
+    if recommended.shape[0] != len(users):
+        raise ValueError(f"recommended has {recommended.shape[0]} rows but users has {len(users)} entries")
+    users = np.asarray(users, dtype=np.int64)
+    lengths = truth.counts()[users]
+    truth_items = np.concatenate([truth[int(u)] for u in users]) if lengths.sum() else np.zeros(0, np.int64)
+    width = int(max(truth_items.max(initial=-1), recommended.max(initial=-1))) + 1
+    truth_keys = np.repeat(np.arange(len(users), dtype=np.int64), lengths) * width + truth_items
+    keys = np.arange(len(users), dtype=np.int64)[:, None] * width + recommended
+    return np.isin(keys, truth_keys) & (recommended >= 0)
+
+
+def user_recall_ndcg(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per user (a row of ``hits``, as ``hits_at`` gives it): Recall@k (hits in the top k over the user's
+    relevant items) and NDCG@k (binary gains, log2 discounts, the ideal list puts min(relevant, k) hits
+    first): the same definitions as ``recall_ndcg``, per user and vectorised. Every user must have at least
+    one relevant item."""
+    if hits.shape[0] != len(n_relevant):
+        raise ValueError(f"hits has {hits.shape[0]} rows but n_relevant has {len(n_relevant)} entries")
+    if len(n_relevant) and int(np.min(n_relevant)) < 1:
+        raise ValueError("every user must have at least one relevant item, found a user with none")
+    top = hits[:, :k]
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = np.cumsum(discounts)[np.minimum(n_relevant, k) - 1]
+    recall = top.sum(axis=1) / n_relevant
+    ndcg = (top * discounts[: top.shape[1]]).sum(axis=1) / ideal
+    return recall.astype(np.float64), ndcg.astype(np.float64)
 
 
 def seen_by_user(data: Dataset, mask: np.ndarray) -> UserItems:
