@@ -43,11 +43,17 @@ class LoadConfig:
     drop_previous: bool = False
     """After switching, delete the version it replaced (SCAN + UNLINK, from this job). Off by default: the
     previous version stays for a rollback until ``python -m export retire`` drops it."""
+    seen_ttl_s: int = 30 * 86_400
+    """Expiry of the seen sets it writes, renewed by every load and by every purchase event: a user who
+    leaves the data leaves nothing behind (the Kubernetes Redis evicts only keys with a TTL). The service's
+    ``events.user_state_ttl_s`` default, so a loaded set and one an event extends expire alike."""
     progress: bool = True
 
     def validate(self) -> None:
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be an integer >= 1, got {self.chunk_rows}")
+        if self.seen_ttl_s < 1:
+            raise ValueError(f"seen_ttl_s must be an integer >= 1, got {self.seen_ttl_s}")
 
 
 @dataclass
@@ -99,7 +105,9 @@ class Loader:
             await self.features.set_rows("item", b.item_ids[lo:hi], b.item_features[lo:hi])
 
         async def seen(lo: int, hi: int) -> None:
-            await self.features.add_seen({u: b.user_history[u] for u in history_users[lo:hi]})
+            await self.features.add_seen(
+                {u: b.user_history[u] for u in history_users[lo:hi]}, ttl_s=self.cfg.seen_ttl_s
+            )
 
         tables: list[tuple[str, int, Writer]] = [
             ("user_embeddings", len(b.user_ids), user_embeddings),

@@ -70,7 +70,9 @@ class FeatureStore(Protocol):
 
     async def seen(self, user_ids: Sequence[str]) -> list[set[str] | None]: ...
 
-    async def add_seen(self, seen: Mapping[str, Sequence[str]]) -> None: ...
+    async def add_seen(self, seen: Mapping[str, Sequence[str]], ttl_s: int | None = None) -> None:
+        """Union ``seen`` into each user's seen set; with ``ttl_s``, (re)set each touched set's expiry."""
+        ...
 
 
 class PrecomputedStore(Protocol):

@@ -112,8 +112,13 @@ class RedisFeatureStore:
             for value, down in zip(replies.values, replies.unavailable.tolist(), strict=True)
         ]
 
-    async def add_seen(self, seen: Mapping[str, Sequence[str]]) -> None:
+    async def add_seen(self, seen: Mapping[str, Sequence[str]], ttl_s: int | None = None) -> None:
         # SADD is idempotent: a loader rerun or a duplicate event cannot double-count.
-        commands = [Command("SADD", keys.seen(u), tuple(items)) for u, items in seen.items() if items]
+        commands = []
+        for u, items in seen.items():
+            if items:
+                commands.append(Command("SADD", keys.seen(u), tuple(items)))
+                if ttl_s is not None:
+                    commands.append(Command("EXPIRE", keys.seen(u), (ttl_s,)))
         if commands:
             (await self.backend.execute(commands)).raise_if_down(f"add_seen({len(commands)} users)")

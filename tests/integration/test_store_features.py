@@ -42,6 +42,11 @@ async def test_seen_sets_are_idempotent_unions(backend: Backend):
     await store.add_seen({"u1": ["a", "b"], "u2": ["c"], "u3": []})
     await store.add_seen({"u1": ["b", "d"]})
     assert await store.seen(["u1", "u2", "u3"]) == [{"a", "b", "d"}, {"c"}, set()]
+    assert (await backend.execute([Command("TTL", keys.seen("u1"))])).values[0] == -1
+    # With a TTL (the loader's): every touched set expires, and a later union renews it.
+    await store.add_seen({"u1": ["e"], "u2": ["f"]}, ttl_s=600)
+    ttls = (await backend.execute([Command("TTL", keys.seen(u)) for u in ("u1", "u2")])).values
+    assert all(0 < t <= 600 for t in ttls), ttls
 
 
 async def test_precomputed_lists_carry_metadata_and_expire(backend: Backend):

@@ -13,7 +13,7 @@ from export.cli_dataplane import DataPlaneError, add_commands
 from export.load import LoadConfig, load
 from orchestrator import schema
 from orchestrator.store import Kind, keys, versions
-from orchestrator.store.backend import Backend
+from orchestrator.store.backend import Backend, Command
 from orchestrator.store.cluster import ClusterBackend
 from orchestrator.store.embeddings import RedisEmbeddingStore
 from orchestrator.store.errors import VersionError
@@ -67,6 +67,10 @@ async def check_everything_loaded(backend: Backend, bundle: Bundle, dtype: str) 
     np.testing.assert_array_equal((await features.get_rows("user", bundle.user_ids)).matrix, bundle.user_features)
     np.testing.assert_array_equal((await features.get_rows("item", bundle.item_ids)).matrix, bundle.item_features)
     assert await features.seen(bundle.user_ids) == [set(bundle.user_history[u]) for u in bundle.user_ids]
+    # Per-user keys expire (renewed by the next load and by purchase events): nothing outlives its user.
+    with_history = [u for u in bundle.user_ids if bundle.user_history[u]]
+    ttls = (await backend.execute([Command("TTL", keys.seen(u)) for u in with_history])).values
+    assert all(0 < t <= LoadConfig().seen_ttl_s for t in ttls), sorted(set(ttls))[:5]
     popular = await RedisPrecomputedStore(backend).get_popular(schema.GLOBAL_SEGMENT)
     assert popular is not None and list(popular.items) == bundle.popular[schema.GLOBAL_SEGMENT]
 

@@ -190,7 +190,7 @@ class FakeSeen:
     async def add_event(self, user_id: str, event: SessionEvent) -> None:
         raise NotImplementedError
 
-    async def add_seen(self, seen: Mapping[str, Sequence[str]]) -> None:
+    async def add_seen(self, seen: Mapping[str, Sequence[str]], ttl_s: int | None = None) -> None:
         raise NotImplementedError
 
 

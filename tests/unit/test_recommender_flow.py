@@ -75,7 +75,7 @@ class FakeFeatures:
     async def seen(self, user_ids: Sequence[str]) -> list[set[str] | None]:
         return [set(self._seen) for _ in user_ids]
 
-    async def add_seen(self, seen: Mapping[str, Sequence[str]]) -> None: ...
+    async def add_seen(self, seen: Mapping[str, Sequence[str]], ttl_s: int | None = None) -> None: ...
 
 
 class FakeRetriever:
