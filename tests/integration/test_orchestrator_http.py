@@ -208,7 +208,8 @@ def test_a_click_quoting_an_answers_request_id_is_stored_with_it_and_counted_for
     assert attributed(app_url, version, arm, "click") == before + 1
     client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     entry = response.json()["id"]
-    stored = dict(client.xrange(keys.EVENTS_STREAM, min=entry, max=entry)[0][1])
+    found: Any = client.xrange(keys.EVENTS_STREAM, min=entry, max=entry)
+    stored = dict(found[0][1])
     client.close()
     assert (stored["user_id"], stored["item_id"], stored["request_id"]) == ("52", clicked, request_id)
 
