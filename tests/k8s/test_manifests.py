@@ -584,6 +584,11 @@ RECSERVE_METRICS = {
     "recserve_cache_misses_total",
     "recserve_fallbacks_total",
     "recserve_ranker_errors_total",
+    # The model-versions row (docs/RELEASES.md): a canary against the active version.
+    "recserve_version_answers_total",
+    "recserve_version_latency_seconds",
+    "recserve_version_top_score_bucket",
+    "recserve_attributed_events_total",
 }
 TRITON_METRICS = {
     "nv_inference_request_success",

@@ -42,7 +42,9 @@ class Recorder:
     def __init__(self) -> None:
         self.taken: list[tuple[str, str, str]] = []
 
-    async def record(self, user_id: str, item_id: str, event_type: str, event_id: str | None = None) -> str:
+    async def record(
+        self, user_id: str, item_id: str, event_type: str, event_id: str | None = None, request_id: str | None = None
+    ) -> str:
         self.taken.append((user_id, item_id, event_type))
         return f"{len(self.taken)}-0"
 
