@@ -23,12 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from export.artifacts import BUILD_DIR, Bundle, load_bundle
+from loadtest.cachectl import flush_lists
 from stack.launch import HttpService, start_http_service
-
-# The orchestrator's shared recommendation cache: one hash per user, ``rc:{u:<user id>}`` (the store's
-# key builder ``rec_cache``; tests/unit/test_layering.py pins that this pattern matches it). The load
-# test reaches the service over HTTP only, so it names the key shape instead of importing it.
-REC_CACHE_PATTERN = "rc:*"
 
 LOADTEST_DIR = BUILD_DIR / "loadtest"
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -55,9 +51,12 @@ class Scenario:
     user_class: str = "ShopperUser"
     steps: tuple[int, ...] = COMPUTE_STEPS
     ceiling: bool = False
-    # One context per user: the cache is primed with every user's list before the load (a running
-    # service's state), so that the figures measure hits rather than the first pass over 1000 users.
+    # The cache is primed with every user's home/web list before the load (a running service's state), so
+    # that the figures measure hits rather than the first pass over 1000 users.
     prime_cache: bool = False
+    # The most asked (user, page type, device) combinations to cache before the load (by Zipf weight times
+    # the context's shares): a warm cache for traffic that draws a context per request.
+    prime_contexts: int = 0
     # Orchestrator processes (uvicorn workers on one port). One Python process uses one core; "per_core"
     # runs one per core of this machine, as a node of one-core pods would (k8s/base/orchestrator).
     workers: int | Literal["per_core"] = 1
@@ -109,8 +108,8 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "mix90",
-            "full, the reference design's mix: one context per user, 8% of requests preceded by the user's "
-            "purchase (invalidation, then a computed answer), about 90% of lists from the cache",
+            "full, the reference design's mix: a page type and device per request, 8% of requests preceded by "
+            "the user's purchase (invalidation, then a computed answer); the hit rate it reaches is measured",
             user_class="Mix90User",
             steps=HIT_STEPS,
             prime_cache=True,
@@ -234,12 +233,44 @@ def flush_cache(redis_url: str) -> int:
 
     client = Redis.from_url(redis_url)
     try:
-        doomed = list(client.scan_iter(match=REC_CACHE_PATTERN, count=1000))
-        for start in range(0, len(doomed), 1000):
-            client.delete(*doomed[start : start + 1000])
-        return len(doomed)
+        return flush_lists(client)
     finally:
         client.close()
+
+
+def prime_contexts(base: str, bundle: Path, count: int, concurrency: int = 8, passes: int = 2) -> dict[str, int]:
+    """Ask for the ``count`` most asked (user, page type, device) combinations, ``concurrency`` at a time;
+    a further pass asks again for those answered by a fallback (never cached). Returns the sources."""
+    import httpx
+
+    from loadtest.traffic import Traffic, most_asked
+
+    pending = most_asked(Traffic.from_bundle(bundle).users, count)
+    sources: dict[str, int] = {}
+
+    async def worker(
+        client: httpx.AsyncClient, todo: list[tuple[str, str, str]], retry: list[tuple[str, str, str]]
+    ) -> None:
+        while todo:
+            user, page_type, device = combo = todo.pop()
+            response = await client.get(
+                f"/v1/recommendations/{user}", params={"page_type": page_type, "device": device}
+            )
+            source = str(response.json().get("source")) if response.status_code == 200 else "error"
+            sources[source] = sources.get(source, 0) + 1
+            if source not in ("realtime", "cache"):
+                retry.append(combo)
+
+    async def run() -> None:
+        todo = list(reversed(pending))  # pop() takes the most asked first
+        async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
+            for _ in range(passes):
+                retry: list[tuple[str, str, str]] = []
+                await asyncio.gather(*(worker(client, todo, retry) for _ in range(concurrency)))
+                todo = retry
+
+    asyncio.run(run())
+    return sources
 
 
 def start_ceiling(port: int, log_path: Path, timeout_s: float = 30.0) -> HttpService:
@@ -266,9 +297,16 @@ def orchestrator_env(stack: Stack, scenario: Scenario) -> dict[str, str]:
 
 
 def run_locust(
-    scenario: Scenario, url: str, folder: Path, steps: tuple[int, ...], options: RunOptions, cpu_pids: dict[str, int]
+    scenario: Scenario,
+    url: str,
+    folder: Path,
+    steps: tuple[int, ...],
+    options: RunOptions,
+    cpu_pids: dict[str, int],
+    extra_env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Headless locust, one process (the machine has too few cores for --processes)."""
+    """Headless locust, one process (the machine has too few cores for --processes). ``extra_env`` goes to
+    locust last (loadtest/goodput.py sets its own steps and cache-emptying with it)."""
     folder.mkdir(parents=True, exist_ok=True)
     warm = (WARM_USERS,) * WARM_STEPS if scenario.cached else ()
     fixed_steps = len(warm) + (steps.index(FIXED_USERS) + 1 if FIXED_USERS in steps else 1)
@@ -286,6 +324,7 @@ def run_locust(
         "LOADTEST_CPU_PIDS": ",".join(f"{name}={pid}" for name, pid in cpu_pids.items()),
         # Each scrape of /metrics reaches one worker at random: counters from several do not make a series.
         "LOADTEST_SCRAPE_METRICS": "1" if scenario.processes == 1 else "0",
+        **(extra_env or {}),
     }
     command = [
         sys.executable, "-m", "locust",
@@ -314,7 +353,9 @@ def run_locust(
     return result
 
 
-def run_scenario(stack: Stack, scenario: Scenario, label: str, options: RunOptions) -> dict[str, Any]:
+def run_scenario(
+    stack: Stack, scenario: Scenario, label: str, options: RunOptions, locust_env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     from bench.service import prime_cache
     from stack.launch import free_port, start_orchestrator
 
@@ -339,7 +380,10 @@ def run_scenario(stack: Stack, scenario: Scenario, label: str, options: RunOptio
             # A second pass catches the first pass's fallbacks (never cached).
             primed = prime_cache(server.url, users, passes=2, concurrency=4)
             log(f"{label}: priming the cache with {len(users)} users' lists: {primed}")
-        result = run_locust(scenario, server.url, folder, steps, options, pids)
+        if scenario.prime_contexts:
+            primed = prime_contexts(server.url, stack.bundle.path, scenario.prime_contexts)
+            log(f"{label}: priming the {scenario.prime_contexts} most asked contexts: {primed}")
+        result = run_locust(scenario, server.url, folder, steps, options, pids, locust_env)
     finally:
         server.stop()
     crashed = not scenario.ceiling and stack.triton[scenario.batching].process.poll() is not None

@@ -16,6 +16,12 @@ or by the driver (``python -m loadtest``), which sets these environment variable
 - ``LOADTEST_OUT``: where to write the per-step figures and the timeline (JSON);
 - ``LOADTEST_CPU_PIDS`` (``"orchestrator=123,redis=456"``): processes whose CPU time to sample.
 - ``LOADTEST_SCRAPE_METRICS`` (``1``): ``0`` leaves the service's /metrics alone (several workers).
+- ``LOADTEST_REDIS_URL`` and ``LOADTEST_EMPTY_CACHE_AT`` (``"2"``, or ``"all"``): empty the service's cache
+  (loadtest/cachectl.py: the Redis lists and every replica's local layer) as these steps begin, under load;
+  with ``all`` the never-asked pool (``NeverAskedUser``) starts afresh with each step, so that no request of a
+  step asks what an earlier one did.
+- ``LOADTEST_STOP_ON`` (``slo``): ``latency`` ends the run on two steps in a row over p99 100 ms or 1% failed,
+  whatever the fallbacks (the never-asked scenario, where answering from the pre-computed list is the design).
 
 Personalised answers are named by their ``source`` (``recs [cache]``, ``recs [realtime]``, ...), so
 locust's own statistics, CSV and HTML report split latency by where the answer came from.
@@ -29,6 +35,7 @@ import os
 import random
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,16 +45,16 @@ from locust import LoadTestShape, constant_throughput, events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.env import Environment
 
-from loadtest import procstat
+from loadtest import cachectl, procstat
 from loadtest.results import StepSamples, summarize
 from loadtest.traffic import (
-    DEVICE_DIST,
     EVENT_DIST,
     MIX_EVENTS,
     MIX_RECOMMENDATIONS,
     MIX_SEGMENTS,
-    PAGE_TYPE_DIST,
+    NeverAsked,
     Traffic,
+    draw_context,
     source_of,
 )
 
@@ -76,6 +83,9 @@ class Plan:
     warm_steps: int
     out: Path | None
     cpu_pids: dict[str, int]
+    redis_url: str = ""
+    empty_cache_at: frozenset[int] | None = frozenset()  # None: every step
+    stop_on: str = "slo"
 
     @classmethod
     def from_env(cls) -> Plan:
@@ -89,7 +99,20 @@ class Plan:
             warm_steps=int(os.environ.get("LOADTEST_WARM_STEPS", "0")),
             out=Path(out) if out else None,
             cpu_pids=procstat.parse_pids(os.environ.get("LOADTEST_CPU_PIDS", "")),
+            redis_url=os.environ.get("LOADTEST_REDIS_URL", ""),
+            empty_cache_at=_steps_set(os.environ.get("LOADTEST_EMPTY_CACHE_AT", "")),
+            stop_on=os.environ.get("LOADTEST_STOP_ON", "slo"),
         )
+
+    def empties_cache_at(self, step: int) -> bool:
+        return bool(self.redis_url) and (self.empty_cache_at is None or step in self.empty_cache_at)
+
+
+def _steps_set(raw: str) -> frozenset[int] | None:
+    """``"all"``: None (every step); else the comma-separated step indexes."""
+    if raw.strip() == "all":
+        return None
+    return frozenset(int(s) for s in raw.split(",") if s.strip())
 
 
 @dataclass
@@ -107,6 +130,11 @@ class Recorder:
     own_cpu_at_window_start: float = 0.0
     steps: list[dict[str, Any]] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    # Answers since the last timeline point, as the client saw them: personalised ones by source, plus
+    # "other" (segments, events) and "failed"; the timeline keeps one count per second.
+    answers: Counter[str] = field(default_factory=Counter)
+    cache_emptied: list[dict[str, Any]] = field(default_factory=list)  # when, at which step, what went
+    repeats: int = 0  # never-asked requests that had to repeat a combination (the pool ran out)
 
     def cpu(self) -> dict[str, float]:
         return {name: procstat.tree_cpu_seconds(pid) for name, pid in self.plan.cpu_pids.items()}
@@ -146,7 +174,13 @@ class Recorder:
         if self.plan.out is None:
             return
         self.plan.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"steps": self.steps, "timeline": self.timeline, "skew": TRAFFIC.user_skew if TRAFFIC else ""}
+        payload = {
+            "steps": self.steps,
+            "timeline": self.timeline,
+            "skew": TRAFFIC.user_skew if TRAFFIC else "",
+            "cache_emptied": self.cache_emptied,
+            "never_asked_repeats": self.repeats,
+        }
         self.plan.out.write_text(json.dumps(payload, indent=1))
 
 
@@ -174,6 +208,8 @@ COUNTERS_KEPT = (
     "recserve_redis_calls_per_batch_count ",
     "recserve_gc_pause_seconds_sum{",
     "recserve_gc_pause_seconds_count{",
+    "recserve_compute_limit ",
+    "recserve_compute_in_flight ",
 )
 
 
@@ -234,9 +270,14 @@ def _sample_forever(environment: Environment, recorder: Recorder) -> None:
             point["redis_calls"] = counters.get("recserve_redis_calls_per_batch_sum", 0.0)
             point["redis_batches"] = counters.get("recserve_redis_calls_per_batch_count", 0.0)
             point["stages_over_30ms"] = _stages_over(counters, 'le="0.03"')
+            # Admission (orchestrator/admission.py): the limit on computations at once, and how many ran.
+            point["compute_limit"] = counters.get("recserve_compute_limit")
+            point["compute_in_flight"] = counters.get("recserve_compute_in_flight")
             # Event-loop lag samples (every 5 ms) at or under each bound: the backlog the requests wait behind.
             point["loop_lag_at_most"] = _by_label(counters, "recserve_event_loop_lag_seconds_bucket{", "le")
         point["cpu"] = recorder.cpu()
+        point["answers"] = dict(recorder.answers)
+        recorder.answers.clear()
         recorder.timeline.append(point)
         gevent.sleep(SAMPLE_EVERY_S)
 
@@ -266,11 +307,13 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
 
 @events.request.add_listener
 def _on_request(name: str, response_time: float, exception: BaseException | None, **_: Any) -> None:
-    if RECORDER is None or not RECORDER.measuring:
+    if RECORDER is None:
         return
     kind, _sep, rest = name.partition(" ")
     source = rest.strip("[]") if kind == "recs" else None
-    RECORDER.samples.add(kind, response_time, exception is None, source)
+    RECORDER.answers["failed" if exception is not None else (source or "other")] += 1
+    if RECORDER.measuring:
+        RECORDER.samples.add(kind, response_time, exception is None, source)
 
 
 class _Recommendations(FastHttpUser):
@@ -296,7 +339,7 @@ class ShopperUser(_Recommendations):
 
     @task(MIX_RECOMMENDATIONS)
     def recommendations(self) -> None:
-        self.recommend(PAGE_TYPE_DIST.draw(self.rng), DEVICE_DIST.draw(self.rng))
+        self.recommend(*draw_context(self.rng))
 
     @task(MIX_SEGMENTS)
     def segment(self) -> None:
@@ -325,10 +368,11 @@ MISS_SHARE = _env_float("LOADTEST_MISS_SHARE", 0.08)
 
 
 class Mix90User(_Recommendations):
-    """The reference design's mix, about 90% of lists from the cache: one context per user (so hot users
-    stay cached), and before ``MISS_SHARE`` of the requests the same user buys something, which
-    invalidates their lists and makes that answer a computed one. The hit rate actually reached is read
-    from /metrics and reported, not assumed."""
+    """The reference design's mix: a page type and a device drawn per request, as ``ShopperUser`` draws them
+    (each context is its own cached list, so the hit rate is one a user would see), and before
+    ``MISS_SHARE`` of the requests the same user buys something, which invalidates their lists and makes
+    that answer a computed one. The hit rate actually reached is read from /metrics and reported, not
+    assumed."""
 
     @task
     def recommendations(self) -> None:
@@ -336,7 +380,42 @@ class Mix90User(_Recommendations):
         if self.rng.random() < MISS_SHARE:
             body = {"user_id": user, "item_id": self.rng.choice(self.traffic.items), "type": "purchase"}
             self.client.post("/v1/events", json=body, name="event purchase", headers=EVENT_HEADERS)
-        self.recommend("home", "web", user)
+        self.recommend(*draw_context(self.rng), user)
+
+
+class ContextUser(_Recommendations):
+    """Personalised lists only, a page type and a device drawn per request: the traffic of the cold-cache
+    scenario (loadtest/goodput.py), where the answers' sources are what is measured."""
+
+    @task
+    def recommendations(self) -> None:
+        self.recommend(*draw_context(self.rng))
+
+
+NEVER_ASKED: NeverAsked | None = None
+
+
+def never_asked() -> NeverAsked:
+    """One pool for the whole locust process: no two of its users ask the same combination."""
+    global NEVER_ASKED
+    if NEVER_ASKED is None:
+        NEVER_ASKED = NeverAsked(traffic().users, random.Random())
+    return NEVER_ASKED
+
+
+class NeverAskedUser(_Recommendations):
+    """Every request a (user, page type, device) never asked before (loadtest/traffic.py ``NeverAsked``):
+    every request a cache miss. Run with ``LOADTEST_EMPTY_CACHE_AT=all`` so that each step starts afresh."""
+
+    @task
+    def recommendations(self) -> None:
+        drawn = never_asked().draw()
+        if drawn is None:  # the pool ran out within one step: counted, so the report can say so
+            recorder().repeats += 1
+            self.recommend(*draw_context(self.rng))
+            return
+        user, page_type, device = drawn
+        self.recommend(page_type, device, user)
 
 
 if os.environ.get("LOADTEST_STEPS"):
@@ -355,17 +434,29 @@ if os.environ.get("LOADTEST_STEPS"):
                     _print_step(done)
                     # Two misses in a row past the fixed steps: saturated (one alone may be the cold cache).
                     past_fixed = recorder.step >= plan.fixed_steps
-                    recorder.misses_in_a_row = 0 if done["slo_ok"] or not past_fixed else recorder.misses_in_a_row + 1
+                    ok = done["latency_ok"] if plan.stop_on == "latency" else done["slo_ok"]
+                    recorder.misses_in_a_row = 0 if ok or not past_fixed else recorder.misses_in_a_row + 1
                     if recorder.misses_in_a_row >= 2:
                         return None
                 if index >= len(plan.steps):
                     return None
                 recorder.step = index
+                if plan.empties_cache_at(index):
+                    _empty_cache(recorder, index)
             warmed_up = run_s - index * plan.step_s >= plan.warmup_s
             if warmed_up and not recorder.measuring and len(recorder.steps) == index:  # not yet measured
                 recorder.begin_window()
             users = plan.steps[index]
             return users, float(users)  # spawn the whole step at once
+
+
+def _empty_cache(recorder: Recorder, step: int) -> None:
+    """Under load, as the step begins: the service's cache (both layers), and the never-asked pool with it."""
+    emptied = cachectl.empty_cache(recorder.plan.redis_url)
+    if NEVER_ASKED is not None:
+        NEVER_ASKED.reset()
+    recorder.cache_emptied.append({"t": round(time.monotonic() - recorder.started, 2), "step": step, **emptied})
+    print(f"[loadtest] step {step + 1}: cache emptied ({emptied})", flush=True)
 
 
 def _print_step(step: dict[str, Any]) -> None:

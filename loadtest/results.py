@@ -78,6 +78,9 @@ def summarize(samples: StepSamples, window_s: float) -> dict[str, Any]:
             and failure_share < MAX_FAILURE_SHARE
             and fallback_share < MAX_FALLBACK_SHARE
         ),
+        # The same without the fallback rule: where answering from the pre-computed list is the design (a
+        # never-asked request beyond the compute capacity), the question is latency and errors only.
+        "latency_ok": bool(requests > 0 and p99 < SLO_P99_MS and failure_share < MAX_FAILURE_SHARE),
     }
 
 

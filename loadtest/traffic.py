@@ -102,3 +102,77 @@ def source_of(body: bytes) -> str:
     start += len(b'"source":"')
     end = body.find(b'"', start)
     return body[start:end].decode() if end > start else "unknown"
+
+
+def most_asked(users: Weighted, count: int) -> list[tuple[str, str, str]]:
+    """The ``count`` (user, page type, device) combinations most likely to be asked, most likely first: the
+    user's share times the page type's times the device's (what a warm cache holds)."""
+    shares = [b - a for a, b in zip([0.0, *users.cum_weights], users.cum_weights, strict=False)]
+    combos = [
+        (share * p_share * d_share, user, page_type, device)
+        for user, share in zip(users.values, shares, strict=True)
+        for page_type, p_share in PAGE_TYPES
+        for device, d_share in DEVICES
+    ]
+    combos.sort(key=lambda c: -c[0])
+    return [(user, page_type, device) for _, user, page_type, device in combos[:count]]
+
+
+def draw_context(rng: random.Random) -> tuple[str, str]:
+    """A page type and a device for one request, each from its own share (every personalised request draws
+    its own: a user sees many contexts, and each is its own cached list)."""
+    return PAGE_TYPE_DIST.draw(rng), DEVICE_DIST.draw(rng)
+
+
+class NeverAsked:
+    """(user, page type, device) combinations, none drawn twice until ``reset``: every request a cache miss.
+
+    The user is drawn from ``users`` (Zipf over users, as everywhere else) and the context from the page type
+    and device shares; a combination already drawn is replaced by one of that user's contexts not yet drawn,
+    and a user with none left by a user who still has some (so the hottest users run out first and the draw
+    flattens as a run goes on). ``draw`` returns None when every combination was drawn. The pool is
+    users x page types x devices (20 contexts a user): a load step that would ask more than that must reset
+    it and empty the service's cache together (loadtest/cachectl.py), which the load shape does per step.
+    """
+
+    def __init__(self, users: Weighted, rng: random.Random, zipf_tries: int = 8) -> None:
+        self.users = users
+        self.rng = rng
+        self.zipf_tries = zipf_tries
+        self.contexts = [(p, d) for p, _ in PAGE_TYPES for d, _ in DEVICES]
+        self.reset()
+
+    def reset(self) -> None:
+        self.asked: dict[str, set[tuple[str, str]]] = {}
+        self.open_users = list(self.users.values)  # users with a context not yet drawn
+        self.open_index = {user: i for i, user in enumerate(self.open_users)}
+        self.drawn = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.users.values) * len(self.contexts)
+
+    def draw(self) -> tuple[str, str, str] | None:
+        if not self.open_users:
+            return None
+        user = next(
+            (u for u in (self.users.draw(self.rng) for _ in range(self.zipf_tries)) if u in self.open_index),
+            None,
+        ) or self.rng.choice(self.open_users)
+        asked = self.asked.setdefault(user, set())
+        context = draw_context(self.rng)
+        if context in asked:
+            context = self.rng.choice([c for c in self.contexts if c not in asked])
+        asked.add(context)
+        self.drawn += 1
+        if len(asked) == len(self.contexts):
+            self._close(user)
+        return user, *context
+
+    def _close(self, user: str) -> None:
+        # Swap-remove: O(1), and the list stays the users one can still draw.
+        index = self.open_index.pop(user)
+        last = self.open_users.pop()
+        if last != user:
+            self.open_users[index] = last
+            self.open_index[last] = index

@@ -136,9 +136,9 @@ def test_the_ceiling_app_is_served_as_the_orchestrator_is() -> None:
 
 
 def test_the_load_tests_cache_pattern_matches_the_services_cache_keys() -> None:
-    """loadtest/driver.py flushes the shared cache with a key pattern it writes down instead of importing
+    """loadtest/cachectl.py flushes the shared cache with a key pattern it writes down instead of importing
     the store's key builder: this keeps the two in step."""
-    from loadtest.driver import REC_CACHE_PATTERN
+    from loadtest.cachectl import REC_CACHE_PATTERN
     from orchestrator.store import keys
 
     for user_id in ("0", "42", "user:7@x"):
