@@ -1,30 +1,213 @@
-"""Build the FAISS item index: exact inner product below a size threshold, else IVF with an HNSW coarse
-quantizer (``IVF{nlist}_HNSW32,Flat``, as the reference capacity plan uses) with ``nprobe`` raised until
-recall@100 against exact search reaches the target."""
+"""Build the FAISS item index and choose its search parameters by measurement.
+
+Below ``exact_threshold`` items the index is exact (``Flat``). From there on it is one of the approximate
+kinds in ``FACTORY`` (by default ``LARGE_KIND``, the one the 1M-item comparison in docs/BENCHMARKS.md,
+``python -m bench.faiss_scale``, found cheapest at the recall target) and every search parameter it has
+(``nprobe``, the HNSW quantizer's ``efSearch``, the refinement's ``k_factor``; ``efSearch`` for a plain HNSW)
+is chosen on a small grid: the cheapest setting, in distance computations per query, whose recall@100
+against exact search reaches the target on *tuning* queries and whose every tuning query gets a full list at
+``full_k``. The recall it then reaches on *held-out* queries (disjoint from the tuning ones) is what the
+manifest reports, and the build fails if that is below the target. The serving side
+(``orchestrator.retrieval.FaissRetriever``) applies the recorded parameters when it loads the index.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal, cast, get_args
 
 import faiss
 import numpy as np
 
 from export.artifacts import write_json
 from export.errors import IndexBuildError
-from orchestrator.retrieval import IndexManifest
+from orchestrator.retrieval import IndexManifest, apply_search_params, search_params_string
 
 log = logging.getLogger(__name__)
 
 EXACT_THRESHOLD = 50_000
 RECALL_TARGET = 0.95
+RECALL_K = 100
+# Tuning aims a little above the target: the held-out estimate (1,000 queries x 100 neighbours) moves by
+# a few thousandths from one query sample to the next, and the target must hold on the held-out one.
+TUNING_MARGIN = 0.005
+# The depth whose lists must come back full: the serving path asks for 200 candidates, the pre-compute for
+# 200 + the longest history. An IVF at low nprobe scans too few codes to fill such a list (issue 17: 80% of
+# queries short), so the tuning rejects any setting that leaves a tuning query short at this depth.
+FULL_K = 1000
+N_TUNING_QUERIES = 1000
+N_HELD_OUT_QUERIES = 1000
+
+IndexKind = Literal["flat", "ivf_hnsw_flat", "ivf_hnsw_pq", "hnsw_flat"]
+INDEX_KINDS: tuple[IndexKind, ...] = get_args(IndexKind)
+# The approximate kind built from exact_threshold items on: chosen by the 1M-item comparison (docs/BENCHMARKS.md,
+# section faiss): it met recall, full lists and the latency targets on both data kinds at the lowest cost
+# of the kinds whose memory fits an orchestrator pod.
+LARGE_KIND: IndexKind = "ivf_hnsw_flat"
+
+EF_SEARCH_GRID = (16, 32, 64, 128, 256)  # the IVF's HNSW quantizer
+HNSW_EF_SEARCH_GRID = (32, 64, 128, 192, 256, 384, 512, 768, 1024)  # a plain HNSW index (FAISS uses max(efSearch, k))
+K_FACTOR_GRID = (2, 4, 8)  # refinement: re-rank k x k_factor PQ candidates by their SQ8 codes
+# Cost of one distance computation relative to a float32 dot product of the full vector: a 4-bit
+# fast-scan PQ code is looked up 32 codes at a time in SIMD registers; an SQ8 code decodes then multiplies.
+CODE_COST = {"flat": 1.0, "pq4fs": 1.0 / 16, "sq8": 1.0}
+
+
+def nlist_for(n: int) -> int:
+    """The number of IVF lists: the power of two nearest to 4 sqrt(n) (4,096 at 1M items)."""
+    return 1 << round(math.log2(4 * math.sqrt(n)))
+
+
+def factory_string(kind: IndexKind, n: int, dim: int) -> str:
+    nlist = nlist_for(n)
+    if kind == "flat":
+        return "Flat"
+    if kind == "ivf_hnsw_flat":
+        return f"IVF{nlist}_HNSW32,Flat"
+    if kind == "ivf_hnsw_pq":
+        # 4-bit fast-scan PQ on residuals, dim/2 sub-quantizers (dim/4 bytes), re-ranked by 8-bit scalar codes:
+        # a raw-vector refinement (RFlat) would keep the float32 vectors and cost more memory than Flat.
+        if dim % 2:
+            raise IndexBuildError(f"expected an even embedding dim for PQ{dim}/2, but found {dim}")
+        return f"IVF{nlist}_HNSW32,PQ{dim // 2}x4fsr,Refine(SQ8)"
+    if kind == "hnsw_flat":
+        return "HNSW32,Flat"
+    raise IndexBuildError(f"expected an index kind among {INDEX_KINDS}, but found {kind!r}")
+
+
+def train_and_add(kind: IndexKind, vectors: np.ndarray, rng: np.random.Generator) -> faiss.Index:
+    """The index of ``kind`` over ``vectors`` (trained on a sample of 40 vectors per list, the FAISS minimum)."""
+    n, dim = vectors.shape
+    index = faiss.index_factory(dim, factory_string(kind, n, dim), faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        sample = min(n, 40 * nlist_for(n))
+        rows = np.sort(rng.choice(n, size=sample, replace=False))
+        index.train(vectors[rows])
+    for start in range(0, n, 200_000):  # in chunks: the HNSW graph and the IVF assignment both take batches
+        index.add(vectors[start : start + 200_000])
+    return index
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Share of the exact neighbours (rows of ``exact``) that ``approx`` found; -1 (no result) never counts."""
     hits = sum(len(set(a[a >= 0].tolist()) & set(e.tolist())) for a, e in zip(approx, exact, strict=True))
     return hits / exact.size
+
+
+def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k rows by inner product, without copying ``vectors`` into a second index."""
+    _, rows = faiss.knn(queries, vectors, k, faiss.METRIC_INNER_PRODUCT)
+    return rows
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One search setting measured on one query set."""
+
+    params: dict[str, int]
+    recall: float  # recall@100 against exact search
+    full_fraction: float  # share of queries whose list at full_k has no -1
+    cost: float  # distance computations per query at k=100, weighted by CODE_COST
+
+
+def search_grid(kind: IndexKind, nlist: int) -> Iterator[list[dict[str, int]]]:
+    """Chains of settings in increasing cost: a chain stops at its first setting that meets the target.
+
+    IVF kinds: per quantizer efSearch, nprobe doubles up to efSearch (the quantizer returns
+    max(efSearch, nprobe) candidates anyway; the last efSearch goes on to nlist so that the target is
+    always reachable); with PQ, once per refinement factor."""
+    if kind == "hnsw_flat":
+        yield [{"efSearch": ef} for ef in HNSW_EF_SEARCH_GRID]
+        return
+    factors: tuple[int | None, ...] = K_FACTOR_GRID if kind == "ivf_hnsw_pq" else (None,)
+    for factor in factors:
+        for ef in EF_SEARCH_GRID:
+            top = nlist if ef == EF_SEARCH_GRID[-1] else min(ef, nlist)
+            chain = []
+            nprobe = 1
+            while nprobe <= top:
+                params = {"nprobe": nprobe, "quantizer_efSearch": ef}
+                if factor is not None:
+                    params["k_factor_rf"] = factor
+                chain.append(params)
+                nprobe *= 2
+            yield chain
+
+
+def measure(
+    index: faiss.Index, kind: IndexKind, params: dict[str, int], queries: np.ndarray, truth: np.ndarray, full_k: int
+) -> Trial:
+    """Recall@100, share of full lists at ``full_k`` and cost per query of ``params`` on ``queries``."""
+    apply_search_params(index, params)
+    k = truth.shape[1]
+    stats = cast(Any, faiss.cvar)  # SWIG globals: the stubs do not list them
+    stats.indexIVF_stats.reset()
+    stats.hnsw_stats.reset()
+    _, found = index.search(queries, k)
+    graph = stats.hnsw_stats.ndis  # the HNSW index's or the IVF quantizer's distance computations
+    codes = stats.indexIVF_stats.ndis  # codes scanned in the probed lists
+    code_cost = CODE_COST["pq4fs"] if kind == "ivf_hnsw_pq" else CODE_COST["flat"]
+    refined = len(queries) * k * params.get("k_factor_rf", 0) * CODE_COST["sq8"]
+    cost = (graph + codes * code_cost + refined) / len(queries)
+    full_fraction = 1.0
+    if full_k > 0:
+        _, deep = index.search(queries, full_k)
+        full_fraction = float((deep >= 0).all(axis=1).mean())
+    return Trial(dict(params), recall_at_k(found, truth), full_fraction, cost)
+
+
+def tune(
+    index: faiss.Index,
+    kind: IndexKind,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    full_k: int,
+    target: float,
+) -> tuple[Trial | None, list[Trial]]:
+    """The cheapest grid setting with recall >= ``target`` and every list full at ``full_k`` (None if no
+    setting qualifies), and every trial measured on the way."""
+    ivf = faiss.try_extract_index_ivf(index)
+    nlist = ivf.nlist if ivf is not None else 0
+    trials: list[Trial] = []
+    best: Trial | None = None
+    for chain in search_grid(kind, nlist):
+        for params in chain:
+            trial = measure(index, kind, params, queries, truth, full_k)
+            trials.append(trial)
+            log.info(
+                "%s recall@%d=%.4f full@%d=%.3f cost=%.0f",
+                search_params_string(params),
+                truth.shape[1],
+                trial.recall,
+                full_k,
+                trial.full_fraction,
+                trial.cost,
+            )
+            if trial.recall >= target and trial.full_fraction == 1.0:
+                if best is None or trial.cost < best.cost:
+                    best = trial
+                break  # the rest of this chain costs more
+            if best is not None and trial.cost > best.cost:
+                break  # already dearer than a setting that qualifies
+    return best, trials
+
+
+def split_queries(
+    queries: np.ndarray, rng: np.random.Generator, n_tuning: int, n_held_out: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint random samples of ``queries``: one to tune on, one to report on (half each if short)."""
+    n = len(queries)
+    order = rng.permutation(n)
+    n_tuning = min(n_tuning, n // 2) if n < n_tuning + n_held_out else n_tuning
+    n_held_out = min(n_held_out, n - n_tuning)
+    tuning = queries[np.sort(order[:n_tuning])]
+    held_out = queries[np.sort(order[n_tuning : n_tuning + n_held_out])]
+    return np.ascontiguousarray(tuning, dtype=np.float32), np.ascontiguousarray(held_out, dtype=np.float32)
 
 
 def build_index(
@@ -36,8 +219,16 @@ def build_index(
     exact_threshold: int = EXACT_THRESHOLD,
     recall_target: float = RECALL_TARGET,
     seed: int = 0,
+    kind: IndexKind | None = None,
+    full_k: int = FULL_K,
+    n_tuning_queries: int = N_TUNING_QUERIES,
+    n_held_out_queries: int = N_HELD_OUT_QUERIES,
 ) -> IndexManifest:
-    """Write ``path`` (the index) and ``path.with_suffix('.json')`` (manifest + row -> item id)."""
+    """Write ``path`` (the index) and ``path.with_suffix('.json')`` (manifest + row -> item id).
+
+    ``queries`` are user vectors (the pipeline passes every user's embedding); without them, item vectors
+    stand in. ``kind`` None means exact below ``exact_threshold`` items and ``LARGE_KIND`` from there on."""
+    started = time.perf_counter()
     vectors = np.ascontiguousarray(item_embeddings, dtype=np.float32)
     if vectors.ndim != 2 or len(vectors) != len(item_ids):
         raise IndexBuildError(
@@ -46,38 +237,71 @@ def build_index(
     if not np.isfinite(vectors).all():
         raise IndexBuildError("expected finite item embeddings, but found NaN or inf")
     n, dim = vectors.shape
+    if kind is None:
+        kind = "flat" if n < exact_threshold else LARGE_KIND
+    factory = factory_string(kind, n, dim)
     rng = np.random.default_rng(seed)
     if queries is None:
-        queries = vectors[rng.choice(n, size=min(n, 1000), replace=False)]
-    queries = np.ascontiguousarray(queries[:1000], dtype=np.float32)
-    k = min(100, n)
-    if n < exact_threshold:
-        index: faiss.Index = faiss.IndexFlatIP(dim)
-        index.add(vectors)
-        factory, nprobe, recall = "Flat", 0, 1.0
+        queries = vectors[rng.choice(n, size=min(n, n_tuning_queries + n_held_out_queries), replace=False)]
+    tuning, held_out = split_queries(np.asarray(queries), rng, n_tuning_queries, n_held_out_queries)
+    full_k = min(full_k, n)
+    index = train_and_add(kind, vectors, rng)
+    built_s = time.perf_counter() - started
+    if kind == "flat":
+        params: dict[str, int] = {}
+        tuning_recall = recall = full_fraction = 1.0
     else:
-        nlist = 1 << round(math.log2(4 * math.sqrt(n)))
-        factory = f"IVF{nlist}_HNSW32,Flat"
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        train = vectors[rng.choice(n, size=min(n, 64 * nlist), replace=False)]
-        index.train(train)
-        index.add(vectors)
-        exact = faiss.IndexFlatIP(dim)
-        exact.add(vectors)
-        _, truth = exact.search(queries, k)
-        ivf = faiss.extract_index_ivf(index)
-        nprobe, recall = 1, 0.0
-        while True:
-            ivf.nprobe = nprobe
-            _, found = index.search(queries, k)
-            recall = recall_at_k(found, truth)
-            log.info("nprobe=%d recall@%d=%.4f", nprobe, k, recall)
-            if recall >= recall_target or nprobe >= nlist:
-                break
-            nprobe = min(nlist, nprobe * 2)
+        k = min(RECALL_K, n)
+        chosen, trials = tune(
+            index, kind, tuning, exact_neighbours(vectors, tuning, k), full_k, recall_target + TUNING_MARGIN
+        )
+        if chosen is None:
+            best = max(trials, key=lambda t: (t.full_fraction == 1.0, t.recall))
+            raise IndexBuildError(
+                f"expected a {factory} setting with recall@{k} >= {recall_target + TUNING_MARGIN} and full lists at "
+                f"k={full_k} on the tuning queries, but the best of {len(trials)} found recall {best.recall:.4f} and "
+                f"{best.full_fraction:.1%} full lists at {search_params_string(best.params)}"
+            )
+        params, tuning_recall = chosen.params, chosen.recall
+        report = measure(index, kind, params, held_out, exact_neighbours(vectors, held_out, k), full_k)
+        recall, full_fraction = report.recall, report.full_fraction
+        log.info(
+            "%s: chose %s (tuning recall %.4f); held-out recall@%d %.4f, full lists at k=%d %.4f",
+            factory,
+            search_params_string(params),
+            tuning_recall,
+            k,
+            recall,
+            full_k,
+            full_fraction,
+        )
         if recall < recall_target:
-            raise IndexBuildError(f"expected recall@{k} >= {recall_target}, but found {recall:.4f} at nprobe={nprobe}")
-    manifest = IndexManifest(model_version, dim, "inner_product", n, factory, nprobe, round(recall, 4))
+            raise IndexBuildError(
+                f"expected held-out recall@{k} >= {recall_target}, but found {recall:.4f} at "
+                f"{search_params_string(params)} (tuning recall {tuning_recall:.4f}): tune on more queries"
+            )
+    total_s = time.perf_counter() - started
+    manifest = IndexManifest(
+        model_version=model_version,
+        dim=dim,
+        metric="inner_product",
+        n_items=n,
+        index_factory=factory,
+        nprobe=params.get("nprobe", 0),
+        recall_at_100=round(recall, 4),
+        search_params=params,
+        recall_at_100_tuning=round(tuning_recall, 4),
+        full_length_k=full_k,
+        full_length_fraction=round(full_fraction, 4),
+        build_seconds=round(total_s, 1),
+    )
+    log.info(
+        "index %s over %d items: built in %.1f s, tuned in %.1f s",
+        factory,
+        n,
+        built_s,
+        total_s - built_s,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(path))
     write_json(path.with_suffix(".json"), asdict(manifest) | {"item_ids": list(item_ids)})

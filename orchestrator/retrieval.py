@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,17 +28,58 @@ class Retriever(Protocol):
 
 @dataclass(frozen=True)
 class IndexManifest:
+    """What ``export.faiss_index.build_index`` measured and chose; the retriever applies ``search_params``."""
+
     model_version: str
     dim: int
     metric: str
     n_items: int
     index_factory: str
     nprobe: int
-    recall_at_100: float
+    recall_at_100: float  # on held-out queries (disjoint from the tuning ones); 1.0 for an exact index
+    # Every search parameter the build chose, by FAISS ParameterSpace name (``nprobe``, ``quantizer_efSearch``,
+    # ``k_factor_rf``, ``efSearch``); empty for an exact index. Older manifests carry only ``nprobe``.
+    search_params: dict[str, int] = field(default_factory=dict)
+    recall_at_100_tuning: float | None = None
+    full_length_k: int = 0  # lists of this depth came back full for ``full_length_fraction`` of held-out queries
+    full_length_fraction: float | None = None
+    build_seconds: float | None = None
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> IndexManifest:
-        return cls(**{name: raw[name] for name in cls.__dataclass_fields__})
+        known = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
+        missing = [
+            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in raw
+        ]
+        if missing:
+            raise ValueError(f"expected an index manifest with {missing}, but found only {sorted(raw)}")
+        return cls(**known)
+
+    def effective_search_params(self) -> dict[str, int]:
+        """``search_params``, or for a manifest written before they were recorded, its ``nprobe`` alone."""
+        if self.search_params:
+            return dict(self.search_params)
+        return {"nprobe": self.nprobe} if self.nprobe > 0 else {}
+
+
+def search_params_string(params: dict[str, int]) -> str:
+    """``{"nprobe": 32, "quantizer_efSearch": 64}`` -> ``"nprobe=32,quantizer_efSearch=64"``."""
+    return ",".join(f"{name}={value}" for name, value in params.items())
+
+
+def apply_search_params(index: faiss.Index, params: dict[str, int]) -> None:
+    """Set ``params`` on ``index`` and on the indexes inside it (IVF quantizer, refinement base) by name,
+    through FAISS's own ParameterSpace; a name the index does not have is an error, not a silent no-op."""
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        try:
+            space.set_index_parameter(index, name, float(value))
+        except RuntimeError as exc:
+            kind = type(faiss.downcast_index(index)).__name__
+            raise ValueError(
+                f"expected search parameter {name}={value} to apply to {kind}, but FAISS has no such parameter "
+                "there: the manifest was written for another index"
+            ) from exc
 
 
 class FaissRetriever:
@@ -58,12 +99,9 @@ class FaissRetriever:
                 f"index {index_path} holds {self.index.ntotal} x {self.index.d}, but its manifest says "
                 f"{len(self.item_ids)} x {self.manifest.dim}"
             )
-        if hasattr(self.index, "nprobe"):
-            self.index.nprobe = self.manifest.nprobe
-        else:
-            ivf = faiss.try_extract_index_ivf(self.index)
-            if ivf is not None:
-                ivf.nprobe = self.manifest.nprobe
+        # The parameters the build chose by measurement (recall on held-out users, full lists): without them
+        # FAISS's defaults apply (nprobe 1, efSearch 16), far below the recall target.
+        apply_search_params(self.index, self.manifest.effective_search_params())
         self.search_s = self._typical_search_s()
         # A thread hop costs more than a small search: the result comes back only once the worker gets the
         # GIL, which a busy event loop hands over every 5 ms (sys.getswitchinterval). Measured (service bench,

@@ -1,13 +1,24 @@
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
+import faiss
 import numpy as np
 import pytest
 
 from export.errors import IndexBuildError
-from export.faiss_index import build_index
-from orchestrator.retrieval import FaissRetriever
+from export.faiss_index import (
+    EF_SEARCH_GRID,
+    RECALL_TARGET,
+    IndexKind,
+    build_index,
+    exact_neighbours,
+    recall_at_k,
+    search_grid,
+)
+from orchestrator.retrieval import FaissRetriever, IndexManifest
 
 
 def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -57,6 +68,7 @@ def test_ivf_hnsw_index_reaches_the_recall_target(tmp_path: Path) -> None:
     manifest = build_index(items, ids, "v1", tmp_path / "ivf.faiss", exact_threshold=10_000)
     assert manifest.index_factory.startswith("IVF") and manifest.index_factory.endswith("_HNSW32,Flat")
     assert manifest.recall_at_100 >= 0.95
+    assert set(manifest.search_params) == {"nprobe", "quantizer_efSearch"}
     written = json.loads((tmp_path / "ivf.json").read_text())
     assert written["recall_at_100"] == manifest.recall_at_100 and len(written["item_ids"]) == 20_000
     retriever = FaissRetriever(tmp_path / "ivf.faiss")
@@ -76,3 +88,142 @@ def test_bad_embeddings_are_rejected(tmp_path: Path) -> None:
 def test_missing_index_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"FAISS index .*nothing.faiss"):
         FaissRetriever(tmp_path / "nothing.faiss")
+
+
+def _mixture(rng: np.random.Generator, centres: np.ndarray, n: int, spread: float, mix: int) -> np.ndarray:
+    """Vectors near a mix of 1..``mix`` random centres (items: mix 1; users: up to 3), as bench.faiss_scale."""
+    dim = centres.shape[1]
+    out = np.zeros((n, dim), np.float32)
+    for row in range(n):
+        picked = rng.choice(len(centres), size=int(rng.integers(1, mix + 1)))
+        out[row] = rng.dirichlet(np.ones(len(picked))) @ centres[picked]
+    out += (spread / np.sqrt(dim)) * rng.normal(size=(n, dim)).astype(np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+Clustered = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def clustered() -> Clustered:
+    """12K loosely clustered items, 600 users to build with and 300 other users the build never saw."""
+    rng = np.random.default_rng(7)
+    centres = _unit(rng, 40, 32)
+    items = _mixture(rng, centres, 12_000, 1.2, 1)
+    return items, _mixture(rng, centres, 600, 1.2, 3), _mixture(rng, centres, 300, 1.2, 3)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, clustered: Clustered) -> Callable[[IndexKind], Path]:
+    """The index of a kind over ``clustered``, built (IVF from a lowered threshold) once per module."""
+    items, users, _ = clustered
+    paths: dict[IndexKind, Path] = {}
+
+    def build(kind: IndexKind) -> Path:
+        if kind not in paths:
+            path = tmp_path_factory.mktemp(kind) / "idx.faiss"
+            ids = [f"i{r}" for r in range(len(items))]
+            build_index(items, ids, "v1", path, queries=users, exact_threshold=10_000, kind=kind)
+            paths[kind] = path
+        return paths[kind]
+
+    return build
+
+
+@pytest.mark.parametrize(
+    ("kind", "names"),
+    [
+        ("ivf_hnsw_flat", {"nprobe", "quantizer_efSearch"}),
+        ("ivf_hnsw_pq", {"nprobe", "quantizer_efSearch", "k_factor_rf"}),
+        ("hnsw_flat", {"efSearch"}),
+    ],
+)
+def test_every_kind_chooses_its_search_params_on_users_it_then_meets_on_other_users(
+    built: Callable[[IndexKind], Path], clustered: Clustered, kind: IndexKind, names: set[str]
+) -> None:
+    items, _, unseen = clustered
+    path = built(kind)
+    manifest = IndexManifest.from_json(json.loads(path.with_suffix(".json").read_text()))
+    assert set(manifest.search_params) == names
+    assert manifest.recall_at_100 >= RECALL_TARGET  # held out from the tuning inside the build
+    assert manifest.recall_at_100_tuning is not None and manifest.recall_at_100_tuning >= RECALL_TARGET
+    assert manifest.full_length_k == 1000 and manifest.full_length_fraction == 1.0
+    # Served: the retriever applies the recorded params; on users neither split saw, the target holds and
+    # every list is full at the serving (200) and the pre-compute (up to 1,000) depths.
+    retriever = FaissRetriever(path)
+    found, _ = retriever.search_sync(unseen, 100)
+    rows = np.array([[int(i[1:]) for i in row] for row in found])
+    assert recall_at_k(rows, exact_neighbours(items, unseen, 100)) >= RECALL_TARGET
+    for k in (200, 1000):
+        found, scores = retriever.search_sync(unseen, k)
+        assert [len(row) for row in found] == [k] * len(unseen) and scores.shape == (len(unseen), k)
+
+
+def test_the_retriever_applies_every_recorded_param(built: Callable[[IndexKind], Path]) -> None:
+    retriever = FaissRetriever(built("ivf_hnsw_pq"))
+    index, manifest = retriever.index, retriever.manifest
+    ivf = faiss.extract_index_ivf(index)
+    quantizer: Any = faiss.downcast_index(ivf.quantizer)  # the stubs type it as the base Index
+    applied = {
+        "nprobe": ivf.nprobe,
+        "quantizer_efSearch": quantizer.hnsw.efSearch,
+        "k_factor_rf": int(cast(Any, index).k_factor),
+    }
+    assert applied == manifest.search_params
+    assert manifest.nprobe == manifest.search_params["nprobe"]
+
+
+def test_a_manifest_written_before_search_params_still_sets_nprobe(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    centres = _unit(rng, 50, 32)
+    items = centres[rng.integers(0, 50, 12_000)] + 0.3 * _unit(rng, 12_000, 32)
+    build_index(items, [str(i) for i in range(len(items))], "v1", tmp_path / "old.faiss", exact_threshold=10_000)
+    meta_path = tmp_path / "old.json"
+    meta = json.loads(meta_path.read_text())
+    for name in ("search_params", "recall_at_100_tuning", "full_length_k", "full_length_fraction", "build_seconds"):
+        del meta[name]
+    meta["nprobe"] = 7
+    meta_path.write_text(json.dumps(meta))
+    retriever = FaissRetriever(tmp_path / "old.faiss")
+    assert retriever.manifest.search_params == {} and faiss.extract_index_ivf(retriever.index).nprobe == 7
+
+
+def test_a_manifest_missing_a_field_is_named() -> None:
+    with pytest.raises(ValueError, match=r"expected an index manifest with \['nprobe', 'recall_at_100'\]"):
+        IndexManifest.from_json({"model_version": "v", "dim": 4, "metric": "ip", "n_items": 1, "index_factory": "Flat"})
+
+
+def test_an_unreachable_target_fails_the_build_and_says_what_was_reached(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    items = _unit(rng, 1_500, 16)
+    with pytest.raises(
+        IndexBuildError, match=r"expected a HNSW32,Flat setting with recall@100 >= 1\.005 .* but the best"
+    ):
+        build_index(
+            items,
+            [str(i) for i in range(1_500)],
+            "v",
+            tmp_path / "x.faiss",
+            exact_threshold=1_000,
+            kind="hnsw_flat",
+            recall_target=1.0,
+        )
+    assert not (tmp_path / "x.faiss").exists()
+
+
+def test_the_grid_raises_nprobe_up_to_the_quantizers_efsearch_and_to_nlist_at_the_last() -> None:
+    chains = list(search_grid("ivf_hnsw_flat", 4096))
+    assert [chain[0]["quantizer_efSearch"] for chain in chains] == list(EF_SEARCH_GRID)
+    for chain in chains[:-1]:
+        assert [p["nprobe"] for p in chain][-1] == chain[0]["quantizer_efSearch"]
+    assert chains[-1][-1]["nprobe"] == 4096
+    assert {p["k_factor_rf"] for chain in search_grid("ivf_hnsw_pq", 64) for p in chain} == {2, 4, 8}
+
+
+def test_a_search_param_the_index_lacks_is_named(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    build_index(_unit(rng, 200, 8), [str(i) for i in range(200)], "v1", tmp_path / "flat.faiss")
+    meta = json.loads((tmp_path / "flat.json").read_text())
+    (tmp_path / "flat.json").write_text(json.dumps(meta | {"search_params": {"nprobe": 4}}))
+    with pytest.raises(ValueError, match="expected search parameter nprobe=4 to apply to IndexFlatIP, but FAISS"):
+        FaissRetriever(tmp_path / "flat.faiss")
