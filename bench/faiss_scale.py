@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _old_tuning(row: dict[str, Any]) -> Trial | None:
-    """What the build chose before (efSearch left at 16, nprobe doubled until tuning recall >= 0.95)."""
+    """What an nprobe-only tuning chooses (efSearch left at 16, nprobe doubled until tuning recall >= 0.95)."""
     for t in row["trials"]:
         p = t["params"]
         if p.get("quantizer_efSearch") == 16 and "k_factor_rf" not in p and t["recall"] >= RECALL_TARGET:
@@ -362,12 +362,12 @@ def markdown(result: dict[str, Any]) -> str:
             text += f"; lists full at k={FULL_K}: {shallow}"
             if old is not None:
                 text += (
-                    f"; the old nprobe-only tuning would stop at `nprobe={old.params['nprobe']}` where "
+                    f"; an nprobe-only tuning would stop at `nprobe={old.params['nprobe']}` where "
                     f"{old.full_fraction:.1%} of tuning lists at k={FULL_K} are full"
                 )
             notes.append(text + ".")
     if notes:
-        lines += ["What the old build (nprobe tuned, efSearch fixed at 16) would have shipped:", "", *notes, ""]
+        lines += ["What an nprobe-only tuning (efSearch fixed at 16) would ship:", "", *notes, ""]
     lines.append(f"Raw figures, every grid setting tried included: `{JSON_PATH.relative_to(BENCH_DIR.parent.parent)}`.")
     return "\n".join(lines)
 

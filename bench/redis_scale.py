@@ -34,9 +34,8 @@ SAMPLE = 20_000
 FULL = 1_000_000
 QUICK_FULL = 100_000
 DIM = 128
-# The plan's figures and formula before they counted seen sets and measured cache entries (docs/measurements.json
-# as of 2026-11-29: python -m export bench, 10:35 UTC; the cache entry a provisional guess), for the before/after
-# comparison only.
+# A baseline plan for the comparison only: no seen sets and a guessed 600 B cache entry, with the per-key figures
+# of docs/measurements.json of 2026-11-29 (python -m export bench, 10:35 UTC).
 PLAN_BEFORE = {"embedding_fp16": 424.0, "feature_row": 88.0, "precomputed_list": 952.0, "cache_entry": 600.0}
 TOLERANCE = 0.15  # the plan must land within 15% of the measured memory
 
@@ -75,7 +74,7 @@ def plan_estimate(figures: dict[str, float], users: int, items: int, source: str
 
 
 def plan_before(users: int, items: int, cache_user_fraction: float) -> float:
-    """The plan's Redis bytes before this section existed: no seen sets, a 600 B cache entry."""
+    """The baseline plan's Redis bytes: no seen sets, a 600 B cache entry."""
     b = PLAN_BEFORE
     return (
         (users + items) * (b["embedding_fp16"] + b["feature_row"])
@@ -188,9 +187,9 @@ def run_section(ctx: BenchContext) -> SectionResult:
                     "measured (used_memory delta)",
                     "B/key",
                     "MEMORY USAGE B/key",
-                    "plan before",
-                    "plan now",
-                    "plan now / measured",
+                    "baseline plan",
+                    "plan",
+                    "plan / measured",
                 ],
                 _kind_rows(full, estimate, before_kinds),
             ),
@@ -203,19 +202,19 @@ def run_section(ctx: BenchContext) -> SectionResult:
                 [
                     ["measured (used_memory - empty server)", human(full.data_bytes), "-"],
                     [
-                        "plan before (no seen sets, cache entry 600 B, list 952 B)",
+                        "baseline plan (no seen sets, cache entry 600 B, list 952 B)",
                         human(before_total),
                         f"{error_before:+.1%}",
                     ],
-                    ["plan now (every kind, the sample's figures)", human(estimated), f"{error:+.1%}"],
+                    ["plan (every kind, the sample's figures)", human(estimated), f"{error:+.1%}"],
                 ],
             ),
             "",
             f"**The plan's estimate is {error:+.1%} off the measured memory at {full_n:,} x {full_n:,}** "
             + (
-                f"(within the {TOLERANCE:.0%} it must hit); before, it was {error_before:+.1%}."
+                f"(within the {TOLERANCE:.0%} it must hit); the baseline plan's is {error_before:+.1%}."
                 if within
-                else f"(OUTSIDE the {TOLERANCE:.0%} it must hit); before, it was {error_before:+.1%}."
+                else f"(OUTSIDE the {TOLERANCE:.0%} it must hit); the baseline plan's is {error_before:+.1%}."
             )
             + " The figures extrapolate from a 20,000-key sample; the full-scale run checks them.",
         ]

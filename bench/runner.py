@@ -2,10 +2,10 @@
 rewrite docs/BENCHMARKS.md and the measured keys of docs/measurements.json.
 
 Each section lives in its own module (``bench.ranker``, ``bench.batching``, ``bench.dataplane``,
-``bench.service``, ``bench.redis_scale`` for the section ``redis``) and returns a ``SectionResult``: its
-markdown and the figures the capacity plan reads. In BENCHMARKS.md every section sits between
-``<!-- section:NAME -->`` and ``<!-- /section:NAME -->`` so that ``--only NAME`` replaces that block and
-leaves the others as they were measured.
+``bench.service``, ``bench.redis_scale`` for the section ``redis``, ``bench.faiss_scale`` for the section
+``faiss``) and returns a ``SectionResult``: its markdown and the figures the capacity plan reads. In
+BENCHMARKS.md every section sits between ``<!-- section:NAME -->`` and ``<!-- /section:NAME -->`` so that
+``--only NAME`` replaces that block and leaves the others as they were measured.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ IMAGES_DIR = REPO_ROOT / "docs" / "img"
 BENCH_DIR = BUILD_DIR / "bench"
 BASE_COMMAND = "python -m bench"
 HEADER = "header"
-SECTION_ORDER: tuple[str, ...] = ("ranker", "batching", "dataplane", "service", "redis")
+SECTION_ORDER: tuple[str, ...] = ("ranker", "batching", "dataplane", "service", "redis", "faiss")
 _NAME = re.compile(r"^[a-z0-9_-]+$")
 
 
@@ -275,6 +275,7 @@ SECTIONS: dict[str, Section] = {
     "dataplane": _dataplane_section,
     "service": _module_section("bench.service"),
     "redis": _module_section("bench.redis_scale"),
+    "faiss": _module_section("bench.faiss_scale"),
 }
 
 

@@ -10,7 +10,7 @@ git-ignored):
 | ``users.json`` / ``items.json`` | ids (strings), row i of every table below belongs to ids[i] |
 | ``user_embeddings.npy`` / ``item_embeddings.npy`` | float32 [n, dim], L2-normalised |
 | ``user_features.npy`` / ``item_features.npy`` | int64 [n, width] (``orchestrator.schema``) |
-| ``user_history.json`` | user id -> item ids the user interacted with (seen, excluded at serving) |
+| ``user_history_*.npy`` | item rows each user interacted with (seen, excluded at serving): ``export.history`` |
 | ``popular.json`` | segment -> most popular item ids (the last-resort fallback) |
 | ``item_index.faiss`` / ``item_index.json`` | FAISS index over item embeddings and its manifest |
 | ``two_tower.pt`` / ``ranker.pt`` | torch state dicts (eager models, for parity checks) |
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from export.history import UserHistory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = REPO_ROOT / "build"
@@ -50,7 +52,7 @@ class Bundle:
     item_embeddings: np.ndarray
     user_features: np.ndarray
     item_features: np.ndarray
-    user_history: dict[str, list[str]]
+    user_history: UserHistory
     popular: dict[str, list[str]]
 
     @property
@@ -77,7 +79,7 @@ def save_bundle(bundle: Bundle) -> None:
     np.save(bundle.path / "item_embeddings.npy", bundle.item_embeddings.astype(np.float32))
     np.save(bundle.path / "user_features.npy", bundle.user_features.astype(np.int64))
     np.save(bundle.path / "item_features.npy", bundle.item_features.astype(np.int64))
-    write_json(bundle.path / "user_history.json", bundle.user_history)
+    bundle.user_history.save(bundle.path)
     write_json(bundle.path / "popular.json", bundle.popular)
     # The manifest goes last: its presence marks a complete bundle.
     write_json(bundle.path / "manifest.json", bundle.manifest)
@@ -89,16 +91,18 @@ def load_bundle(path: Path) -> Bundle:
         raise FileNotFoundError(
             f"no artifact bundle at {path} (missing manifest.json); run `python -m export train` first"
         )
+    user_ids = json.loads((path / "users.json").read_text())
+    item_ids = json.loads((path / "items.json").read_text())
     bundle = Bundle(
         path=path,
         manifest=json.loads(manifest_path.read_text()),
-        user_ids=json.loads((path / "users.json").read_text()),
-        item_ids=json.loads((path / "items.json").read_text()),
+        user_ids=user_ids,
+        item_ids=item_ids,
         user_embeddings=np.load(path / "user_embeddings.npy"),
         item_embeddings=np.load(path / "item_embeddings.npy"),
         user_features=np.load(path / "user_features.npy"),
         item_features=np.load(path / "item_features.npy"),
-        user_history=json.loads((path / "user_history.json").read_text()),
+        user_history=UserHistory.read(path, user_ids, item_ids),
         popular=json.loads((path / "popular.json").read_text()),
     )
     for name, ids, table in (

@@ -251,10 +251,17 @@ def _read_interactions_fast(
     if user_lookup is None or item_lookup is None or not path.is_file():
         return None
     parts = []
-    with path.open("rb") as data:
+    size = path.stat().st_size
+    with (
+        path.open("rb") as data,
+        tqdm(
+            total=size, desc=f"reading {path.name}", unit="B", unit_scale=True, disable=size < 4 * READ_BLOCK_BYTES
+        ) as bar,
+    ):
         rest = b""
         while True:
             chunk = data.read(READ_BLOCK_BYTES)
+            bar.update(len(chunk))
             block = rest + chunk
             if not chunk:
                 if block and not block.endswith(b"\n"):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from export.artifacts import MODEL_REPOSITORY, Bundle
+from orchestrator import schema
 from orchestrator.store import keys
 from orchestrator.store.backend import Backend
 from orchestrator.store.cluster import ClusterBackend
@@ -39,6 +40,7 @@ __all__ = [
     "load_and_precompute",
     "onnx_ranker",
     "open_backend",
+    "schema",
     "sharded_backend",
 ]
 
@@ -81,26 +83,41 @@ def faiss_retriever(index_path: Path) -> FaissRetriever:
 
 
 async def load_and_precompute(
-    redis: str | Sequence[str] | Backend, bundle: Bundle, onnx_path: Path, progress: bool = True, threads: int = 0
+    redis: str | Sequence[str] | Backend,
+    bundle: Bundle,
+    onnx_path: Path,
+    progress: bool = True,
+    threads: int = 0,
+    processes: int = 1,
 ) -> None:
     """Load the bundle into Redis (activating its version) and pre-compute every user's list.
 
     ``redis``: one URL, several URLs (shards of one hash ring, as the orchestrator's RECSERVE_REDIS_URLS
     lists them), or a backend the caller owns (a Redis Cluster, say); a backend is not closed here.
-    ``threads``: ONNX Runtime intra-op threads (0: one per core of the machine)."""
+    ``threads``: ONNX Runtime intra-op threads (0: one per core of the machine). ``processes`` > 1: pre-compute
+    with that many worker processes (``precompute_processes``: one per core, each with its share of the
+    users and its own connections), which takes URLs, not a backend."""
     from export.load import LoadConfig, load
-    from export.precompute import PrecomputeConfig, precompute
+    from export.precompute import PrecomputeConfig, precompute, precompute_processes
 
     owned = isinstance(redis, Sequence)  # a str is a Sequence too
-    if isinstance(redis, str):
-        backend: Backend = sharded_backend([redis])
-    elif isinstance(redis, Sequence):
-        backend = sharded_backend(redis)
+    urls: list[str] = []
+    if isinstance(redis, Sequence):
+        urls = [redis] if isinstance(redis, str) else list(redis)
+        backend: Backend = sharded_backend(urls)
     else:
         backend = redis
+    if processes > 1 and not urls:
+        raise ValueError("pre-compute in several processes needs Redis URLs (each process connects itself)")
     try:
         await load(backend, bundle, LoadConfig(progress=progress))
-        retriever = faiss_retriever(bundle.path / "item_index.faiss")
+        index_path = bundle.path / "item_index.faiss"
+        if processes > 1:
+            await precompute_processes(
+                urls, bundle.path, index_path, onnx_path, PrecomputeConfig(), processes, progress
+            )
+            return
+        retriever = faiss_retriever(index_path)
         ranker = onnx_ranker(onnx_path, bundle.model_version, threads or (os.cpu_count() or 1))
         await precompute(backend, bundle, retriever, ranker, PrecomputeConfig(), progress=progress)
     finally:

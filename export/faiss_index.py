@@ -37,8 +37,9 @@ RECALL_K = 100
 # a few thousandths from one query sample to the next, and the target must hold on the held-out one.
 TUNING_MARGIN = 0.005
 # The depth whose lists must come back full: the serving path asks for 200 candidates, the pre-compute for
-# 200 + the longest history. An IVF at low nprobe scans too few codes to fill such a list (issue 17: 80% of
-# queries short), so the tuning rejects any setting that leaves a tuning query short at this depth.
+# 200 + the longest history. An IVF at low nprobe scans too few codes to fill such a list (at nprobe 1 to 4,
+# 29% to 99% of lists at k=1,000 come back short: docs/BENCHMARKS.md, section faiss), so the tuning rejects
+# any setting that leaves a tuning query short at this depth.
 FULL_K = 1000
 N_TUNING_QUERIES = 1000
 N_HELD_OUT_QUERIES = 1000

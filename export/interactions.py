@@ -56,7 +56,7 @@ import numpy as np
 
 from export.data import Dataset
 from export.errors import DataFileError, DatasetSpecError, MissingDataError
-from orchestrator.api.shared import ID_MAX_LENGTH, ID_PATTERN
+from orchestrator.ids import ID_MAX_LENGTH, ID_PATTERN
 
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -67,7 +67,7 @@ NUMERIC_BUCKETS = 10  # quantile buckets of a numeric feature (index 0: missing)
 MAX_EPOCH_SECONDS = 10**11
 CHUNK_ROWS = 65_536  # rows a chunk of a log holds: its columns are checked and converted together
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
-RESERVED_NAMES = ("synthetic", "movielens", "movielens-100k", "movielens-small")
+RESERVED_NAMES = ("synthetic", "synthetic-1m", "movielens", "movielens-100k", "movielens-small")
 ID_RULE = re.compile(ID_PATTERN)
 ID_RULE_TEXT = f"1-{ID_MAX_LENGTH} characters of [A-Za-z0-9._:@-] (the API's id rule)"
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 from tqdm import tqdm
 
 from export.artifacts import Bundle
@@ -90,7 +91,8 @@ class Loader:
         report = LoadReport(self.info.version)
         await self._claim_version()
         b = self.bundle
-        history_users = [u for u in b.user_ids if b.user_history.get(u)]
+        history = b.user_history
+        history_rows = np.flatnonzero(history.lengths()).tolist()
 
         async def user_embeddings(lo: int, hi: int) -> None:
             await self.embeddings.set_batch("user", b.user_ids[lo:hi], b.user_embeddings[lo:hi])
@@ -105,16 +107,17 @@ class Loader:
             await self.features.set_rows("item", b.item_ids[lo:hi], b.item_features[lo:hi])
 
         async def seen(lo: int, hi: int) -> None:
-            await self.features.add_seen(
-                {u: b.user_history[u] for u in history_users[lo:hi]}, ttl_s=self.cfg.seen_ttl_s
-            )
+            seen_sets = {
+                b.user_ids[r]: [b.item_ids[i] for i in history.rows_of(r).tolist()] for r in history_rows[lo:hi]
+            }
+            await self.features.add_seen(seen_sets, ttl_s=self.cfg.seen_ttl_s)
 
         tables: list[tuple[str, int, Writer]] = [
             ("user_embeddings", len(b.user_ids), user_embeddings),
             ("item_embeddings", len(b.item_ids), item_embeddings),
             ("user_features", len(b.user_ids), user_features),
             ("item_features", len(b.item_ids), item_features),
-            ("seen", len(history_users), seen),
+            ("seen", len(history_rows), seen),
         ]
         total = sum(n for _, n, _ in tables)
         with tqdm(total=total, desc=f"load {self.info.version}", unit="row", disable=not self.cfg.progress) as bar:

@@ -10,7 +10,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from export.data import (
 )
 from export.evaluate import MAX_EVAL_USERS, ScoreFn, default_context, evaluate
 from export.faiss_index import build_index
+from export.history import UserHistory
 from export.interactions import check_name, load_movielens_small, read_interactions
 from export.models import Ranker
 from export.train import TrainConfig, TrainedModels, random_context, train
@@ -45,14 +46,20 @@ from orchestrator import schema
 
 log = logging.getLogger(__name__)
 
+# The generated data sets by name: the default (MovieLens-100K-sized) and the scale profile, 1M users x 1M
+# items with ~120M interactions (`make up DATASET=synthetic-1m`; docs/SCALE.md).
+SYNTHETIC_PROFILES = {
+    "synthetic": SyntheticSpec(),
+    "synthetic-1m": SyntheticSpec(n_users=1_000_000, n_items=1_000_000),
+}
 # The built-in data sets; an own one (``python -m export all --interactions FILE --name NAME``) is any other
 # name, its bundle under build/artifacts/NAME like theirs.
-DATASETS = ("synthetic", "movielens", "movielens-small")
+DATASETS = (*SYNTHETIC_PROFILES, "movielens", "movielens-small")
 POPULAR_LIST_LENGTH = 100
 
 
-def synthetic_dir(build_dir: Path = BUILD_DIR) -> Path:
-    return build_dir / "data" / "synthetic"
+def synthetic_dir(build_dir: Path = BUILD_DIR, name: str = "synthetic") -> Path:
+    return build_dir / "data" / name
 
 
 def prepare_dataset(
@@ -60,17 +67,20 @@ def prepare_dataset(
 ) -> Dataset:
     """``synthetic`` is generated (seeded) into ``data_dir`` (default build/data/synthetic) unless a
     complete one is there already: with no ``spec``, any (``u.data`` is the completion marker); with a
-    ``spec``, one generated from that very spec (its ``spec.json``). ``movielens`` is read where it
+    ``spec``, one generated from that very spec (its ``spec.json``). ``synthetic-1m`` likewise, from its
+    own spec, in build/data/synthetic-1m. ``movielens`` is read where it
     lies: ``data_dir``, else $RECSERVE_MOVIELENS_DIR or ../shared/data/movielens-100k; ``movielens-small``
     (MovieLens latest-small) too: ``data_dir``, else $RECSERVE_MOVIELENS_SMALL_DIR or
     ../shared/data/movielens-latest-small, read through the own-data contract (``export.interactions``)."""
-    if name == "synthetic":
-        folder = Path(data_dir) if data_dir is not None else synthetic_dir(build_dir)
+    if name in SYNTHETIC_PROFILES:
+        folder = Path(data_dir) if data_dir is not None else synthetic_dir(build_dir, name)
+        if spec is None and name != "synthetic":
+            spec = SYNTHETIC_PROFILES[name]
         complete = (folder / "u.data").is_file()
         if not complete or (spec is not None and read_spec(folder) != spec):
-            log.info("generating the synthetic data set into %s", folder)
-            generate_synthetic(folder, spec or SyntheticSpec())
-        return load_movielens(folder, "synthetic")
+            log.info("generating the %s data set into %s", name, folder)
+            generate_synthetic(folder, spec or SYNTHETIC_PROFILES[name])
+        return load_movielens(folder, name)
     if name == "movielens":
         return load_movielens(Path(data_dir) if data_dir is not None else movielens_dir(), "movielens-100k")
     if name == "movielens-small":
@@ -114,6 +124,28 @@ def popular_lists(data: Dataset, length: int = POPULAR_LIST_LENGTH) -> dict[str,
     return lists
 
 
+class RankerTables(Protocol):
+    """Per-user and per-item ranker inputs, row-aligned with the ids (a trained model or a bundle)."""
+
+    user_embeddings: np.ndarray
+    item_embeddings: np.ndarray
+    user_features: np.ndarray
+    item_features: np.ndarray
+
+
+def ranker_batch(
+    tables: RankerTables, users: np.ndarray, items: np.ndarray, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """The ranker's inputs for the (user, item) rows given, with random request contexts."""
+    return {
+        "user_embedding": tables.user_embeddings[users],
+        "item_embedding": tables.item_embeddings[items],
+        "user_features": tables.user_features[users],
+        "item_features": tables.item_features[items],
+        "context_features": random_context(rng, len(users)),
+    }
+
+
 def real_batches(
     models: TrainedModels, data: Dataset, sizes: tuple[int, ...], seed: int = 0
 ) -> list[dict[str, np.ndarray]]:
@@ -122,16 +154,7 @@ def real_batches(
     batches = []
     for size in sizes:
         rows = rng.integers(0, data.n_interactions, size)
-        users, items = data.user_idx[rows], data.item_idx[rows]
-        batches.append(
-            {
-                "user_embedding": models.user_embeddings[users],
-                "item_embedding": models.item_embeddings[items],
-                "user_features": models.user_features[users],
-                "item_features": models.item_features[items],
-                "context_features": random_context(rng, size),
-            }
-        )
+        batches.append(ranker_batch(models, data.user_idx[rows], data.item_idx[rows], rng))
     return batches
 
 
@@ -206,9 +229,7 @@ def _train_and_export(
     write_json(path / "metrics.json", metrics)
     for name, value in extra_files.items():
         write_json(path / name, value)
-    history: dict[str, list[str]] = {}
-    for u, i in zip(data.user_idx.tolist(), data.item_idx.tolist(), strict=True):
-        history.setdefault(data.user_ids[u], []).append(data.item_ids[i])
+    history = UserHistory.from_rows(data.user_ids, data.item_ids, data.user_idx, data.item_idx)
     manifest = {
         "model_version": model_version,
         "triton_version": version,
@@ -317,15 +338,7 @@ def export_bundle(bundle_path: Path, repo: Path = MODEL_REPOSITORY, batching: Ba
     for size in (1, 7, (batching or BatchingSpec()).max_batch_size):
         users = rng.integers(0, len(bundle.user_ids), size)
         items = rng.integers(0, len(bundle.item_ids), size)
-        batches.append(
-            {
-                "user_embedding": bundle.user_embeddings[users],
-                "item_embedding": bundle.item_embeddings[items],
-                "user_features": bundle.user_features[users],
-                "item_features": bundle.item_features[items],
-                "context_features": random_context(rng, size),
-            }
-        )
+        batches.append(ranker_batch(bundle, users, items, rng))
     version = int(bundle.manifest.get("triton_version", 1))
     model_repository.export_ranker(ranker, version, batches, bundle.manifest, repo, batching)
 

@@ -28,7 +28,7 @@ import os
 import queue
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,6 +40,7 @@ from tqdm import tqdm
 from export.artifacts import Bundle
 from export.errors import ExportError
 from export.evaluate import default_context
+from export.history import distinct_per_row, read_arrays
 from orchestrator.ranking import RankingRequest, check_scores
 from orchestrator.retrieval import FaissRetriever
 from orchestrator.store import Recommendations, keys
@@ -125,7 +126,7 @@ class Candidates:
         self.context = default_context(1)[0]
 
     def seen(self, row: int) -> set[str]:
-        return set(self.bundle.user_history.get(self.bundle.user_ids[row], ()))
+        return set(self.bundle.user_history[self.bundle.user_ids[row]])
 
     def depth(self, row: int) -> int:
         """The online path's retrieval depth: enough to leave ``n_candidates`` after this user's seen items."""
@@ -222,53 +223,33 @@ class ShardUsers:
         )
 
     @classmethod
-    def build(
-        cls,
-        ids: list[str],
-        rows: np.ndarray,
-        embeddings: np.ndarray,
-        features: np.ndarray,
-        history: Mapping[str, Sequence[str]],
-        item_row: Mapping[str, int],
-    ) -> ShardUsers:
-        """``history``: user id -> item ids (repeats and items missing from the catalog are dropped)."""
-        seen = [
-            np.unique(np.fromiter((item_row[i] for i in history.get(u, ()) if i in item_row), np.int64)) for u in ids
-        ]
-        indptr = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.cumsum([len(s) for s in seen], out=indptr[1:])
-        items = np.concatenate(seen) if seen else np.zeros(0, np.int64)
-        return cls(ids, np.asarray(rows, np.int64), embeddings, features, indptr, items.astype(np.int64))
-
-    @classmethod
-    def of(cls, bundle: Bundle, rows: np.ndarray, item_row: Mapping[str, int] | None = None) -> ShardUsers:
+    def of(cls, bundle: Bundle, rows: np.ndarray) -> ShardUsers:
         """The users at ``rows`` of an in-memory bundle."""
-        item_row = item_row if item_row is not None else {item: r for r, item in enumerate(bundle.item_ids)}
+        history = bundle.user_history
+        indptr, items = distinct_per_row(history.indptr, history.item_rows, rows)
         ids = [bundle.user_ids[r] for r in rows.tolist()]
-        return cls.build(
-            ids, rows, bundle.user_embeddings[rows], bundle.user_features[rows], bundle.user_history, item_row
+        return cls(
+            ids, np.asarray(rows, np.int64), bundle.user_embeddings[rows], bundle.user_features[rows], indptr, items
         )
 
     @classmethod
-    def read(cls, path: Path, rows: np.ndarray, item_row: Mapping[str, int]) -> ShardUsers:
-        """The users at ``rows`` of the bundle at ``path``: the tables are memory-mapped and only these rows
-        copied. The history (one JSON object for every user) is parsed here and all but these users'
-        entries dropped at once: the one step whose memory follows the bundle's users, not the shard's."""
+    def read(cls, path: Path, rows: np.ndarray) -> ShardUsers:
+        """The users at ``rows`` of the bundle at ``path``: every table, the history included, is
+        memory-mapped and only these rows copied. The id list is the one read whose memory follows the
+        bundle's users, not the shard's."""
         ids_all = orjson.loads((path / "users.json").read_bytes())
         ids = [ids_all[r] for r in rows.tolist()]
         del ids_all
         embeddings = np.load(path / "user_embeddings.npy", mmap_mode="r")
         features = np.load(path / "user_features.npy", mmap_mode="r")
-        history = orjson.loads((path / "user_history.json").read_bytes())
-        shard_history = {u: history[u] for u in ids if u in history}
-        del history
-        return cls.build(
+        indptr, items = distinct_per_row(*read_arrays(path), rows)
+        return cls(
             ids,
-            rows,
+            np.asarray(rows, np.int64),
             np.ascontiguousarray(embeddings[rows]),
             np.ascontiguousarray(features[rows]),
-            shard_history,
-            item_row,
+            indptr,
+            items,
         )
 
 
@@ -689,12 +670,8 @@ async def precompute_processes(
     spec = redis if isinstance(redis, BackendSpec) else BackendSpec(tuple(redis))
     manifest = orjson.loads((bundle_path / "manifest.json").read_bytes())
     version = str(manifest["model_version"])
-    item_ids = orjson.loads((bundle_path / "items.json").read_bytes())
     n_users = len(np.load(bundle_path / "user_embeddings.npy", mmap_mode="r"))
-    users = ShardUsers.read(
-        bundle_path, shard_rows(n_users, cfg.shard_index, cfg.shard_count), {i: r for r, i in enumerate(item_ids)}
-    )
-    del item_ids
+    users = ShardUsers.read(bundle_path, shard_rows(n_users, cfg.shard_index, cfg.shard_count))
     read_seconds = time.perf_counter() - started
     context = mp.get_context("spawn")  # no fork: ONNX Runtime and OpenMP thread pools do not survive one
     events = context.Queue()

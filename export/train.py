@@ -39,12 +39,23 @@ class TrainConfig:
     ranker_lr: float = 1e-3
     negatives_per_positive: int = 4
     hard_negative_items: int = 50_000  # larger catalogs: hard negatives among a seeded sample this big
+    max_pairs_per_epoch: int = 2_000_000
+    """Each two-tower epoch trains on a seeded draw of this many training interactions when there are
+    more (all of them, shuffled, otherwise); the ranker's positives are one such draw. Training time and
+    memory then follow this, not the size of the log: at 1M users x 120 interactions, 20 epochs see 40M
+    pairs, and each user's embedding still gets some 40 updates."""
     seed: int = 13
 
     def validate(self) -> None:
         if self.embedding_dim < 8:
             raise ValueError(f"embedding_dim must be an integer >= 8, got {self.embedding_dim}")
-        for name in ("retrieval_epochs", "ranker_epochs", "retrieval_batch_size", "ranker_batch_size"):
+        for name in (
+            "retrieval_epochs",
+            "ranker_epochs",
+            "retrieval_batch_size",
+            "ranker_batch_size",
+            "max_pairs_per_epoch",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)}")
 
@@ -127,6 +138,12 @@ def tower_table(tower: nn.Module, features: torch.Tensor, batch: int = INFERENCE
     return np.concatenate(parts)
 
 
+def epoch_order(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """The rows one epoch visits: all ``n`` shuffled when ``size`` covers them, else ``size`` drawn at random
+    (with replacement: O(size), where a draw without replacement would shuffle all ``n``)."""
+    return rng.permutation(n) if size >= n else rng.integers(0, n, size)
+
+
 def train_two_tower(
     data: Dataset, split: Split, cfg: TrainConfig, item_feats: np.ndarray
 ) -> tuple[TwoTower, np.ndarray, np.ndarray]:
@@ -139,12 +156,12 @@ def train_two_tower(
     items = torch.from_numpy(data.item_idx[split.train])
     user_feats = torch.from_numpy(data.user_features)
     item_feats_t = torch.from_numpy(item_feats)
-    n = len(users)
+    n = min(len(users), cfg.max_pairs_per_epoch)
     steps = cfg.retrieval_epochs * ((n + cfg.retrieval_batch_size - 1) // cfg.retrieval_batch_size)
     progress = tqdm(total=steps, desc="two-tower", unit="step", mininterval=2.0)
     model.train()
     for _ in range(cfg.retrieval_epochs):
-        order = torch.from_numpy(rng.permutation(n))
+        order = torch.from_numpy(epoch_order(rng, len(users), n))
         for start in range(0, n, cfg.retrieval_batch_size):
             batch = order[start : start + cfg.retrieval_batch_size]
             loss = two_tower_step(
@@ -179,6 +196,20 @@ def hard_negatives(
     return out if catalog is None else catalog[out]
 
 
+def interacted(
+    data: Dataset, split: Split, users: np.ndarray, items: np.ndarray, chunk: int = 10_000_000
+) -> np.ndarray:
+    """Whether each (user, item) pair is a training interaction: sorted searches against the training
+    pairs a chunk at a time, so memory follows the chunk, not the log."""
+    keys = users.astype(np.int64) * data.n_items + items
+    found = np.zeros(len(keys), dtype=bool)
+    train_rows = np.flatnonzero(split.train)
+    for lo in range(0, len(train_rows), chunk):
+        rows = train_rows[lo : lo + chunk]
+        found |= np.isin(keys, data.user_idx[rows].astype(np.int64) * data.n_items + data.item_idx[rows])
+    return found
+
+
 def train_ranker(
     data: Dataset,
     split: Split,
@@ -194,8 +225,11 @@ def train_ranker(
     """
     torch.manual_seed(cfg.seed + 1)
     rng = np.random.default_rng(cfg.seed + 1)
-    pos_users = data.user_idx[split.train]
-    pos_items = data.item_idx[split.train]
+    train_rows = np.flatnonzero(split.train)
+    if len(train_rows) > cfg.max_pairs_per_epoch:
+        train_rows = train_rows[np.sort(rng.integers(0, len(train_rows), cfg.max_pairs_per_epoch))]
+    pos_users = data.user_idx[train_rows]
+    pos_items = data.item_idx[train_rows]
     k = cfg.negatives_per_positive
     neg_users = np.repeat(pos_users, k)
     neg_items = rng.integers(0, data.n_items, size=len(neg_users))
@@ -206,8 +240,7 @@ def train_ranker(
     depth = min(HARD_NEGATIVE_DEPTH, data.n_items if catalog is None else len(catalog))
     columns = rng.integers(0, depth, size=int(hard.sum()))
     neg_items[hard] = hard_negatives(user_table, item_table, neg_users[hard], columns, depth, catalog)
-    # A sampled negative the user did interact with in training is dropped: one sorted search, no sets.
-    keep = ~np.isin(neg_users * data.n_items + neg_items, np.unique(pos_users * data.n_items + pos_items))
+    keep = ~interacted(data, split, neg_users, neg_items)
     users = np.concatenate([pos_users, neg_users[keep]])
     items = np.concatenate([pos_items, neg_items[keep]])
     labels = np.concatenate([np.ones(len(pos_users)), np.zeros(int(keep.sum()))]).astype(np.float32)

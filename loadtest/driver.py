@@ -376,7 +376,7 @@ def run_scenario(
     log(f"{label}: {scenario.description} (flushed {flushed} cached lists)")
     try:
         if scenario.prime_cache:
-            users = list(json.loads((stack.bundle.path / "user_history.json").read_text()))
+            users = list(json.loads((stack.bundle.path / "users.json").read_text()))
             # A second pass catches the first pass's fallbacks (never cached).
             primed = prime_cache(server.url, users, passes=2, concurrency=4)
             log(f"{label}: priming the cache with {len(users)} users' lists: {primed}")

@@ -1,4 +1,4 @@
-"""Goodput under overload (issue 15): the cold-cache and never-asked scenarios, each with admission by
+"""Goodput under overload: the cold-cache and never-asked scenarios, each with admission by
 capacity on (as shipped) and off (``RECSERVE_ABLATION_ADMISSION_ENABLED=false``), side by side.
 
     python -m loadtest.goodput                  # warm search, cold cache, never asked, no-cache maximum
@@ -178,7 +178,7 @@ def _sources(sources: dict[str, int]) -> str:
 
 
 def figures(results: dict[str, Any]) -> dict[str, Any]:
-    """The headline figures, per variant, with the issue's targets."""
+    """The headline figures, per variant, with the targets of docs/LOADTEST.md."""
     runs = {run["label"]: run for run in results["runs"]}
     warm = best_latency_step(runs["warm"]["steps"]) if "warm" in runs else None
     warm_rps = float(warm["achieved_rps"]) if warm else None

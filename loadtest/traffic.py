@@ -17,6 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from export.history import read_arrays
+
 PAGE_TYPES: tuple[tuple[str, float], ...] = (
     ("home", 0.40),
     ("product", 0.30),
@@ -71,19 +75,21 @@ class Traffic:
 
     @classmethod
     def from_bundle(cls, bundle: Path, zipf_exponent: float = 1.0) -> Traffic:
-        """Weights from the bundle's ``user_history.json``: Zipf by activity rank (synthetic) or the
-        empirical activity (MovieLens, or any other real data set)."""
+        """Weights from the bundle's history lengths: Zipf by activity rank (synthetic) or the empirical
+        activity (MovieLens, or any other real data set)."""
         manifest = json.loads((bundle / "manifest.json").read_text())
-        history: dict[str, list[str]] = json.loads((bundle / "user_history.json").read_text())
+        indptr, _ = read_arrays(bundle)
+        users: list[str] = json.loads((bundle / "users.json").read_text())
+        history = {user: int(n) for user, n in zip(users, np.diff(indptr).tolist(), strict=True) if n}
         items: list[str] = json.loads((bundle / "items.json").read_text())
         segments = sorted(json.loads((bundle / "popular.json").read_text()))
         dataset = str(manifest.get("dataset", "synthetic"))
-        by_activity = sorted(history, key=lambda user: (-len(history[user]), user))
-        if dataset == "synthetic":
+        by_activity = sorted(history, key=lambda user: (-history[user], user))
+        if dataset.startswith("synthetic"):  # the generated sets: synthetic, synthetic-1m
             weights = zipf_weights(len(by_activity), zipf_exponent)
             skew = f"Zipf (s={zipf_exponent:g}) over {len(by_activity)} users ranked by history length"
         else:
-            weights = [float(len(history[user])) for user in by_activity]
+            weights = [float(history[user]) for user in by_activity]
             skew = f"empirical activity (history length) of {len(by_activity)} {dataset} users"
         return cls(dataset, Weighted(by_activity, weights), items, segments, skew)
 

@@ -227,7 +227,7 @@ class LayeredCache:
 
 
 def invalidation_message(user_id: str, generation: int) -> str:
-    return f"{user_id} {generation}"  # ids never hold a space (ID_PATTERN, orchestrator/api/shared.py)
+    return f"{user_id} {generation}"  # ids never hold a space (ID_PATTERN, orchestrator/ids.py)
 
 
 def parse_invalidation(data: bytes | str) -> tuple[str, int | None]:

@@ -252,7 +252,7 @@ async def build_services(settings: Settings, ablations: Ablations) -> Services:
         OverloadHold(local, settings.overload.hold_s if ablations.cache_enabled else 0.0, settings.ranking.list_length),
         n_items=model.n_items,
         single_flight=ablations.single_flight_enabled,
-        # With admission by capacity, a late loop no longer sends every miss to the fallback (the limiter keeps
+        # With admission by capacity, a late loop does not send every miss to the fallback (the limiter keeps
         # some computing, so the cache refills); it then only says why a deadline was missed.
         overloaded=lag.overloaded if lag is not None and not ablations.admission_enabled else lambda: False,
         admission=admission(settings, ablations),

@@ -555,8 +555,8 @@ class Ablations(BaseSettings):
     per shard."""
     admission_enabled: bool = True
     """false: no limit on real-time computations (only their deadline bounds them), and while the event loop
-    runs late every cache miss answers from the fallback (reason overload): the behaviour before admission by
-    capacity (orchestrator/admission.py)."""
+    runs late every cache miss answers from the fallback (reason overload): the design without admission by
+    capacity (orchestrator/admission.py), for the load test to compare."""
 
 
 # Variables read under an older, flat name. Set under the old name, each would otherwise be ignored in

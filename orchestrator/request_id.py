@@ -14,9 +14,9 @@ import re
 import time
 
 from orchestrator import telemetry
-from orchestrator.api import recommendations
 from orchestrator.guards import ASGIApp, Message, Receive, Scope, Send
 from orchestrator.logs import REQUEST_ID
+from orchestrator.routes import RECOMMENDATIONS_PATH, RECOMMENDATIONS_PREFIX
 
 HEADER = b"x-request-id"
 # What a log pipeline and a header can carry unescaped; anything else (too long, spaces, quotes) is replaced,
@@ -32,8 +32,8 @@ def new_id() -> str:
 
 def route_of(path: str) -> str:
     """The route, not the path: a span or log name must not hold a user id (cardinality, privacy)."""
-    if path.startswith(recommendations.PREFIX):
-        return recommendations.PREFIX + "{user_id}"
+    if path.startswith(RECOMMENDATIONS_PREFIX):
+        return RECOMMENDATIONS_PATH
     return path
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, artifacts_dir, load_bundle
 from export.dataplane import default_onnx_model, load_and_precompute
+from export.precompute import available_cores
 from stack import env_file
 from stack.api_key import sample_requests, stack_api_key
 from stack.env_file import StackEnvFile
@@ -256,7 +257,9 @@ def run(
             env["RECSERVE_TRITON_URL"] = triton.grpc_url
             print(f"[up] Triton ready: gRPC {triton.grpc_url} (log {triton.log_path})", flush=True)
         print("[up] loading the store and pre-computing recommendations", flush=True)
-        asyncio.run(load_and_precompute(redis_url, bundle, onnx_path))
+        # One pre-compute process per core: nothing else runs yet, and at the scale profile's 1M users a single
+        # process would take the better part of an hour.
+        asyncio.run(load_and_precompute(redis_url, bundle, onnx_path, processes=available_cores()))
         api_url = f"http://127.0.0.1:{port}"
         stack_env.values = stack_env_values(
             orchestrator_settings(env),

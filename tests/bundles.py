@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from export.artifacts import Bundle
+from export.history import UserHistory
 from orchestrator import schema
 
 
@@ -29,5 +30,6 @@ def random_bundle(path: Path, n_users: int = 500, n_items: int = 400, dim: int =
     manifest = {"model_version": version, "embedding_dim": dim, "n_users": n_users, "n_items": n_items}
     return Bundle(
         path, manifest, users, items, table(n_users), table(n_items),
-        feats(n_users, schema.USER_FEATURES), feats(n_items, schema.ITEM_FEATURES), history, popular,
+        feats(n_users, schema.USER_FEATURES), feats(n_items, schema.ITEM_FEATURES),
+        UserHistory.from_dict(users, items, history), popular,
     )  # fmt: skip

@@ -21,11 +21,13 @@ from fastapi.responses import ORJSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator import metrics
-from orchestrator.api.shared import ID_MAX_LENGTH, ID_PATTERN, ScoredItem, services_of
+from orchestrator.api.shared import ScoredItem, services_of
+from orchestrator.ids import ID_MAX_LENGTH, ID_PATTERN
 from orchestrator.recommender import Recommendation, Recommender, RequestContext
+from orchestrator.routes import RECOMMENDATIONS_PATH, RECOMMENDATIONS_PREFIX
 
-PATH = "/v1/recommendations/{user_id}"
-PREFIX = "/v1/recommendations/"
+PATH = RECOMMENDATIONS_PATH
+PREFIX = RECOMMENDATIONS_PREFIX
 MAX_N = 100  # the API's bound on n (the list a cache entry holds has its own setting, ranking.list_length)
 DEFAULT_N = 20
 PageType = Literal["home", "product", "cart", "search", "category"]

@@ -1,5 +1,5 @@
-"""What more than one endpoint uses: the id rule, the small response models, and the services a route
-serves from."""
+"""What more than one endpoint uses: the id type (the rule of ``orchestrator/ids.py``), the small response
+models, and the services a route serves from."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field
 
 from orchestrator.composition import Services
+from orchestrator.ids import ID_MAX_LENGTH, ID_PATTERN
 
-# User and item ids: what may appear in a path, a Redis key and an invalidation message (no space).
-ID_PATTERN = r"^[A-Za-z0-9._:@-]+$"
-ID_MAX_LENGTH = 64
 Id = Annotated[str, Field(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)]
 
 

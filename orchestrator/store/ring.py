@@ -7,7 +7,7 @@ Redis Cluster.
 
 Owners are memoised per key: the ring never changes after it is built, and a realtime request routes
 hundreds of the same catalogue keys (candidate embeddings and features) that every other request routes
-too; hashing them each time was ~6% of a serving process's CPU under the reference mix.
+too; hashing them each time costs ~6% of a serving process's CPU under the reference mix.
 """
 
 from __future__ import annotations

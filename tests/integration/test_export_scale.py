@@ -1,7 +1,7 @@
-"""The scale path, small: ~20K users through data generation, training, evaluation and the index, into a
-temporary folder, with every stage in chunks. The dense users x items matrices the pipeline used to
-allocate would take 20,000 x 5,000 x 4 B = 400 MB (and 800 MB of argsort indices); the traced memory
-peak (numpy and Python objects) here must stay far below that."""
+"""The scale path, small: ~20K users through data generation, sampled training, evaluation and the index,
+into a temporary folder, with every stage in chunks. A dense users x items score matrix would take
+20,000 x 5,000 x 4 B = 400 MB (and 800 MB of argsort indices); the traced memory peak (numpy and Python
+objects) here must stay far below that."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ SCALE_TRAINING = TrainConfig(
     ranker_batch_size=8192,
     ranker_lr=3e-3,
     negatives_per_positive=2,
+    max_pairs_per_epoch=60_000,  # of ~130K training interactions: epochs and the ranker train on a draw
 )
 EVAL_USERS = 1_000
 DENSE_BYTES = SCALE_DATA.n_users * SCALE_DATA.n_items * 4
@@ -67,7 +68,7 @@ def test_twenty_thousand_users_run_in_chunks(tmp_path: Path) -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # The old dense path held a float32 score matrix (400 MB here) and its int64 argsort (800 MB).
+    # A dense path would hold a float32 score matrix (400 MB here) and its int64 argsort (800 MB).
     assert peak < DENSE_BYTES / 2, f"numpy/Python peak {peak / 2**20:.0f} MiB: a dense users x items matrix?"
 
     # The folders asked for, and nothing in the checkout.
@@ -81,6 +82,12 @@ def test_twenty_thousand_users_run_in_chunks(tmp_path: Path) -> None:
     loaded = load_bundle(bundle.path)
     assert loaded.user_embeddings.shape == (SCALE_DATA.n_users, SCALE_TRAINING.embedding_dim)
     assert np.isfinite(loaded.user_embeddings).all()
+    # Every interaction is in the saved history (arrays, not one JSON object), in the data's order per user.
+    assert int(loaded.user_history.indptr[-1]) == manifest["n_interactions"]
+    assert sorted(p.name for p in bundle.path.glob("user_history*")) == [
+        "user_history_indptr.npy",
+        "user_history_items.npy",
+    ]
 
     # Evaluation on a seeded sample of users, its size in metrics.json.
     metrics = json.loads((bundle.path / "metrics.json").read_text())

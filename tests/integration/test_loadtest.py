@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from export.artifacts import load_bundle
 from loadtest.results import StepSamples, best_step, summarize
 from loadtest.traffic import Traffic, Weighted, source_of
 from tests.conftest import TEST_API_KEY, Exported
@@ -60,7 +61,7 @@ def test_locustfile_headless_against_the_stack(app_url: str, exported: Exported,
 
 def test_traffic_follows_the_activity_of_the_data(exported: Exported) -> None:
     traffic = Traffic.from_bundle(exported.bundle_path)
-    history = json.loads((exported.bundle_path / "user_history.json").read_text())
+    history = load_bundle(exported.bundle_path).user_history
     assert len(history[traffic.users.values[0]]) == max(len(items) for items in history.values())
     assert "Zipf" in traffic.user_skew
     # Zipf s=1 over N users: the top 10% of users make well over a third of the requests.

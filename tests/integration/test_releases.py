@@ -25,6 +25,7 @@ from orchestrator.recommender import user_bucket
 from orchestrator.store import keys, versions
 from orchestrator.store.sharded import ShardedBackend
 from tests.conftest import SMALL_DATA, SMALL_TRAINING, TEST_API_KEY, Exported, running_orchestrator
+from tests.waiting import poll
 
 pytestmark = pytest.mark.integration
 
@@ -195,7 +196,7 @@ def test_publish_then_rollback_under_a_steady_request_loop(
     users = exported.bundle.user_ids[:60]
     with running_orchestrator(replica_env(exported, private_redis.url), tmp_path / "app.log") as app:
         with RequestLoop(app.url, users) as loop:
-            time.sleep(2)
+            poll(lambda: len(loop.answers) >= 20, 30, "the request loop's first 20 answers")
             publish_started = time.monotonic()
             cli("publish", "--version", "2", "--no-progress", "--threads", "1", *common)
             published = time.monotonic()  # the switch is publish's last step

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.precompute import synthetic_bundle
 from export.artifacts import Bundle, load_bundle
 from export.data import load_movielens, movielens_dir, temporal_split
 from export.faiss_index import build_index
+from export.history import UserHistory
 from export.model_export import export_onnx
 from export.pipeline import popular_lists
 from export.precompute import (
@@ -22,7 +24,6 @@ from export.precompute import (
     precompute,
     precompute_processes,
 )
-from export.precompute_bench import synthetic_bundle
 from export.train import TrainConfig, train
 from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.retrieval import FaissRetriever
@@ -50,9 +51,7 @@ def movielens_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     path = tmp_path_factory.mktemp("movielens-bundle")
     data = load_movielens(folder)
     models = train(data, temporal_split(data), TINY)
-    history: dict[str, list[str]] = {}
-    for u, i in zip(data.user_idx.tolist(), data.item_idx.tolist(), strict=True):
-        history.setdefault(data.user_ids[u], []).append(data.item_ids[i])
+    history = UserHistory.from_rows(data.user_ids, data.item_ids, data.user_idx, data.item_idx)
     version = "ml100k-test"
     bundle = Bundle(
         path, {"model_version": version, "embedding_dim": TINY.embedding_dim}, data.user_ids, data.item_ids,

@@ -226,7 +226,8 @@ def remap_path(value: str, root: Path) -> str:
 
 def mount_volumes(pod_spec: Obj, container: Obj, root: Path, volumes_dir: Path, sources: Sources, who: str) -> None:
     """The container's volumeMounts under ``root``: one folder per pod volume (shared by the pod's containers,
-    as the kubelet shares it), Secret and ConfigMap volumes written out as the kubelet writes them."""
+    as the kubelet shares it; a ``subPath`` mounts a folder of it), Secret and ConfigMap volumes written out as
+    the kubelet writes them."""
     by_name = {v["name"]: v for v in pod_spec.get("volumes", [])}
     for mount in container.get("volumeMounts", []):
         volume = by_name[mount["name"]]
@@ -250,7 +251,9 @@ def mount_volumes(pod_spec: Obj, container: Obj, root: Path, volumes_dir: Path, 
         elif target.is_dir():
             shutil.rmtree(target)  # a volume hides what the image has at its mount path
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(folder, target_is_directory=True)
+        source = folder / mount["subPath"] if mount.get("subPath") else folder
+        source.mkdir(parents=True, exist_ok=True)  # the kubelet creates a missing subPath
+        target.symlink_to(source, target_is_directory=True)
 
 
 def local_environment(env: Mapping[str, str], root: Path, addresses: Mapping[str, str], who: str) -> dict[str, str]:

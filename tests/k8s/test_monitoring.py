@@ -143,7 +143,7 @@ def test_prometheusrule_shape(monitored: list[Obj]) -> None:
     assert not bad, f"fields the PrometheusRule CRD does not define: {bad}"
 
 
-# What issue 13 asks to alert on -> the alert that does, and a metric its expression must read.
+# What the monitoring must alert on -> the alert that does, and a metric its expression must read.
 REQUIRED_ALERTS = {
     "p99 over the objective": ("RecserveLatencyP99AboveObjective", "recserve_request_latency_seconds_bucket"),
     "fallback share": ("RecserveFallbackShareHigh", "recserve_fallbacks_total"),

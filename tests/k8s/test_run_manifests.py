@@ -11,7 +11,8 @@ What stands in for the cluster, and why it is the closest honest check without o
 - The pod's filesystem: a folder per container, volumes linked in at their mount paths (Secret volumes written
   from the rendered or out-of-band Secret), absolute in-container paths in argv and env remapped under it.
 - Object storage: the aws-cli init containers' ``aws s3 sync`` lines are replayed (with their include/exclude
-  filters) from the test's exported bundle, which is what the export Job publishes.
+  filters) from the test's exported bundle, which is what the export Job publishes; a round of
+  k8s/base/sync/artifact-sync.sh is that replay into its STAGING folder, then the script's own ``promote``.
 - Redis: the manifests run Redis Cluster with ACL users; the test starts a 3-master cluster with the stack's
   launcher (stack.redis_local) and creates the users from the StatefulSet's own ``user`` lines (passwords from
   the redis-auth Secret, the default user off), so a command the ACL forbids the service would fail here too.
@@ -74,6 +75,10 @@ NOT_RUN = {
         " does and runs the Deployment's arguments through it"
     ),
     ("Deployment", "triton", "triton"): "tritonserver on the cpu profile: the `triton` fixture runs it",
+    ("CronJob", "recserve-release", "release"): (
+        "publish, rollback and retire against a real Redis and Triton: tests/integration/test_releases.py runs the"
+        " same commands; tests/k8s/test_manifests.py runs this container's script and parses what it passes"
+    ),
 }
 AWS_CLI = "docker.io/amazon/aws-cli"
 # Created out of band in production (docs/DEPLOY.md), so gpu-t4 renders none: the test creates its own.
@@ -133,37 +138,60 @@ def redis_cluster_with_the_manifests_acl(objects: list[Obj], sources: eff.Source
     return cluster
 
 
+def _filters(words: list[str]) -> tuple[list[tuple[bool, str]], list[str]]:
+    """aws s3 sync's ``--exclude``/``--include`` filters (in order) and its positional arguments."""
+    filters, positional = [], []
+    while words:
+        word = words.pop(0)
+        if word in ("--exclude", "--include"):
+            filters.append((word == "--include", words.pop(0)))
+        elif not word.startswith("--"):
+            positional.append(word)
+    return filters, positional
+
+
+def _mirror(source: str, filters: list[tuple[bool, str]], target: Path, env: dict[str, str], store: dict[str, Path],
+            who: str) -> None:  # fmt: skip
+    """What ``aws s3 sync`` of ``source`` leaves in ``target``, from the test's object store."""
+    prefix = env["ARTIFACT_URI"].rstrip("/") + "/"
+    assert source.startswith(prefix), f"{who}: syncs from {source}, outside ARTIFACT_URI {prefix}"
+    folder = store.get(source.removeprefix(prefix).rstrip("/") + "/")
+    assert folder is not None, f"{who}: nothing is published at {source} (published: {sorted(store)})"
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = str(path.relative_to(folder))
+        included = True  # aws s3: every file, then each filter in order; the last that matches decides
+        for include, pattern in filters:
+            if re.fullmatch(re.escape(pattern).replace(r"\*", ".*").replace(r"\?", "."), relative):
+                included = include
+        if included:
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target / relative)
+
+
 def replay_s3_sync(init: Obj, env: dict[str, str], root: Path, store: dict[str, Path], who: str) -> None:
-    """What an aws-cli init container leaves behind: its ``aws s3 sync`` lines, from the test's object store."""
+    """What an aws-cli init container leaves behind, from the test's object store: its ``aws s3 sync`` lines,
+    and its rounds of k8s/base/sync/artifact-sync.sh (the sync replayed into STAGING, then the script's own
+    ``promote`` run on the pod's folders)."""
     script = re.sub(r"\\\n\s*", " ", "\n".join(init.get("args", [])))  # continued lines joined
     synced = 0
     for line in script.splitlines():
-        if "aws s3 sync" not in line:
-            continue
         words = shlex.split(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], line))
-        words = words[words.index("sync") + 1 :]
-        filters, positional = [], []
-        while words:
-            word = words.pop(0)
-            if word in ("--exclude", "--include"):
-                filters.append((word == "--include", words.pop(0)))
-            elif not word.startswith("--"):
-                positional.append(word)
-        source, dest = positional
-        prefix = env["ARTIFACT_URI"].rstrip("/") + "/"
-        assert source.startswith(prefix), f"{who}: syncs from {source}, outside ARTIFACT_URI {prefix}"
-        folder = store.get(source.removeprefix(prefix).rstrip("/") + "/")
-        assert folder is not None, f"{who}: nothing is published at {source} (published: {sorted(store)})"
-        target = Path(eff.remap_path(dest, root))
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            relative = str(path.relative_to(folder))
-            included = True  # aws s3: every file, then each filter in order; the last that matches decides
-            for include, pattern in filters:
-                if re.fullmatch(re.escape(pattern).replace(r"\*", ".*").replace(r"\?", "."), relative):
-                    included = include
-            if included:
-                (target / relative).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target / relative)
+        if "aws s3 sync" in line:
+            filters, (source, dest) = _filters(words[words.index("sync") + 1 :])
+            _mirror(source, filters, Path(eff.remap_path(dest, root)), env, store, who)
+        elif "artifact-sync.sh sync" in line:
+            at = words.index("sync")
+            source, staging, live = words[at + 1 : at + 4]
+            extra = words[at + 4 :]
+            assert extra[:1] in ([], ["--"]), f"{who}: one round (no EVERY_S) expected, found {line}"
+            filters, _ = _filters(extra[1:])
+            _mirror(source, filters, Path(eff.remap_path(staging, root)), env, store, who)
+            promote = [words[at - 2], eff.remap_path(words[at - 1], root), "promote"]
+            promote += [eff.remap_path(staging, root), eff.remap_path(live, root)]
+            done = subprocess.run(promote, capture_output=True, text=True, timeout=60, check=False)
+            assert done.returncode == 0, f"{who}: {shlex.join(promote)} exited {done.returncode}:\n{done.stderr}"
+        else:
+            continue
         synced += 1
     assert synced, f"{who}: an aws-cli init container without `aws s3 sync`: the test cannot tell what it leaves"
 

@@ -248,5 +248,5 @@ def test_redis_section_turns_the_sample_into_the_plans_inputs_and_estimate() -> 
         "precomputed_lists": 1000 * 1200,
         "cache_entries": 200 * 3300,  # the plan's 20% of users with a cached list
     }
-    # The plan before: no seen sets, a 600 B cache entry, its old per-key figures.
+    # The baseline plan: no seen sets, a 600 B cache entry, the per-key figures of 2026-11-29.
     assert plan_before(1000, 2000, 0.2) == 3000 * (424 + 88) + 1000 * 952 + 200 * 600

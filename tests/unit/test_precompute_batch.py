@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 import pytest
 
+from bench.precompute import synthetic_bundle
 from export.artifacts import Bundle, load_bundle
 from export.precompute import (
     BatchScorer,
@@ -25,7 +26,6 @@ from export.precompute import (
     offline_top_n,
     shard_rows,
 )
-from export.precompute_bench import synthetic_bundle
 from export.ranker_factored import FactoredParityError
 from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.retrieval import FaissRetriever
@@ -106,9 +106,8 @@ def test_batched_lists_equal_the_per_user_reference(
 
 def test_shard_users_hold_only_their_rows_and_seen_items(small: tuple[Bundle, Path]):
     bundle, path = small
-    item_row = {i: r for r, i in enumerate(bundle.item_ids)}
     rows = shard_rows(len(bundle.user_ids), 1, 3)
-    users = ShardUsers.read(path, rows, item_row)  # what a worker process reads: memory-mapped, sliced
+    users = ShardUsers.read(path, rows)  # what a worker process reads: memory-mapped, sliced
     assert users.ids == [bundle.user_ids[r] for r in rows.tolist()]
     np.testing.assert_array_equal(users.embeddings, bundle.user_embeddings[rows])
     # Every W-th user from the w-th, as the processes of a pod split it: seen sets travel with their users.

@@ -5,7 +5,14 @@ import numpy as np
 import torch
 
 from export.models import TwoTower
-from export.train import TrainConfig, tower_table, two_tower_optimisers, two_tower_step
+from export.train import (
+    TrainConfig,
+    epoch_order,
+    interacted,
+    tower_table,
+    two_tower_optimisers,
+    two_tower_step,
+)
 from orchestrator import schema
 
 
@@ -46,3 +53,24 @@ def test_tower_tables_are_embedded_in_batches() -> None:
     batched = tower_table(model.user_tower, feats, batch=7)
     assert whole.shape == (300, 8) and whole.dtype == np.float32
     np.testing.assert_allclose(batched, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_an_epoch_covers_every_pair_up_to_the_cap_and_draws_that_many_past_it() -> None:
+    rng = np.random.default_rng(0)
+    assert sorted(epoch_order(rng, 50, 50).tolist()) == list(range(50))
+    drawn = epoch_order(rng, 1_000_000, 1000)
+    assert len(drawn) == 1000 and drawn.min() >= 0 and drawn.max() < 1_000_000
+
+
+def test_interacted_finds_training_pairs_across_chunks() -> None:
+    class Log:
+        n_items = 10
+        user_idx = np.array([0, 0, 1, 2, 2, 3])
+        item_idx = np.array([1, 4, 4, 0, 9, 5])
+
+    class Split:
+        train = np.array([True, True, True, True, True, False])  # (3, 5) is a test interaction
+
+    users, items = np.array([0, 0, 1, 2, 3, 2]), np.array([4, 5, 4, 9, 5, 1])
+    for chunk in (1, 2, 100):
+        assert interacted(Log, Split, users, items, chunk).tolist() == [True, False, True, True, False, False]  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from orchestrator.store.backend import Command
 from orchestrator.store.versions import VersionInfo
 from orchestrator.versioning import ModelVersion, VersionWatcher, version_path
 from tests.unit.test_recommender_flow import FakeRanker, GatedRetriever, make
+from tests.waiting import until
 
 
 class Ranker2(FakeRanker):
@@ -144,8 +145,8 @@ async def test_the_watcher_builds_the_new_version_then_swaps_and_closes_the_old_
     assert holder.current.version == "v2" and watcher.readiness() == Readiness(True, "ok (v2)")
     assert sorted(backend.claims) == ["r1 v1", "r1 v2"]  # the new one claimed before it loaded
     assert watcher.held() == ["v1", "v2"]  # v1 drains
-    await asyncio.sleep(0.05)
-    assert old_ranker.closed and watcher.held() == ["v2"] and sorted(backend.claims) == ["r1 v2"]
+    await until(lambda: old_ranker.closed and sorted(backend.claims) == ["r1 v2"], 5, "v1 closed and unclaimed")
+    assert watcher.held() == ["v2"]
     await watcher.aclose()
     assert backend.claims == {}
 

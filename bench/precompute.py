@@ -1,4 +1,4 @@
-"""Measure pre-compute at any number of users: ``python -m export.precompute_bench``.
+"""Measure pre-compute at any number of users: ``python -m bench.precompute``.
 
 Training a model for 1M users takes far longer than the pre-compute it would feed, and pre-compute's cost
 does not depend on what the weights learned: it is a FAISS search at the pre-compute depth, a ranker run
@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orjson
 
 from export.artifacts import Bundle, save_bundle
+from export.dataplane import schema
 from export.faiss_index import EXACT_THRESHOLD, build_index
-from orchestrator import schema
+from export.history import UserHistory
 
 
 def _clustered(rng: np.random.Generator, centers: np.ndarray, n: int, spread: float) -> np.ndarray:
@@ -73,9 +73,7 @@ def synthetic_bundle(
     popularity /= popularity[-1]
     rank_to_row = rng.permutation(n_items)
     drawn = rank_to_row[np.searchsorted(popularity, rng.random(int(lengths.sum())))]
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
-    # Lists of the shared id strings: 8 bytes per entry, not a new string each.
-    history = {user_ids[u]: [item_ids[i] for i in drawn[bounds[u] : bounds[u + 1]].tolist()] for u in range(n_users)}
+    history = UserHistory(user_ids, item_ids, np.concatenate([[0], np.cumsum(lengths)]), drawn.astype(np.int32))
     version = f"bench-{n_users}x{n_items}-s{seed}"
     bundle = Bundle(
         path,
@@ -101,28 +99,14 @@ def synthetic_bundle(
         exact_threshold=exact_threshold,
     )
     bundle.manifest["index"] = {"factory": index.index_factory, "nprobe": index.nprobe, "recall": index.recall_at_100}
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "user_history.json").write_bytes(orjson.dumps(history))
-    history.clear()
-    bundle.user_history = {}
-    _save_without_history(bundle)
-    return bundle
-
-
-def _save_without_history(bundle: Bundle) -> None:
-    """``save_bundle`` with the history already written (orjson: seconds, not minutes, at 1M users)."""
-    history_path = bundle.path / "user_history.json"
-    kept = history_path.read_bytes()
     save_bundle(bundle)
-    history_path.write_bytes(kept)
-    # save_bundle wrote the manifest last; rewrite it last again so the bundle completes after its history.
-    (bundle.path / "manifest.json").write_text(json.dumps(bundle.manifest, indent=1, sort_keys=True))
+    return bundle
 
 
 def main(argv: list[str] | None = None) -> int:
     from export.precompute import RANKERS, PrecomputeConfig, precompute_processes
 
-    parser = argparse.ArgumentParser(prog="python -m export.precompute_bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.precompute", description=__doc__)
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--mean-history", type=int, default=30)
