@@ -9,10 +9,10 @@ DATASET ?= synthetic
 .PHONY: help venv system-deps test lint typecheck pytest unit up export bench loadtest clean
 
 help:
-	@echo "make up       start the whole local stack (Redis, Triton, orchestrator on :8080); DATASET=synthetic|movielens|"
-	@echo "              movielens-small, or the NAME of an own data set (python -m export all --interactions FILE --name NAME)"
+	@echo "make up       start the whole local stack (Redis, Triton, orchestrator on :8080); DATASET=synthetic|synthetic-1m|"
+	@echo "              movielens|movielens-small, or the NAME of an own data set (python -m export all --interactions FILE --name NAME)"
 	@echo "make test     install, then ruff + import contracts + mypy + pytest (what CI runs)"
-	@echo "make export   train + export + FAISS index (DATASET=synthetic|movielens|movielens-small)"
+	@echo "make export   train + export + FAISS index (DATASET=synthetic|synthetic-1m|movielens|movielens-small)"
 	@echo "make bench    run the benchmarks and rewrite docs/BENCHMARKS.md"
 	@echo "make loadtest side-by-side locust load runs (naive, full, ablations, ceiling) + plots"
 

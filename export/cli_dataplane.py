@@ -20,6 +20,8 @@ from export.dataplane import Backend, StoreError, default_onnx_model
 from export.errors import ExportError
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+# `precompute --version active`: the version Redis's pointer names, read at the start (the CronJob's refresh).
+ACTIVE = "active"
 T = TypeVar("T")
 
 
@@ -50,9 +52,26 @@ def _add_redis_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-ms", type=float, default=5000.0, help="per-shard deadline of each batch")
 
 
-def _add_bundle_args(parser: argparse.ArgumentParser) -> None:
+def _version_or_active(text: str) -> int | str:
+    if text == ACTIVE:
+        return ACTIVE
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a model version number N or {ACTIVE!r}, got {text!r}")
+    return int(text)
+
+
+def _add_bundle_args(parser: argparse.ArgumentParser, active: bool = False) -> None:
+    """``active``: ``--version active`` names the version Redis's pointer names."""
     parser.add_argument("--dataset", default="synthetic", help="bundle under build/artifacts/<dataset>/v<version>")
-    parser.add_argument("--version", type=int, default=1, help="model version N: the bundle in v<N> (default 1)")
+    if active:
+        parser.add_argument(
+            "--version",
+            type=_version_or_active,
+            default=1,
+            help=f"model version N: the bundle in v<N> (default 1); {ACTIVE!r}: the active version's, read from Redis",
+        )
+    else:
+        parser.add_argument("--version", type=int, default=1, help="model version N: the bundle in v<N> (default 1)")
     parser.add_argument("--bundle", type=Path, default=None, help="artifact bundle folder (overrides --dataset)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -96,9 +115,32 @@ def _cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+async def active_bundle_number(backend: Backend) -> int:
+    """The bundle number (``v<N>``) of the version Redis's pointer names, from the metadata its load wrote."""
+    from orchestrator.store import versions
+
+    info = await versions.active(backend)
+    if info.triton_version is None:
+        raise DataPlaneError(
+            f"expected the active version {info.version!r} to record its bundle number (v<N>), but its metadata "
+            "has none (loaded from a bundle without triton_version): pass --version N"
+        )
+    return info.triton_version
+
+
+async def _active_bundle_number(args: argparse.Namespace) -> int:
+    backend = await open_backend(args)
+    try:
+        return await active_bundle_number(backend)
+    finally:
+        await backend.aclose()
+
+
 def _cmd_precompute(args: argparse.Namespace) -> int:
     from export.precompute import BackendSpec, PrecomputeConfig, available_cores, precompute_processes
 
+    if args.version == ACTIVE and args.bundle is None:
+        args.version = _run(_active_bundle_number(args))
     path = _bundle_path(args)
     manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").is_file() else None
     if manifest is None:
@@ -187,7 +229,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     load.set_defaults(func=_cmd_load)
 
     pre = subparsers.add_parser("precompute", help="top-N for every user (or one shard of them) into Redis")
-    _add_bundle_args(pre)
+    _add_bundle_args(pre, active=True)
     _add_redis_args(pre)
     pre.add_argument("--model", type=Path, default=None, help="ranker ONNX (default: model_repository)")
     pre.add_argument("--index", type=Path, default=None, help="FAISS index (default: the bundle's)")

@@ -1,7 +1,9 @@
 """The release commands of ``python -m export``: ``publish``, ``rollback``, ``retire`` (export/release.py).
 
 Each finds the stack through ``build/stack.env`` (``--stack-env`` points elsewhere) unless ``--redis`` is
-given, in which case ``--triton-http`` and ``--served-repository`` say where Triton is (both optional).
+given (or ``$RECSERVE_REDIS_URLS`` set, as in the Kubernetes Jobs: a URL with a password stays off the
+command line), in which case ``--triton-http`` and ``--served-repository`` say where Triton is (both
+optional).
 """
 
 from __future__ import annotations
@@ -110,8 +112,17 @@ def _add_target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stack-env", default=str(BUILD_DIR / "stack.env"), help="the running stack's settings (default %(default)s)"
     )
-    parser.add_argument("--redis", default=None, help="comma-separated redis:// URLs instead of the stack's")
-    parser.add_argument("--cluster", action="store_true", help="--redis names a Redis Cluster node")
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("RECSERVE_REDIS_URLS") or None,
+        help="comma-separated redis:// URLs instead of the stack's (default: $RECSERVE_REDIS_URLS, if set)",
+    )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        default=os.environ.get("RECSERVE_REDIS_MODE") == "cluster",
+        help="--redis names a Redis Cluster node (default: true when $RECSERVE_REDIS_MODE is cluster)",
+    )
     parser.add_argument("--triton-http", default=None, help="Triton's HTTP address, to wait until it serves")
     parser.add_argument(
         "--served-repository",

@@ -20,10 +20,12 @@ import logging
 import os
 import shlex
 import shutil
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,23 +124,71 @@ def remove_version_folders(repositories: list[Path], version: int) -> list[Path]
     return removed
 
 
-def wait_until_served(http_url: str, model: str, version: int, timeout_s: float) -> None:
-    """Triton's HTTP readiness of one model version (``/v2/models/<m>/versions/<n>/ready``)."""
-    url = f"{http_url.rstrip('/')}/v2/models/{model}/versions/{version}/ready"
+def replica_urls(http_url: str) -> list[str]:
+    """One base URL per address the host of ``http_url`` resolves to. Behind a headless Service (Kubernetes'
+    ``triton-headless``) that is one per ready Triton pod, where a plain request would reach whichever pod
+    the client picked. IPv4 addresses when the name has any: a dual-stack name lists each pod once per family,
+    and Triton listens on IPv4. Empty when the name resolves to nothing (a headless Service without a ready pod
+    has no address), which a wait treats as "not yet"."""
+    parts = urllib.parse.urlsplit(http_url)
+    if parts.hostname is None:
+        raise ReleaseError(f"expected Triton's HTTP address as http://host:port, but found {http_url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        found = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    ipv4 = sorted({str(info[4][0]) for info in found if info[0] == socket.AF_INET})
+    ipv6 = sorted({str(info[4][0]) for info in found if info[0] == socket.AF_INET6})
+    hosts = ipv4 or [f"[{address}]" for address in ipv6]
+    return [f"{parts.scheme}://{host}:{port}" for host in hosts]
+
+
+def version_ready(base_url: str, model: str, version: int) -> bool:
+    """Triton's HTTP readiness of one model version (``/v2/models/<m>/versions/<n>/ready`` answers 200)."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/v2/models/{model}/versions/{version}/ready", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_until_every_replica_serves(
+    replicas: Callable[[], list[str]],
+    model: str,
+    version: int,
+    timeout_s: float,
+    every_s: float = 0.5,
+    where: str = "Triton",
+) -> None:
+    """Until every replica ``replicas()`` names (asked again each round: replicas come and go) reports the
+    version ready. Raises ReleaseError naming those that do not after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+        urls = replicas()
+        waiting = [url for url in urls if not version_ready(url, model, version)]
+        if urls and not waiting:
+            return
         if time.monotonic() > deadline:
-            raise ReleaseError(
-                f"Triton at {http_url} does not serve {model} version {version} after {timeout_s:.0f} s "
-                "(is its repository polled, --model-control-mode=poll?)"
+            found = (
+                f"{len(waiting)} of {len(urls)} replicas did not: {', '.join(waiting)}"
+                if urls
+                else "its host resolved to no address"
             )
-        time.sleep(0.5)
+            raise ReleaseError(
+                f"expected every replica of {where} to serve {model} version {version} within {timeout_s:.0f} s, "
+                f"but {found} (is the repository polled, --model-control-mode=poll, and has the version folder "
+                "reached it?)"
+            )
+        time.sleep(every_s)
+
+
+def wait_until_served(http_url: str, model: str, version: int, timeout_s: float) -> None:
+    """Until every Triton replica behind ``http_url`` (every address of its host) serves the version: the
+    switch that follows must not send a replica's requests to a version it has not loaded."""
+    wait_until_every_replica_serves(
+        lambda: replica_urls(http_url), model, version, timeout_s, where=f"Triton at {http_url}"
+    )
 
 
 @dataclass

@@ -78,6 +78,18 @@ def test_cluster_addresses_and_paths_become_local(tmp_path: Path) -> None:
     assert argv[0] == str(eff.VENV_BIN / "uvicorn")
 
 
+def test_a_subpath_mount_shows_one_folder_of_the_volume_the_other_containers_share(tmp_path: Path) -> None:
+    pod = {"volumes": [{"name": "models", "emptyDir": {}}]}
+    sync = {"volumeMounts": [{"name": "models", "mountPath": "/var/lib/models"}]}
+    reader = {"volumeMounts": [{"name": "models", "mountPath": "/models", "subPath": "live", "readOnly": True}]}
+    sources = eff.Sources([], {})
+    eff.mount_volumes(pod, sync, tmp_path / "sync", tmp_path / "volumes", sources, "t")
+    eff.mount_volumes(pod, reader, tmp_path / "reader", tmp_path / "volumes", sources, "t")
+    (tmp_path / "sync" / "var" / "lib" / "models" / "live" / "1").mkdir()
+    (tmp_path / "sync" / "var" / "lib" / "models" / "staging").mkdir()
+    assert sorted(p.name for p in (tmp_path / "reader" / "models").iterdir()) == ["1"]
+
+
 def test_every_first_party_image_has_an_entrypoint_the_venv_can_run() -> None:
     for name, dockerfile in dockerfile_images().items():
         img = eff.read_image(dockerfile)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -331,7 +332,8 @@ def test_triton_probes_metrics_and_termination(objects: list[Obj]) -> None:
 def test_triton_admin_apis_are_closed(objects: list[Obj]) -> None:
     c = container(find(objects, "Deployment", "triton"), "triton")
     args = c["args"]
-    assert "--model-control-mode=none" in args
+    # Poll mode loads and unloads what appears in the repository; the load/unload API is explicit mode's only.
+    assert "--model-control-mode=poll" in args
     for flag in ("--grpc-restricted-protocol=", "--http-restricted-api="):
         value = next(a for a in args if a.startswith(flag)).removeprefix(flag)
         apis, _, key = value.partition(":")
@@ -399,7 +401,8 @@ def test_triton_admin_key_stays_off_its_command_line(objects: list[Obj], tmp_pat
 def test_triton_model_repository_comes_from_object_storage(objects: list[Obj], overlay: str) -> None:
     triton = find(objects, "Deployment", "triton")
     fetch = container(triton, "fetch-model-repository")
-    assert "aws s3 sync" in fetch["args"][0] and "/models/" in fetch["args"][0]
+    assert "artifact-sync.sh sync" in fetch["args"][0]
+    assert '"${ARTIFACT_URI}/model_repository/${MODEL_REPOSITORY_PROFILE}/"' in fetch["args"][0]
     assert "--model-repository=/models" in container(triton, "triton")["args"]
     cfg = config(objects)
     assert cfg["ARTIFACT_URI"].startswith("s3://")
@@ -559,11 +562,12 @@ def test_only_the_orchestrator_reaches_triton(objects: list[Obj]) -> None:
 
 
 def test_only_the_orchestrator_and_data_jobs_reach_redis(objects: list[Obj]) -> None:
-    # The load and pre-compute Jobs write what the orchestrator reads; the bootstrap Job forms the cluster.
+    # The load, pre-compute and release Jobs write what the orchestrator reads; the bootstrap Job forms the cluster.
     assert ingress_sources(objects, "redis-cluster", 6379) == {
         "orchestrator",
         "recserve-load",
         "recserve-precompute",
+        "recserve-release",
         "redis-cluster-bootstrap",
         "redis-cluster",
     }
@@ -573,6 +577,185 @@ def test_only_the_orchestrator_and_data_jobs_reach_redis(objects: list[Obj]) -> 
 def test_only_the_ingress_reaches_the_orchestrator(objects: list[Obj]) -> None:
     # The edge: the ingress controller's namespace or the Gateway's (k8s/base/network/policies.yaml).
     assert ingress_sources(objects, "orchestrator", 8080) == {"ns:ingress-nginx", "ns:gateway-system", "ns:monitoring"}
+
+
+# ---------------------------------------------------------------- model versions reach running pods
+
+SYNC_SCRIPT = K8S / "base" / "sync" / "artifact-sync.sh"
+# (Deployment, its sync container, the init container that runs the first round, the reader, its mount path)
+SYNCED = [
+    ("triton", "sync-model-repository", "fetch-model-repository", "triton", "/models"),
+    ("orchestrator", "sync-index", "fetch-index", "orchestrator", "/artifacts"),
+]
+
+
+def script_path(deployment: Obj, c: Obj) -> str:
+    """Where ``c`` mounts the artifact-sync ConfigMap's script (read-only, executable)."""
+    volumes = {v["name"]: v for v in pod_template(deployment)["spec"]["volumes"]}
+    for mount in c.get("volumeMounts", []):
+        source = volumes[mount["name"]].get("configMap", {})
+        if re.fullmatch(r"artifact-sync(-[a-z0-9]{10})?", source.get("name", "")):
+            assert mount.get("readOnly") is True and source.get("defaultMode") == 0o555, (mount, source)
+            return f"{mount['mountPath']}/{SYNC_SCRIPT.name}"
+    raise AssertionError(f"{c['name']} does not mount the artifact-sync ConfigMap")
+
+
+def test_the_sync_script_ships_as_a_configmap(objects: list[Obj]) -> None:
+    script = find_generated(objects, "ConfigMap", "artifact-sync")
+    assert script["data"] == {SYNC_SCRIPT.name: SYNC_SCRIPT.read_text()}
+
+
+@pytest.mark.parametrize(("workload", "sidecar", "init", "reader", "reader_path"), SYNCED)
+def test_a_sync_sidecar_keeps_the_folder_a_deployment_reads_in_step_with_object_storage(
+    objects: list[Obj], workload: str, sidecar: str, init: str, reader: str, reader_path: str
+) -> None:
+    deployment = find(objects, "Deployment", workload)
+    spec = pod_template(deployment)["spec"]
+    side = container(deployment, sidecar)
+    assert side in spec["containers"], f"{sidecar} must run beside {reader} for the pod's life, not once"
+    script = script_path(deployment, side)
+    assert side["command"] == ["/bin/sh", script]
+    mode, source, staging, live, every_s, *extra = side["args"]
+    assert (mode, every_s) == ("sync", "15"), side["args"]
+    assert source.startswith("$(ARTIFACT_URI)/"), source
+
+    # STAGING and LIVE on one emptyDir; the reader sees LIVE only, read-only, at the path it always read.
+    mounts = {m["name"]: m for m in side["volumeMounts"]}
+    volume = next(name for name, m in mounts.items() if live.startswith(m["mountPath"] + "/"))
+    root = mounts[volume]["mountPath"]
+    assert (staging.rsplit("/", 1)[0], live.rsplit("/", 1)[0]) == (root, root), (staging, live)
+    assert "emptyDir" in next(v for v in spec["volumes"] if v["name"] == volume)
+    read = next(m for m in container(deployment, reader)["volumeMounts"] if m["mountPath"] == reader_path)
+    assert read == {"name": volume, "mountPath": reader_path, "subPath": live.rsplit("/", 1)[1], "readOnly": True}
+
+    # The init container runs one round of the same sync into the same folders before the reader starts.
+    first = container(deployment, init)
+    assert first in spec["initContainers"] and first["command"] == ["/bin/sh", "-ec"]
+    assert script_path(deployment, first) == script
+    assert {m["name"]: m["mountPath"] for m in first["volumeMounts"]}[volume] == root
+    joined = re.sub(r"\\\n\s*", " ", first["args"][0])  # continued lines joined
+    line = next((line for line in joined.splitlines() if f"{script} sync" in line), None)
+    assert line is not None, f"{init} must run `/bin/sh {script} sync ...`, found:\n{first['args'][0]}"
+    # Kubernetes expands $(VAR) in args, the shell ${VAR}: the same source either way.
+    expected = [re.sub(r"\$\((\w+)\)", r"${\1}", source), staging, live, *extra]
+    assert shlex.split(line.strip())[3:] == expected, line
+    for c in (first, side):
+        assert {"name": "artifact-store", "optional": True} in [e.get("secretRef") for e in c.get("envFrom", [])]
+        assert c["image"].startswith("docker.io/amazon/aws-cli:"), c["image"]
+    # The sync containers share the pod's labels: the object-storage egress policy covers them too.
+    assert pod_template(deployment)["metadata"]["labels"]["recserve.io/object-storage"] == "true"
+
+
+@pytest.mark.parametrize(("workload", "sidecar"), [(w, s) for w, s, *_ in SYNCED])
+def test_the_sync_liveness_probe_fails_on_a_stuck_round_only(
+    objects: list[Obj], workload: str, sidecar: str, tmp_path: Path
+) -> None:
+    """The probe's own command, run here on a heartbeat file that the loop would have touched (or not)."""
+    import os
+    import time
+
+    side = container(find(objects, "Deployment", workload), sidecar)
+    heartbeat = env_value(side, "ARTIFACT_SYNC_HEARTBEAT")
+    command = side["livenessProbe"]["exec"]["command"]
+    assert command[:2] == ["/bin/sh", "-c"] and heartbeat in command[2]
+    local = tmp_path / "round"
+    probe = [*command[:2], command[2].replace(heartbeat, str(local))]
+    local.touch()
+    assert subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+    stuck = time.time() - 3600
+    os.utime(local, (stuck, stuck))
+    assert subprocess.run(probe, capture_output=True, timeout=10).returncode != 0
+    assert side["livenessProbe"]["periodSeconds"] * side["livenessProbe"]["failureThreshold"] >= 60
+    assert "readinessProbe" not in side, "a sync container's readiness would gate the serving pod's"
+
+
+def test_triton_polls_the_synced_repository_and_no_container_fixes_its_models(objects: list[Obj]) -> None:
+    args = container(find(objects, "Deployment", "triton"), "triton")["args"]
+    assert "--model-control-mode=poll" in args and "--model-repository=/models" in args
+    # Strict readiness reports a pod unready while any version loads: every pod at once, at each release.
+    assert "--strict-readiness=false" in args and "--exit-on-error=true" in args
+    poll_s = int(next(a for a in args if a.startswith("--repository-poll-secs=")).split("=")[1])
+    assert 1 <= poll_s <= 15, f"a version must be served within ~30 s of its upload, but Triton looks every {poll_s} s"
+    fixed = [
+        f"{w['metadata']['name']}/{c['name']}"
+        for w in workloads(objects)
+        for c in containers(pod_template(w))
+        if any("--model-control-mode=none" in a for a in c.get("command", []) + c.get("args", []))
+    ]
+    assert not fixed, f"expected no container to load its models once at start, but found {fixed}"
+
+
+def test_the_index_path_lies_in_the_synced_folder(objects: list[Obj]) -> None:
+    assert config(objects)["RECSERVE_INDEX_PATH"] == "/artifacts/v{version}/item_index.faiss"
+
+
+def test_precompute_refreshes_the_active_version(objects: list[Obj]) -> None:
+    args = container(find(objects, "CronJob", "recserve-precompute"), "precompute")["args"]
+    assert args[args.index("--version") + 1] == "active"
+
+
+RELEASE_REDIS_URL = "redis://recserve:pw@redis-cluster.recserve.svc.cluster.local:6379"
+
+
+def run_release_script(c: Obj, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The release container's script under /bin/sh, with a ``python`` that writes its arguments to a file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stub = bin_dir / "python"
+    stub.write_text('#!/bin/sh\nprintf \'%s\\n\' "$@" > "$ARGV_FILE"\n')
+    stub.chmod(0o755)
+    base = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "ARGV_FILE": str(tmp_path / "argv"),
+        "RECSERVE_DATASET": "synthetic",
+        "RECSERVE_REDIS_URLS": RELEASE_REDIS_URL,
+        "RECSERVE_REDIS_MODE": "cluster",
+    }
+    assert c["command"] == ["/bin/sh", "-ec"], c["command"]
+    return subprocess.run(
+        ["/bin/sh", "-ec", c["args"][0]], env=base | env, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_the_release_job_runs_each_command_against_every_triton_pod(
+    objects: list[Obj], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release container's script, run with each RELEASE_COMMAND, passes arguments export's own parser
+    takes: the cluster's Redis (from the environment: its password stays off the command line), and
+    Triton's headless Service, whose every address `publish` asks."""
+    from export.__main__ import build_parser
+
+    # What the container's environment holds (recserve-config, the redis-auth Secret), read by the parser.
+    monkeypatch.setenv("RECSERVE_REDIS_URLS", RELEASE_REDIS_URL)
+    monkeypatch.setenv("RECSERVE_REDIS_MODE", "cluster")
+    cron = find(objects, "CronJob", "recserve-release")
+    assert cron["spec"]["suspend"] is True, "a template for `kubectl create job --from`, never scheduled"
+    release = container(cron, "release")
+    service = find(objects, "Service", "triton-headless")
+    assert service["spec"]["clusterIP"] == "None", "one address per ready pod"
+    http = next(p for p in service["spec"]["ports"] if p["name"] == "http")
+    triton_http = f"http://triton-headless.{NAMESPACE}.svc.cluster.local:{http['port']}"
+    parser = build_parser()
+    for env, command, version in (
+        ({"RELEASE_COMMAND": "publish", "RELEASE_VERSION": "2", "RELEASE_OPTIONS": "--canary 10"}, "publish", 2),
+        ({"RELEASE_COMMAND": "retire", "RELEASE_VERSION": "1"}, "retire", 1),
+        ({"RELEASE_COMMAND": "rollback"}, "rollback", None),
+    ):
+        done = run_release_script(release, tmp_path, **env)
+        assert done.returncode == 0, done.stderr
+        argv = (tmp_path / "argv").read_text().splitlines()
+        assert argv[:2] == ["-m", "export"], argv
+        assert not any("pw" in arg for arg in argv), f"the Redis password is on the command line: {argv}"
+        args = parser.parse_args(argv[2:])
+        assert (args.command, getattr(args, "version", None)) == (command, version), argv
+        assert args.cluster and args.redis == RELEASE_REDIS_URL and args.triton_http == triton_http, argv
+        if command != "rollback":
+            assert (args.dataset, args.build_dir, args.repo) == ("synthetic", "/app/build", "/app/model_repository")
+        if command == "publish":
+            assert args.canary == 10, argv
+    wrong = run_release_script(release, tmp_path, RELEASE_COMMAND="promote")
+    assert wrong.returncode == 2 and "expected RELEASE_COMMAND publish, rollback or retire" in wrong.stderr
+    assert ingress_sources(objects, "triton", 8000) == {"recserve-release"}
 
 
 # ------------------------------------------------------------------------------------------ dashboard

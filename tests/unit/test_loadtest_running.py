@@ -138,8 +138,9 @@ def test_hit_rates_cpu_per_request_and_the_summary() -> None:
     timeline = [
         {"step": 0, "hits_local": 0.0, "hits_redis": 0.0, "misses": 0.0},
         {"step": 0, "hits_local": 5.0, "hits_redis": 0.0, "misses": 5.0},  # warm-up: 50%
-        {"step": 1, "hits_local": 80.0, "hits_redis": 5.0, "misses": 20.0},  # 80 hits of 100 lookups
-        {"step": 2, "hits_local": 100.0, "hits_redis": 5.0, "misses": 40.0},
+        # From the last sample before the step: 80 hits of 100 lookups.
+        {"step": 1, "hits_local": 80.0, "hits_redis": 5.0, "misses": 25.0},
+        {"step": 2, "hits_local": 100.0, "hits_redis": 5.0, "misses": 45.0},
     ]
     run = {
         "steps": [
@@ -178,7 +179,7 @@ def test_hit_rates_cpu_per_request_and_the_summary() -> None:
     assert "First step's hit rate (the cache as the run found it): 50.0% of answers, 50.0% of lookups" in text
     assert "After 10 s of warm-up at 10 users, the first measured step's: 90.0% of answers" in text
     assert "Not found on this machine, so no CPU figures: triton." in text
-    assert "| 3 (missed) | 40 | 400 | 400 | 37.5 | 150 | 0.0% | 5.0% | 90.0% | 50.0% | 1.25 | 0.25 | 0.30 |" in text
+    assert "| 3 (missed) | 40 | 400 | 400 | 37.5 | 150 | 0.0% | 5.0% | 90.0% | 50.0% | 0.50 | 0.10 | 0.30 |" in text
     assert "No step met" in summary({**results, "best": None, "best_slo": None})
 
 
