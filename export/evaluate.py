@@ -106,7 +106,7 @@ def evaluate(
     max_k = max(ks)
     n_candidates = max(n_candidates, max_k)
     popular, retrieved, ranked = [], [], []
-    for rows, top in top_k(user_table, item_table, n_candidates, users, exclude=train_seen):
+    for rows, top in top_k(user_table, item_table, n_candidates, users, exclude=train_seen, progress="evaluation"):
         for u, best in zip(rows.tolist(), top, strict=True):
             seen = train_seen[u]
             budget = min(n_candidates, data.n_items - len(seen))

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 # Scores per chunk (float32): 1M of them, 4 MiB (with the selection's temporaries ~25 MiB), whatever the
 # number of users and items.
@@ -73,16 +74,19 @@ def top_k(
     users: np.ndarray | None = None,
     exclude: UserItems | None = None,
     budget: int | None = None,
+    progress: str | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields ``(user rows, top)`` per chunk of ``users`` (default: all, in order), ``top`` an int64
     ``[len(rows), k]`` array of item rows, best first. Items in ``exclude[user]`` are never returned;
     when fewer than ``k`` items remain for a user, their row is padded with -1. A chunk scores about
-    ``budget`` (default ``CHUNK_SCORES``) user-item pairs at once."""
+    ``budget`` (default ``CHUNK_SCORES``) user-item pairs at once. ``progress``: a progress bar's label
+    (users done), none without one."""
     n_items = item_table.shape[0]
     k = min(k, n_items)
     rows_all = np.arange(user_table.shape[0]) if users is None else np.asarray(users, dtype=np.int64)
     items_t = np.ascontiguousarray(item_table, dtype=np.float32).T
     step = chunk_size(n_items, CHUNK_SCORES if budget is None else budget)
+    bar = tqdm(total=len(rows_all), desc=progress, unit="user", mininterval=2.0, disable=progress is None)
     for start in range(0, len(rows_all), step):
         rows = rows_all[start : start + step]
         scores = np.asarray(user_table[rows], dtype=np.float32) @ items_t
@@ -94,4 +98,6 @@ def top_k(
         if exclude is not None:
             # A user with fewer than k unseen items gets -inf columns at the end: pad them as -1.
             top = np.where(np.take_along_axis(scores, top, axis=1) == -np.inf, -1, top)
+        bar.update(len(rows))
         yield rows, top
+    bar.close()

@@ -5,9 +5,12 @@ import numpy as np
 import torch
 
 from export.models import TwoTower
+from export.topk import top_k
 from export.train import (
     TrainConfig,
+    approximate_top,
     epoch_order,
+    hard_negatives,
     interacted,
     tower_table,
     two_tower_optimisers,
@@ -74,3 +77,20 @@ def test_interacted_finds_training_pairs_across_chunks() -> None:
     users, items = np.array([0, 0, 1, 2, 3, 2]), np.array([4, 5, 4, 9, 5, 1])
     for chunk in (1, 2, 100):
         assert interacted(Log, Split, users, items, chunk).tolist() == [True, False, True, True, False, False]  # type: ignore[arg-type]
+
+
+def test_hard_negatives_of_a_large_catalog_come_from_the_inverted_file_near_the_exact_ones() -> None:
+    rng = np.random.default_rng(5)
+    centers = rng.standard_normal((64, 16)).astype(np.float32)
+    items = centers[rng.integers(0, 64, 30_000)] + 0.3 * rng.standard_normal((30_000, 16)).astype(np.float32)
+    users = centers[rng.integers(0, 64, 300)] + 0.3 * rng.standard_normal((300, 16)).astype(np.float32)
+    rows = np.arange(300)
+    exact = {int(r): set(t.tolist()) for rs, ts in top_k(users, items, 200, rows) for r, t in zip(rs, ts, strict=True)}
+    found = [(int(r), t) for rs, top in approximate_top(users, items, 200, rows) for r, t in zip(rs, top, strict=True)]
+    assert [r for r, _ in found] == rows.tolist()
+    recall = np.mean([len(exact[r] & set(t.tolist())) / 200 for r, t in found])
+    assert recall > 0.8, recall
+    assert min(int(t.min()) for _, t in found) >= 0  # every slot an item
+    # hard_negatives takes that path past EXACT_HARD_NEGATIVE_ITEMS: a user's nearest items are among the exact ones.
+    picked = hard_negatives(users, items, np.array([3, 7, 9]), np.array([0, 1, 5]), depth=200)
+    assert all(int(item) in exact[user] for user, item in zip((3, 7, 9), picked, strict=True))
