@@ -41,11 +41,12 @@ class TrainConfig:
     ranker_lr: float = 1e-3
     negatives_per_positive: int = 4
     hard_negative_items: int = 50_000  # larger catalogs: hard negatives among a seeded sample this big
-    max_pairs_per_epoch: int = 2_000_000
-    """Each two-tower epoch trains on a seeded draw of this many training interactions when there are
-    more (all of them, shuffled, otherwise); the ranker's positives are one such draw. Training time and
-    memory then follow this, not the size of the log: at 1M users x 120 interactions, 20 epochs see 40M
-    pairs, and each user's embedding still gets some 40 updates."""
+    max_pairs_per_epoch: int = 1_000_000
+    """Rows one epoch of either model trains on, at most: a two-tower epoch on a seeded draw of this many
+    training interactions when there are more (all of them, shuffled, otherwise); the ranker on one draw of
+    positives with their sampled negatives, this many rows in all. Training time and memory then follow
+    this, not the size of the log: at 1M users x 119M interactions, 20 two-tower epochs see 20M pairs
+    (some 20 updates of each user's embedding), 4 ranker epochs 4M rows."""
     seed: int = 13
 
     def validate(self) -> None:
@@ -259,8 +260,9 @@ def train_ranker(
     torch.manual_seed(cfg.seed + 1)
     rng = np.random.default_rng(cfg.seed + 1)
     train_rows = np.flatnonzero(split.train)
-    if len(train_rows) > cfg.max_pairs_per_epoch:
-        train_rows = train_rows[np.sort(rng.integers(0, len(train_rows), cfg.max_pairs_per_epoch))]
+    positives = cfg.max_pairs_per_epoch // (1 + cfg.negatives_per_positive)
+    if len(train_rows) > positives:
+        train_rows = train_rows[np.sort(rng.integers(0, len(train_rows), positives))]
     pos_users = data.user_idx[train_rows]
     pos_items = data.item_idx[train_rows]
     k = cfg.negatives_per_positive
