@@ -60,6 +60,7 @@ from export.faiss_index import (
     TUNING_MARGIN,
     IndexKind,
     Trial,
+    Truth,
     apply_search_params,
     exact_neighbours,
     factory_string,
@@ -177,8 +178,8 @@ def measure_kind(
     items: np.ndarray,
     tuning: np.ndarray,
     held_out: np.ndarray,
-    truth_tuning: np.ndarray,
-    truth_held_out: np.ndarray,
+    truth_tuning: Truth,
+    truth_held_out: Truth,
     work: Path,
     seed: int,
 ) -> dict[str, Any]:

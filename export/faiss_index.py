@@ -36,6 +36,9 @@ RECALL_K = 100
 # Tuning aims a little above the target: the held-out estimate (1,000 queries x 100 neighbours) moves by
 # a few thousandths from one query sample to the next, and the target must hold on the held-out one.
 TUNING_MARGIN = 0.005
+# A returned item scoring within this of the k-th exact score is a hit (ann-benchmarks' epsilon): scores are
+# cosines of unit vectors, so 1e-3 is a thousandth of their range.
+RECALL_EPSILON = 1e-3
 # The depth whose lists must come back full: the serving path asks for 200 candidates, the pre-compute for
 # 200 + the longest history. An IVF at low nprobe scans too few codes to fill such a list (at nprobe 1 to 4,
 # 29% to 99% of lists at k=1,000 come back short: docs/BENCHMARKS.md, section faiss), so the tuning rejects
@@ -94,16 +97,39 @@ def train_and_add(kind: IndexKind, vectors: np.ndarray, rng: np.random.Generator
     return index
 
 
-def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Share of the exact neighbours (rows of ``exact``) that ``approx`` found; -1 (no result) never counts."""
-    hits = sum(len(set(a[a >= 0].tolist()) & set(e.tolist())) for a, e in zip(approx, exact, strict=True))
-    return hits / exact.size
+@dataclass(frozen=True)
+class Truth:
+    """The exact top-k of some queries over ``vectors``, and what counts as finding them: every returned
+    item whose true score is at least the k-th exact score less ``RECALL_EPSILON`` (as ann-benchmarks counts
+    recall). A trained model's catalogue holds near-ties at the boundary (items alike but for an id
+    embedding training barely touched, scores apart by less than float rounding): by id alone, an exact
+    scan in another summation order would miss them too."""
+
+    queries: np.ndarray
+    vectors: np.ndarray
+    rows: np.ndarray  # int64 [n, k]
+    scores: np.ndarray  # float32 [n, k], best first
+
+    @property
+    def k(self) -> int:
+        return int(self.rows.shape[1])
 
 
-def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+def recall_at_k(approx: np.ndarray, truth: Truth) -> float:
+    """Share of the exact neighbours that ``approx`` (rows per query; -1: no result) found, near-ties counted
+    (``Truth``); each query counts at most k."""
+    floors = truth.scores[:, -1] - RECALL_EPSILON
+    hits = 0
+    for query, found, floor in zip(truth.queries, approx, floors, strict=True):
+        rows = np.unique(found[found >= 0])
+        hits += min(truth.k, int((truth.vectors[rows] @ query >= floor).sum()))
+    return hits / truth.rows.size
+
+
+def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> Truth:
     """Exact top-k rows by inner product, without copying ``vectors`` into a second index."""
-    _, rows = faiss.knn(queries, vectors, k, faiss.METRIC_INNER_PRODUCT)
-    return rows
+    scores, rows = faiss.knn(queries, vectors, k, faiss.METRIC_INNER_PRODUCT)
+    return Truth(queries, vectors, rows, scores)
 
 
 @dataclass(frozen=True)
@@ -141,11 +167,11 @@ def search_grid(kind: IndexKind, nlist: int) -> Iterator[list[dict[str, int]]]:
 
 
 def measure(
-    index: faiss.Index, kind: IndexKind, params: dict[str, int], queries: np.ndarray, truth: np.ndarray, full_k: int
+    index: faiss.Index, kind: IndexKind, params: dict[str, int], queries: np.ndarray, truth: Truth, full_k: int
 ) -> Trial:
     """Recall@100, share of full lists at ``full_k`` and cost per query of ``params`` on ``queries``."""
     apply_search_params(index, params)
-    k = truth.shape[1]
+    k = truth.k
     stats = cast(Any, faiss.cvar)  # SWIG globals: the stubs do not list them
     stats.indexIVF_stats.reset()
     stats.hnsw_stats.reset()
@@ -166,7 +192,7 @@ def tune(
     index: faiss.Index,
     kind: IndexKind,
     queries: np.ndarray,
-    truth: np.ndarray,
+    truth: Truth,
     full_k: int,
     target: float,
 ) -> tuple[Trial | None, list[Trial]]:
@@ -183,7 +209,7 @@ def tune(
             log.info(
                 "%s recall@%d=%.4f full@%d=%.3f cost=%.0f",
                 search_params_string(params),
-                truth.shape[1],
+                truth.k,
                 trial.recall,
                 full_k,
                 trial.full_fraction,

@@ -227,3 +227,12 @@ def test_a_search_param_the_index_lacks_is_named(tmp_path: Path) -> None:
     (tmp_path / "flat.json").write_text(json.dumps(meta | {"search_params": {"nprobe": 4}}))
     with pytest.raises(ValueError, match="expected search parameter nprobe=4 to apply to IndexFlatIP, but FAISS"):
         FaissRetriever(tmp_path / "flat.faiss")
+
+
+def test_recall_counts_a_near_tie_at_the_boundary_but_not_a_worse_item() -> None:
+    vectors = np.array([[1.0, 0.0], [0.8, 0.6], [0.8, 0.6 - 1e-7], [0.0, 1.0]], dtype=np.float32)
+    query = np.array([[1.0, 0.0]], dtype=np.float32)
+    truth = exact_neighbours(vectors, query, 2)  # rows 0 and one of the tied 1, 2
+    assert recall_at_k(np.array([[0, 1]]), truth) == recall_at_k(np.array([[0, 2]]), truth) == 1.0
+    assert recall_at_k(np.array([[0, 3]]), truth) == 0.5  # 0.0 is no near-tie of 0.8
+    assert recall_at_k(np.array([[0, 0]]), truth) == 0.5  # one item found twice is one hit
