@@ -91,9 +91,8 @@ def train_and_add(kind: IndexKind, vectors: np.ndarray, rng: np.random.Generator
     if not index.is_trained:
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
-            # Unit-norm centroids: inner product on them is cosine. Left free, k-means centroids of a trained
-            # catalogue differ in norm, the quantizer's HNSW graph (inner product is no metric) then leaves
-            # small-norm lists unreachable, and their items are never found at any nprobe.
+            # Unit-norm centroids: inner product on them is cosine, the measure the items' own (unit) vectors
+            # are ranked by, so no list wins its queries by the norm of its centroid alone.
             ivf.cp.spherical = True
         sample = min(n, 40 * nlist_for(n))
         rows = np.sort(rng.choice(n, size=sample, replace=False))
