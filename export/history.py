@@ -89,8 +89,12 @@ class UserHistory(Mapping[str, list[str]]):
             self._row = {u: r for r, u in enumerate(self.user_ids)}
         return self._row[user]
 
+    def items_of(self, row: int) -> list[str]:
+        """The item ids of user row ``row``'s history, in order."""
+        return [self.item_ids[i] for i in self.rows_of(row).tolist()]
+
     def __getitem__(self, user: str) -> list[str]:
-        return [self.item_ids[i] for i in self.rows_of(self._user_row(user)).tolist()]
+        return self.items_of(self._user_row(user))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.user_ids)

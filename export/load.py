@@ -107,9 +107,7 @@ class Loader:
             await self.features.set_rows("item", b.item_ids[lo:hi], b.item_features[lo:hi])
 
         async def seen(lo: int, hi: int) -> None:
-            seen_sets = {
-                b.user_ids[r]: [b.item_ids[i] for i in history.rows_of(r).tolist()] for r in history_rows[lo:hi]
-            }
+            seen_sets = {b.user_ids[r]: history.items_of(r) for r in history_rows[lo:hi]}
             await self.features.add_seen(seen_sets, ttl_s=self.cfg.seen_ttl_s)
 
         tables: list[tuple[str, int, Writer]] = [
