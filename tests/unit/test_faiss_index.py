@@ -1,6 +1,6 @@
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -8,6 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
+from export import faiss_index
 from export.errors import IndexBuildError
 from export.faiss_index import (
     EF_SEARCH_GRID,
@@ -134,6 +135,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, clustered: Clustered) -> Cal
     ("kind", "names"),
     [
         ("ivf_hnsw_flat", {"nprobe", "quantizer_efSearch"}),
+        ("ivf_flat", {"nprobe"}),
         ("ivf_hnsw_pq", {"nprobe", "quantizer_efSearch", "k_factor_rf"}),
         ("hnsw_flat", {"efSearch"}),
     ],
@@ -157,6 +159,36 @@ def test_every_kind_chooses_its_search_params_on_users_it_then_meets_on_other_us
     for k in (200, 1000):
         found, scores = retriever.search_sync(unseen, k)
         assert [len(row) for row in found] == [k] * len(unseen) and scores.shape == (len(unseen), k)
+
+
+def test_the_build_falls_back_to_an_exact_quantizer_when_the_graph_one_misses_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clustered: Clustered
+) -> None:
+    items, users, _ = clustered
+    grid = faiss_index.search_grid
+
+    def one_list_through_the_graph(kind: IndexKind, nlist: int) -> Iterator[list[dict[str, int]]]:
+        if kind == "ivf_hnsw_flat":  # a graph quantizer stuck at one list: no setting reaches the target
+            yield [{"nprobe": 1, "quantizer_efSearch": 16}]
+            return
+        yield from grid(kind, nlist)
+
+    monkeypatch.setattr(faiss_index, "search_grid", one_list_through_the_graph)
+    manifest = build_index(
+        items, [str(i) for i in range(len(items))], "v1", tmp_path / "i.faiss", queries=users, exact_threshold=10_000
+    )
+    assert manifest.index_factory == "IVF512,Flat" and manifest.recall_at_100 >= RECALL_TARGET
+    assert set(manifest.search_params) == {"nprobe"}
+    monkeypatch.setattr(faiss_index, "LARGE_KINDS", ("ivf_hnsw_flat",))
+    with pytest.raises(IndexBuildError, match=r"expected a IVF512_HNSW32,Flat setting .* found recall 0\.\d+"):
+        build_index(
+            items,
+            [str(i) for i in range(len(items))],
+            "v1",
+            tmp_path / "j.faiss",
+            queries=users,
+            exact_threshold=10_000,
+        )
 
 
 def test_the_retriever_applies_every_recorded_param(built: Callable[[IndexKind], Path]) -> None:
@@ -216,7 +248,15 @@ def test_the_grid_raises_nprobe_up_to_the_quantizers_efsearch_and_to_nlist_at_th
     assert [chain[0]["quantizer_efSearch"] for chain in chains] == list(EF_SEARCH_GRID)
     for chain in chains[:-1]:
         assert [p["nprobe"] for p in chain][-1] == chain[0]["quantizer_efSearch"]
-    assert chains[-1][-1]["nprobe"] == 4096
+    # Past the largest efSearch the graph search widens with nprobe: a graph returns at most efSearch lists.
+    assert [(p["nprobe"], p["quantizer_efSearch"]) for p in chains[-1][-5:]] == [
+        (256, 256),
+        (512, 512),
+        (1024, 1024),
+        (2048, 2048),
+        (4096, 4096),
+    ]
+    assert [p["nprobe"] for chain in search_grid("ivf_flat", 64) for p in chain] == [1, 2, 4, 8, 16, 32, 64]
     assert {p["k_factor_rf"] for chain in search_grid("ivf_hnsw_pq", 64) for p in chain} == {2, 4, 8}
 
 

@@ -54,6 +54,24 @@ def test_excluded_items_are_skipped_and_short_rows_padded() -> None:
         assert got[u].tolist() == expected
 
 
+def test_the_heap_path_for_large_catalogues_equals_the_chunked_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    users, items = _tables(70, 400, seed=8)
+    rng = np.random.default_rng(9)
+    # Random histories, and user 3 has seen all but 5 items: their row ends in 15 paddings.
+    seen_users = np.r_[rng.integers(0, 70, size=900), np.full(395, 3)]
+    seen_items = np.r_[rng.integers(0, 400, size=900), np.arange(395)]
+    seen_items[seen_users == 3] = np.minimum(seen_items[seen_users == 3], 394)
+    seen = UserItems.of(seen_users, seen_items, 70)
+    wanted = np.r_[3, rng.permutation(np.arange(4, 70))[:49]]
+    chunked = np.concatenate([top for _, top in top_k(users, items, 20, wanted, exclude=seen, budget=2000)])
+    assert (chunked[0] == -1).sum() == 15 and (chunked[1:] >= 0).all()
+    monkeypatch.setattr(topk, "HEAP_FROM_ITEMS", 400)
+    monkeypatch.setattr(topk, "HEAP_CHUNK_USERS", 16)
+    parts = list(top_k(users, items, 20, wanted, exclude=seen))
+    assert len(parts) == 4 and np.concatenate([rows for rows, _ in parts]).tolist() == wanted.tolist()
+    np.testing.assert_array_equal(np.concatenate([top for _, top in parts]), chunked)
+
+
 def test_hard_negatives_equal_the_dense_nearest_items() -> None:
     user_table, item_table = _tables(120, 300, dim=16, seed=1)
     rng = np.random.default_rng(2)
