@@ -15,6 +15,11 @@ the same spread, normalized. ``tight``: spread 0.5 (an item's cosine to its cent
 (~0.71); ``loose``: 1.5 (~0.55: neighbourhoods blur into each other and the data is close to isotropic in all
 128 dimensions, the hard case for every approximate index).
 
+``--bundle DIR`` measures the data kind ``trained`` instead: a bundle's own item vectors (build/artifacts/NAME/vN,
+e.g. the ``synthetic-1m`` profile's 1M items), with tuning and held-out users drawn from its user vectors,
+disjoint; ``--write-docs`` then writes the ``faiss-trained`` section and leaves measurements.json alone (one
+model's catalogue is a check of the build, the planning inputs come from the three spreads).
+
 ``--write-docs`` replaces the ``faiss`` section of docs/BENCHMARKS.md and sets the FAISS inputs of
 docs/measurements.json (bytes per item flat and PQ, searches/s per core); the raw figures go to
 ``build/bench/faiss_scale.json`` after every index, so a long run keeps what it measured.
@@ -74,8 +79,10 @@ log = logging.getLogger(__name__)
 
 COMMAND = "python -m bench.faiss_scale"
 SECTION = "faiss"
+TRAINED_SECTION = "faiss-trained"
 SPREADS = {"tight": 0.5, "medium": 1.0, "loose": 1.5}
-APPROXIMATE: tuple[IndexKind, ...] = ("ivf_hnsw_flat", "ivf_hnsw_pq", "hnsw_flat")
+APPROXIMATE: tuple[IndexKind, ...] = ("ivf_hnsw_flat", "ivf_flat", "ivf_hnsw_pq", "hnsw_flat")
+TRAINED = "trained"
 DEPTHS = (200, 500, 1000)
 LATENCY_K = 200
 JSON_PATH = BENCH_DIR / "faiss_scale.json"
@@ -227,6 +234,20 @@ def measure_kind(
     return row
 
 
+def trained_catalogue(
+    bundle: Path, n_tuning: int, n_held_out: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A bundle's item vectors, and two disjoint random samples of its user vectors (tuning, held out)."""
+    items = np.ascontiguousarray(np.load(bundle / "item_embeddings.npy"), dtype=np.float32)
+    users = np.load(bundle / "user_embeddings.npy", mmap_mode="r")
+    rows = np.random.default_rng([seed, 3]).choice(
+        len(users), size=min(len(users), n_tuning + n_held_out), replace=False
+    )
+    picked = np.ascontiguousarray(users[np.sort(rows[:n_tuning])], dtype=np.float32)
+    other = np.ascontiguousarray(users[np.sort(rows[n_tuning:])], dtype=np.float32)
+    return items, picked, other
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     faiss.omp_set_num_threads(args.threads)
     result: dict[str, Any] = {
@@ -242,16 +263,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = args.json.parent
     work.mkdir(parents=True, exist_ok=True)
     for data in args.data:
-        model = LatentMixture(args.items, args.dim, SPREADS[data], seed=args.seed)
         started = time.perf_counter()
-        items = model.items()
-        tuning = model.users(args.tuning_users, stream=1)
-        held_out = model.users(args.held_out_users, stream=2)
+        if data == TRAINED:
+            items, tuning, held_out = trained_catalogue(args.bundle, args.tuning_users, args.held_out_users, args.seed)
+            result["items"], result["dim"], result["bundle"] = len(items), items.shape[1], str(args.bundle)
+        else:
+            model = LatentMixture(args.items, args.dim, SPREADS[data], seed=args.seed)
+            items = model.items()
+            tuning = model.users(args.tuning_users, stream=1)
+            held_out = model.users(args.held_out_users, stream=2)
         truth_tuning = exact_neighbours(items, tuning, RECALL_K)
         truth_held_out = exact_neighbours(items, held_out, RECALL_K)
-        log.info(
-            "%s data: %d items generated, exact neighbours in %.1f s", data, args.items, time.perf_counter() - started
-        )
+        log.info("%s data: %d items, exact neighbours in %.1f s", data, len(items), time.perf_counter() - started)
         for kind in args.kinds:
             log.info("%s data: building %s", data, kind)
             row = measure_kind(kind, items, tuning, held_out, truth_tuning, truth_held_out, work, args.seed)
@@ -287,7 +310,7 @@ def _old_tuning(row: dict[str, Any]) -> Trial | None:
 def markdown(result: dict[str, Any]) -> str:
     n = result["items"]
     rows = []
-    order = {name: i for i, name in enumerate([*SPREADS, *APPROXIMATE])}
+    order = {name: i for i, name in enumerate([*SPREADS, TRAINED, *APPROXIMATE])}
     runs = sorted(result["runs"], key=lambda r: (order[r["data"]], order[r["kind"]]))
     for r in runs:
         lat = r["latency_ms"]
@@ -321,23 +344,33 @@ def markdown(result: dict[str, Any]) -> str:
         ],
         rows,
     )
+    if "bundle" in result:
+        title = f"## FAISS item index on a trained catalogue: {n:,} items of {result['bundle']}"
+        source = (
+            f"{n:,} items x {result['dim']} dims: the two-tower item vectors of the bundle, 1,000 tuning users and "
+            "1,000 held-out users drawn (disjoint) from its user vectors. "
+        )
+    else:
+        title = "## FAISS item index at 1M items: IVF-HNSW-Flat, IVF-Flat, IVF-HNSW-PQ + refinement, HNSW"
+        source = (
+            f"{n:,} items x {result['dim']} dims (TrainConfig.embedding_dim) per data kind, synthetic from the "
+            "latent-cluster mixture in `bench/faiss_scale.py` (noise tight 0.5, medium 1.0, loose 1.5); 1,000 tuning "
+            "users and 1,000 held-out users drawn from the same model. "
+        )
     lines = [
-        "## FAISS item index at 1M items: IVF-HNSW-Flat, IVF-HNSW-PQ + refinement, HNSW",
+        title,
         "",
         f"Command: `{result['command']}` · date: {result['date']} · machine: {result['machine']} · "
         f"load average {result['load_start']} at the start, {result.get('load_end', '?')} at the end "
-        f"(the machine was shared and loaded: several other jobs ran on its 2 cores; build and tuning with "
-        f"{result['threads_build']} FAISS threads, latency with 1).",
+        f"(build and tuning with {result['threads_build']} FAISS threads, latency with 1).",
         "",
-        f"{n:,} items x {result['dim']} dims (TrainConfig.embedding_dim) per data kind, synthetic from the "
-        "latent-cluster mixture in `bench/faiss_scale.py` (noise tight 0.5, medium 1.0, loose 1.5); 1,000 tuning users "
-        "and 1,000 held-out users drawn from the same model. Each index is built by `export.faiss_index."
+        source + "Each index is built by `export.faiss_index."
         "train_and_add` and its search parameters are chosen by the build's own `tune`: the cheapest grid "
         f"setting (distance computations per query) with recall@100 >= {RECALL_TARGET + TUNING_MARGIN} on the "
         f"tuning users and every list full at k={FULL_K}. Recall, full lists and latency are measured on the "
         "held-out users only. Bytes per item: serialized index / items, and the RSS that `faiss.read_index` "
         "added in a fresh process / items. Latency: 1,000 single held-out queries at k=200 on one FAISS thread, "
-        "wall-clock and the thread's CPU time (on this loaded machine the wall-clock tail is mostly time spent "
+        "wall-clock and the thread's CPU time (on a loaded machine the wall-clock tail is mostly time spent "
         "preempted by other jobs; the CPU time is what the search itself costs).",
         "",
         table,
@@ -427,7 +460,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--data", nargs="+", choices=tuple(SPREADS), default=list(SPREADS))
+    parser.add_argument(
+        "--data", nargs="+", choices=(*SPREADS, TRAINED), help="default: the three spreads, or trained with --bundle"
+    )
+    parser.add_argument("--bundle", type=Path, help="a bundle folder: its items and users make the data kind 'trained'")
     parser.add_argument("--kinds", nargs="+", choices=APPROXIMATE, default=list(APPROXIMATE))
     parser.add_argument("--tuning-users", type=int, default=1000)
     parser.add_argument("--held-out-users", type=int, default=1000)
@@ -438,7 +474,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--render", nargs="+", type=Path, metavar="JSON", help="only render the markdown from these runs' JSON files"
     )
     parser.add_argument("--write-docs", action="store_true", help="write docs/BENCHMARKS.md and docs/measurements.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.data is None:
+        args.data = [TRAINED] if args.bundle is not None else list(SPREADS)
+    if (TRAINED in args.data) != (args.bundle is not None) or (TRAINED in args.data and len(args.data) > 1):
+        parser.error(f"--bundle DIR goes with the data kind {TRAINED!r} alone, and {TRAINED!r} needs --bundle")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     result = merge([json.loads(path.read_text()) for path in args.render]) if args.render else run(args)
     text = markdown(result)
     print(text)
-    if args.write_docs:
+    if args.write_docs and "bundle" in result:  # one model's catalogue: reported beside, not a planning input
+        replace_section(BENCHMARKS_PATH, TRAINED_SECTION, text)
+    elif args.write_docs:
         replace_section(BENCHMARKS_PATH, SECTION, text)
         update_measurements(MEASUREMENTS_PATH, measurements(result), f"{result['command']} ({result['date']})")
     return 0
