@@ -1,14 +1,15 @@
 """Build the FAISS item index and choose its search parameters by measurement.
 
 Below ``exact_threshold`` items the index is exact (``Flat``). From there on it is one of the approximate
-kinds in ``factory_string`` (by default ``LARGE_KIND``, the one the 1M-item comparison in docs/BENCHMARKS.md,
-``python -m bench.faiss_scale``, found cheapest at the recall target, else an IVF with an exact quantizer)
-and every search parameter it has (``nprobe``, the HNSW quantizer's ``efSearch``, the refinement's
-``k_factor``; ``efSearch`` for a plain HNSW) is chosen on a small grid: the cheapest setting, in distance computations per query, whose recall@100
-against exact search reaches the target on *tuning* queries and whose every tuning query gets a full list at
-``full_k``. The recall it then reaches on *held-out* queries (disjoint from the tuning ones) is what the
-manifest reports, and the build fails if that is below the target. The serving side
-(``orchestrator.retrieval.FaissRetriever``) applies the recorded parameters when it loads the index.
+kinds in ``factory_string``: by default the cheaper at the recall target of ``LARGE_KINDS``, IVF with an HNSW
+quantizer (the kind the 1M-item comparison in docs/BENCHMARKS.md, ``python -m bench.faiss_scale``, found
+cheapest) or IVF with an exact quantizer. Every search parameter it has (``nprobe``, the HNSW quantizer's
+``efSearch``, the refinement's ``k_factor``; ``efSearch`` for a plain HNSW) is chosen on a small grid: the
+cheapest setting, in distance computations per query, whose recall@100 against exact search reaches the
+target on *tuning* queries and whose every tuning query gets a full list at ``full_k``. The recall it then
+reaches on *held-out* queries (disjoint from the tuning ones) is what the manifest reports, and the build
+fails if that is below the target. The serving side (``orchestrator.retrieval.FaissRetriever``) applies the
+recorded parameters when it loads the index.
 """
 
 from __future__ import annotations
@@ -53,14 +54,13 @@ INDEX_KINDS: tuple[IndexKind, ...] = get_args(IndexKind)
 # section faiss): it met recall, full lists and the latency targets on both data kinds at the lowest cost
 # of the kinds whose memory fits an orchestrator pod.
 LARGE_KIND: IndexKind = "ivf_hnsw_flat"
-# Tried in this order when the build chooses: the first whose grid meets the target is kept. A trained
-# catalogue can defeat the HNSW quantizer: under inner product its graph search stops short of some lists
-# however large efSearch, and no nprobe reaches them (docs/SCALE.md). The same lists behind an exact
-# quantizer cost nlist more dot products per query (4,096 at 1M items, a few percent of the codes scanned)
-# and every list is reachable.
+# What the build chooses among, each built and tuned on the catalogue at hand: the cheapest setting that meets
+# the target wins. The HNSW quantizer is the cheaper of the two on clustered catalogues (a few hundred graph
+# steps find the lists); on the trained 1M-item catalogue of the synthetic-1m profile its graph needs
+# efSearch 1,024 to find them, where an exact quantizer scores all 4,096 centroids for less (docs/SCALE.md).
 LARGE_KINDS: tuple[IndexKind, ...] = (LARGE_KIND, "ivf_flat")
 
-EF_SEARCH_GRID = (16, 32, 64, 128, 256)  # the IVF's HNSW quantizer
+EF_SEARCH_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048)  # the IVF's HNSW quantizer
 HNSW_EF_SEARCH_GRID = (32, 64, 128, 192, 256, 384, 512, 768, 1024)  # a plain HNSW index (FAISS uses max(efSearch, k))
 K_FACTOR_GRID = (2, 4, 8)  # refinement: re-rank k x k_factor PQ candidates by their SQ8 codes
 # Cost of one distance computation relative to a float32 dot product of the full vector: a 4-bit
@@ -256,6 +256,90 @@ def split_queries(
     return np.ascontiguousarray(tuning, dtype=np.float32), np.ascontiguousarray(held_out, dtype=np.float32)
 
 
+@dataclass
+class Tuned:
+    """An index of one kind, its chosen search parameters and what they reach."""
+
+    kind: IndexKind
+    factory: str
+    index: faiss.Index
+    params: dict[str, int]
+    tuning_recall: float
+    recall: float  # on the held-out queries
+    full_fraction: float  # held out
+    cost: float  # per tuning query, as ``measure`` weighs it
+
+
+def tune_kind(
+    kind: IndexKind,
+    vectors: np.ndarray,
+    rng: np.random.Generator,
+    tuning: np.ndarray,
+    tuning_truth: Truth,
+    held_out: np.ndarray,
+    held_out_truth: Truth,
+    full_k: int,
+    recall_target: float,
+) -> Tuned | str:
+    """The index of ``kind`` tuned on ``tuning`` and checked on ``held_out``, or why it missed the target."""
+    n, dim = vectors.shape
+    factory = factory_string(kind, n, dim)
+    k = tuning_truth.k
+    index = train_and_add(kind, vectors, rng)
+    chosen, trials = tune(index, kind, tuning, tuning_truth, full_k, recall_target + TUNING_MARGIN)
+    if chosen is None:
+        best = max(trials, key=lambda t: (t.full_fraction == 1.0, t.recall))
+        return (
+            f"expected a {factory} setting with recall@{k} >= {recall_target + TUNING_MARGIN} and full lists at "
+            f"k={full_k} on the tuning queries, but the best of {len(trials)} found recall {best.recall:.4f} and "
+            f"{best.full_fraction:.1%} full lists at {search_params_string(best.params)}"
+        )
+    report = measure(index, kind, chosen.params, held_out, held_out_truth, full_k)
+    log.info(
+        "%s: chose %s (tuning recall %.4f, cost %.0f); held-out recall@%d %.4f, full lists at k=%d %.4f",
+        factory,
+        search_params_string(chosen.params),
+        chosen.recall,
+        chosen.cost,
+        k,
+        report.recall,
+        full_k,
+        report.full_fraction,
+    )
+    if report.recall < recall_target:
+        return (
+            f"expected held-out recall@{k} >= {recall_target}, but found {report.recall:.4f} at {factory} "
+            f"{search_params_string(chosen.params)} (tuning recall {chosen.recall:.4f}): tune on more queries"
+        )
+    return Tuned(kind, factory, index, chosen.params, chosen.recall, report.recall, report.full_fraction, chosen.cost)
+
+
+def cheapest(
+    kinds: tuple[IndexKind, ...],
+    vectors: np.ndarray,
+    rng: np.random.Generator,
+    tuning: np.ndarray,
+    held_out: np.ndarray,
+    full_k: int,
+    recall_target: float,
+) -> Tuned:
+    """Of ``kinds``, each built and tuned, the one whose chosen setting costs least per tuning query."""
+    k = min(RECALL_K, len(vectors))
+    tuning_truth, held_out_truth = exact_neighbours(vectors, tuning, k), exact_neighbours(vectors, held_out, k)
+    chosen: Tuned | None = None
+    failures: list[str] = []
+    for kind in kinds:
+        tuned = tune_kind(kind, vectors, rng, tuning, tuning_truth, held_out, held_out_truth, full_k, recall_target)
+        if isinstance(tuned, str):
+            failures.append(tuned)
+            log.warning("%s", tuned)
+        elif chosen is None or tuned.cost < chosen.cost:
+            chosen = tuned  # the dearer index is dropped at once: at most two in memory
+    if chosen is None:
+        raise IndexBuildError("; ".join(failures))
+    return chosen
+
+
 def build_index(
     item_embeddings: np.ndarray,
     item_ids: list[str],
@@ -273,8 +357,9 @@ def build_index(
     """Write ``path`` (the index) and ``path.with_suffix('.json')`` (manifest + row -> item id).
 
     ``queries`` are user vectors (the pipeline passes every user's embedding); without them, item vectors
-    stand in. ``kind`` None means exact below ``exact_threshold`` items and from there on the first of
-    ``LARGE_KINDS`` that meets the target (the build fails, saying what each reached, if none does)."""
+    stand in. ``kind`` None means exact below ``exact_threshold`` items and from there on the cheapest of
+    ``LARGE_KINDS`` that meets the target, each built and tuned (the build fails, saying what each reached,
+    if none does)."""
     started = time.perf_counter()
     vectors = np.ascontiguousarray(item_embeddings, dtype=np.float32)
     if vectors.ndim != 2 or len(vectors) != len(item_ids):
@@ -290,51 +375,14 @@ def build_index(
         queries = vectors[rng.choice(n, size=min(n, n_tuning_queries + n_held_out_queries), replace=False)]
     tuning, held_out = split_queries(np.asarray(queries), rng, n_tuning_queries, n_held_out_queries)
     full_k = min(full_k, n)
-    k = min(RECALL_K, n)
-    tuning_truth = exact_neighbours(vectors, tuning, k) if kinds != ("flat",) else None
-    failures: list[str] = []
-    for kind in kinds:
-        factory = factory_string(kind, n, dim)
-        index = train_and_add(kind, vectors, rng)
-        built_s = time.perf_counter() - started
-        if kind == "flat":
-            params: dict[str, int] = {}
-            tuning_recall = recall = full_fraction = 1.0
-            break
-        assert tuning_truth is not None
-        chosen, trials = tune(index, kind, tuning, tuning_truth, full_k, recall_target + TUNING_MARGIN)
-        if chosen is None:
-            best = max(trials, key=lambda t: (t.full_fraction == 1.0, t.recall))
-            failures.append(
-                f"expected a {factory} setting with recall@{k} >= {recall_target + TUNING_MARGIN} and full lists at "
-                f"k={full_k} on the tuning queries, but the best of {len(trials)} found recall {best.recall:.4f} and "
-                f"{best.full_fraction:.1%} full lists at {search_params_string(best.params)}"
-            )
-            log.warning("%s", failures[-1])
-            continue
-        params, tuning_recall = chosen.params, chosen.recall
-        report = measure(index, kind, params, held_out, exact_neighbours(vectors, held_out, k), full_k)
-        recall, full_fraction = report.recall, report.full_fraction
-        log.info(
-            "%s: chose %s (tuning recall %.4f); held-out recall@%d %.4f, full lists at k=%d %.4f",
-            factory,
-            search_params_string(params),
-            tuning_recall,
-            k,
-            recall,
-            full_k,
-            full_fraction,
+    if kinds == ("flat",):
+        chosen = Tuned(
+            "flat", factory_string("flat", n, dim), train_and_add("flat", vectors, rng), {}, 1.0, 1.0, 1.0, 0.0
         )
-        if recall < recall_target:
-            failures.append(
-                f"expected held-out recall@{k} >= {recall_target}, but found {recall:.4f} at {factory} "
-                f"{search_params_string(params)} (tuning recall {tuning_recall:.4f}): tune on more queries"
-            )
-            log.warning("%s", failures[-1])
-            continue
-        break
     else:
-        raise IndexBuildError("; ".join(failures))
+        chosen = cheapest(kinds, vectors, rng, tuning, held_out, full_k, recall_target)
+    index, factory, params = chosen.index, chosen.factory, chosen.params
+    tuning_recall, recall, full_fraction = chosen.tuning_recall, chosen.recall, chosen.full_fraction
     total_s = time.perf_counter() - started
     manifest = IndexManifest(
         model_version=model_version,
@@ -351,11 +399,7 @@ def build_index(
         build_seconds=round(total_s, 1),
     )
     log.info(
-        "index %s over %d items: built in %.1f s, tuned in %.1f s",
-        factory,
-        n,
-        built_s,
-        total_s - built_s,
+        "index %s over %d items: built and tuned in %.1f s (%s)", factory, n, total_s, search_params_string(params)
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(path))

@@ -191,6 +191,26 @@ def test_the_build_falls_back_to_an_exact_quantizer_when_the_graph_one_misses_th
         )
 
 
+def test_the_build_tunes_every_large_kind_and_keeps_the_cheapest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clustered: Clustered
+) -> None:
+    items, users, _ = clustered
+    real = faiss_index.tune_kind
+    tuned: list[faiss_index.Tuned | str] = []
+
+    def recording(*args: Any, **kwargs: Any) -> faiss_index.Tuned | str:
+        tuned.append(real(*args, **kwargs))
+        return tuned[-1]
+
+    monkeypatch.setattr(faiss_index, "tune_kind", recording)
+    ids = [str(i) for i in range(len(items))]
+    manifest = build_index(items, ids, "v1", tmp_path / "i.faiss", queries=users, exact_threshold=10_000)
+    qualified = [t for t in tuned if isinstance(t, faiss_index.Tuned)]
+    assert [t.kind for t in qualified] == list(faiss_index.LARGE_KINDS)  # both meet the target on this data
+    cheapest = min(qualified, key=lambda t: t.cost)
+    assert manifest.index_factory == cheapest.factory and manifest.search_params == cheapest.params
+
+
 def test_the_retriever_applies_every_recorded_param(built: Callable[[IndexKind], Path]) -> None:
     retriever = FaissRetriever(built("ivf_hnsw_pq"))
     index, manifest = retriever.index, retriever.manifest
@@ -249,10 +269,8 @@ def test_the_grid_raises_nprobe_up_to_the_quantizers_efsearch_and_to_nlist_at_th
     for chain in chains[:-1]:
         assert [p["nprobe"] for p in chain][-1] == chain[0]["quantizer_efSearch"]
     # Past the largest efSearch the graph search widens with nprobe: a graph returns at most efSearch lists.
-    assert [(p["nprobe"], p["quantizer_efSearch"]) for p in chains[-1][-5:]] == [
-        (256, 256),
-        (512, 512),
-        (1024, 1024),
+    assert [(p["nprobe"], p["quantizer_efSearch"]) for p in chains[-1][-3:]] == [
+        (1024, 2048),
         (2048, 2048),
         (4096, 4096),
     ]
