@@ -71,6 +71,7 @@ from export.faiss_index import (
     factory_string,
     measure,
     search_params_string,
+    single_query_ms,
     train_and_add,
     tune,
 )
@@ -86,6 +87,7 @@ TRAINED = "trained"
 DEPTHS = (200, 500, 1000)
 LATENCY_K = 200
 JSON_PATH = BENCH_DIR / "faiss_scale.json"
+REPO_ROOT = BENCH_DIR.parent.parent
 
 
 def load_average() -> str:
@@ -134,25 +136,6 @@ class LatentMixture:
             clusters = rng.choice(self.n_clusters, size=count, p=self.popularity)
             mix[row] = rng.dirichlet(np.ones(count)).astype(np.float32) @ self.centres[clusters]
         return _unit(mix + self._noise(rng, n))
-
-
-def single_query_latency_ms(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[list[float], list[float]]:
-    """One query at a time on one FAISS thread, as a serving request searches: wall-clock and this thread's
-    CPU time per query (on a loaded machine the wall-clock tail is mostly time spent preempted)."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        for q in queries[:20]:  # warm the caches
-            index.search(q[None], k)
-        wall, cpu = [], []
-        for q in queries:
-            started, started_cpu = time.perf_counter(), time.thread_time()
-            index.search(q[None], k)
-            cpu.append((time.thread_time() - started_cpu) * 1000)
-            wall.append((time.perf_counter() - started) * 1000)
-        return wall, cpu
-    finally:
-        faiss.omp_set_num_threads(before)
 
 
 _RSS_PROBE = """
@@ -223,7 +206,7 @@ def measure_kind(
     loaded = faiss.read_index(str(path))
     apply_search_params(loaded, params)
     row["load_before_latency"] = load_average()
-    wall, cpu = single_query_latency_ms(loaded, held_out, LATENCY_K)
+    wall, cpu = single_query_ms(loaded, held_out, LATENCY_K)
     row["load_after_latency"] = load_average()
     row["latency_ms"] = {"p50": percentile(wall, 50), "p99": percentile(wall, 99), "mean": float(np.mean(wall))}
     row["latency_ms"] |= {"n": len(wall), "cpu_p50": percentile(cpu, 50), "cpu_p99": percentile(cpu, 99)}
@@ -258,6 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dim": args.dim,
         "threads_build": args.threads,
         "load_start": load_average(),
+        "json": str(args.json),
         "runs": [],
     }
     work = args.json.parent
@@ -402,7 +386,9 @@ def markdown(result: dict[str, Any]) -> str:
             notes.append(text + ".")
     if notes:
         lines += ["What an nprobe-only tuning (efSearch fixed at 16) would ship:", "", *notes, ""]
-    lines.append(f"Raw figures, every grid setting tried included: `{JSON_PATH.relative_to(BENCH_DIR.parent.parent)}`.")
+    raw = Path(result.get("json", JSON_PATH)).resolve()
+    shown = raw.relative_to(REPO_ROOT) if raw.is_relative_to(REPO_ROOT) else raw
+    lines.append(f"Raw figures, every grid setting tried included: `{shown}`.")
     return "\n".join(lines)
 
 

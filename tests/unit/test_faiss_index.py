@@ -61,15 +61,17 @@ async def test_a_short_search_runs_on_the_event_loop_and_a_long_one_in_a_thread(
     assert (threads == [threading.get_ident()]) is on_the_loop
 
 
-def test_ivf_hnsw_index_reaches_the_recall_target(tmp_path: Path) -> None:
+def test_an_ivf_index_reaches_the_recall_target(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     centres = _unit(rng, 50, 32)
     items = centres[rng.integers(0, 50, 20_000)] + 0.3 * _unit(rng, 20_000, 32)
     ids = [str(i) for i in range(len(items))]
     manifest = build_index(items, ids, "v1", tmp_path / "ivf.faiss", exact_threshold=10_000)
-    assert manifest.index_factory.startswith("IVF") and manifest.index_factory.endswith("_HNSW32,Flat")
+    assert manifest.index_factory in {"IVF512_HNSW32,Flat", "IVF512,Flat"}  # whichever searched faster
     assert manifest.recall_at_100 >= 0.95
-    assert set(manifest.search_params) == {"nprobe", "quantizer_efSearch"}
+    assert set(manifest.search_params) == (
+        {"nprobe", "quantizer_efSearch"} if "HNSW" in manifest.index_factory else {"nprobe"}
+    )
     written = json.loads((tmp_path / "ivf.json").read_text())
     assert written["recall_at_100"] == manifest.recall_at_100 and len(written["item_ids"]) == 20_000
     retriever = FaissRetriever(tmp_path / "ivf.faiss")
@@ -191,7 +193,7 @@ def test_the_build_falls_back_to_an_exact_quantizer_when_the_graph_one_misses_th
         )
 
 
-def test_the_build_tunes_every_large_kind_and_keeps_the_cheapest(
+def test_the_build_tunes_every_large_kind_and_keeps_the_fastest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clustered: Clustered
 ) -> None:
     items, users, _ = clustered
@@ -207,8 +209,9 @@ def test_the_build_tunes_every_large_kind_and_keeps_the_cheapest(
     manifest = build_index(items, ids, "v1", tmp_path / "i.faiss", queries=users, exact_threshold=10_000)
     qualified = [t for t in tuned if isinstance(t, faiss_index.Tuned)]
     assert [t.kind for t in qualified] == list(faiss_index.LARGE_KINDS)  # both meet the target on this data
-    cheapest = min(qualified, key=lambda t: t.cost)
-    assert manifest.index_factory == cheapest.factory and manifest.search_params == cheapest.params
+    fastest = min(qualified, key=lambda t: t.search_ms)
+    assert all(t.search_ms > 0 for t in qualified)
+    assert manifest.index_factory == fastest.factory and manifest.search_params == fastest.params
 
 
 def test_the_retriever_applies_every_recorded_param(built: Callable[[IndexKind], Path]) -> None:
