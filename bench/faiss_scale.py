@@ -360,6 +360,17 @@ def markdown(result: dict[str, Any]) -> str:
         table,
         "",
     ]
+    fastest = []
+    for data in dict.fromkeys(r["data"] for r in runs):
+        met = sorted((r for r in runs if r["data"] == data and r["chosen"]), key=lambda r: r["latency_ms"]["cpu_p50"])
+        if met:
+            others = ", ".join(f"`{r['factory']}` {r['latency_ms']['cpu_p50']:.3f} ms" for r in met[1:])
+            fastest.append(
+                f"- {data}: `{met[0]['factory']}`, {met[0]['latency_ms']['cpu_p50']:.3f} ms CPU p50 at recall@100 "
+                f"{met[0]['recall_held_out']:.4f}" + (f" (then {others})" if others else "")
+            )
+    if fastest:
+        lines += ["Fastest kind that met the target, per data kind (CPU p50 per query, k=200):", "", *fastest, ""]
     notes = []
     for r in result["runs"]:
         old = _old_tuning(r) if r["kind"] == "ivf_hnsw_flat" else None
