@@ -43,3 +43,35 @@ def test_the_trained_kind_measures_the_bundles_items_on_disjoint_users(tmp_path:
 def test_trained_and_bundle_go_together(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         faiss_scale.parse_args(argv)
+
+
+def _run(data: str, kind: str, cpu_ms: float, met: bool = True) -> dict[str, object]:
+    return {
+        "data": data,
+        "kind": kind,
+        "factory": f"F-{kind}",
+        "chosen": {"params": {}} if met else None,
+        "file_bytes": 500_000_000 if kind != "ivf_hnsw_pq" else 173_000_000,
+        "latency_ms": {"cpu_p50": cpu_ms, "cpu_mean": cpu_ms},
+    }
+
+
+def test_the_planning_inputs_follow_the_kind_the_build_would_ship() -> None:
+    runs = [
+        _run("tight", "ivf_hnsw_flat", 0.3),
+        _run("tight", "ivf_flat", 0.4),
+        _run("loose", "ivf_hnsw_flat", 3.0),
+        _run("loose", "ivf_flat", 1.5),
+        _run("loose", "ivf_hnsw_pq", 0.9),  # faster, but the memory option: not what the build ships
+        _run("medium", "ivf_flat", 0.1, met=False),  # missed the target
+        _run("medium", "ivf_hnsw_flat", 0.5),
+    ]
+    result = {"items": 1_000_000, "dim": 128, "runs": runs}
+    assert [faiss_scale.built_kind(result, d)["kind"] for d in ("tight", "medium", "loose")] == [  # type: ignore[index]
+        "ivf_hnsw_flat",
+        "ivf_hnsw_flat",
+        "ivf_flat",
+    ]
+    inputs = faiss_scale.measurements(result)
+    assert inputs["faiss_search_qps_per_core"].value == round(1000 / 1.5)  # the slowest shipped: loose, IVF-Flat
+    assert inputs["faiss_bytes_per_item"].value == 500 and inputs["faiss_bytes_per_item_pq"].value == 173
