@@ -326,7 +326,7 @@ def plan(
         replica_memory_gb = policy.faiss_replica_memory_gb
     result.faiss = {
         "placement": placement,
-        "index": "IVF-HNSW,PQ" if index_kind == "pq" else "IVF-HNSW,Flat",
+        "index": "IVF-HNSW,PQ" if index_kind == "pq" else "IVF,Flat",  # flat codes; the build picks the quantizer
         "index_gb": round(index_gb, 1),
         "flat_index_gb": round(flat_gb, 1),
         "replicas": replicas,
@@ -380,7 +380,7 @@ def reference_case() -> tuple[Load, dict[str, Measurement], Policy]:
         # The reference plan counts no seen sets.
         "redis_bytes_per_seen_set": ref(0, "bytes"),
         "redis_bytes_per_cache_entry": ref(1_600, "bytes"),
-        # IVF-HNSW,Flat over 256-d fp32: 1 KiB per item + ids and lists.
+        # IVF,Flat over 256-d fp32: 1 KiB per item + ids and lists.
         "faiss_bytes_per_item": ref(1_100, "bytes"),
         "faiss_bytes_per_item_pq": ref(72, "bytes"),
         "faiss_search_qps_per_core": ref(300, "searches/s per core"),

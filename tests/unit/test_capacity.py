@@ -76,7 +76,7 @@ def test_min_replicas_hold_at_tiny_load() -> None:
     p = plan(Load(users=100, qps=1, p99_ms=100, cache_hit_rate=0.9, items=100), _ours())
     assert p.orchestrator["pods"] == 2 and p.triton["t4_gpus"] == 2
     assert p.redis["shards"] == 3, "the smallest Redis Cluster has 3 masters"
-    assert p.faiss["index"] == "IVF-HNSW,Flat"
+    assert p.faiss["index"] == "IVF,Flat"
 
 
 def test_planner_measurement_supersedes_raw_arithmetic(tmp_path: Path) -> None:
