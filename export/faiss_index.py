@@ -2,14 +2,14 @@
 
 Below ``exact_threshold`` items the index is exact (``Flat``). From there on it is one of the approximate
 kinds in ``factory_string``: by default the faster at the recall target of ``LARGE_KINDS``, IVF with an HNSW
-quantizer (the kind the 1M-item comparison in docs/BENCHMARKS.md, ``python -m bench.faiss_scale``, found
-cheapest) or IVF with an exact quantizer. Every search parameter it has (``nprobe``, the HNSW quantizer's
-``efSearch``, the refinement's ``k_factor``; ``efSearch`` for a plain HNSW) is chosen on a small grid: the
-cheapest setting, in distance computations per query, whose recall@100 against exact search reaches the
-target on *tuning* queries and whose every tuning query gets a full list at ``full_k``. The recall it then
-reaches on *held-out* queries (disjoint from the tuning ones) is what the manifest reports, and the build
-fails if that is below the target. The serving side (``orchestrator.retrieval.FaissRetriever``) applies the
-recorded parameters when it loads the index.
+quantizer or IVF with an exact quantizer (the 1M-item comparison in docs/BENCHMARKS.md, ``python -m
+bench.faiss_scale``, measures both beside IVF-PQ and HNSW). Every search parameter a kind has (``nprobe``,
+the HNSW quantizer's ``efSearch``, the refinement's ``k_factor``; ``efSearch`` for a plain HNSW) is chosen
+on a small grid: the cheapest setting, in distance computations per query, whose recall@100 against exact
+search reaches the target on *tuning* queries and whose every tuning query gets a full list at ``full_k``.
+The recall it then reaches on *held-out* queries (disjoint from the tuning ones) is what the manifest
+reports, and the build fails if that is below the target. The serving side
+(``orchestrator.retrieval.FaissRetriever``) applies the recorded parameters when it loads the index.
 """
 
 from __future__ import annotations
@@ -52,16 +52,14 @@ N_TIMED_QUERIES = 300  # single queries timed per kind when the build chooses be
 
 IndexKind = Literal["flat", "ivf_hnsw_flat", "ivf_flat", "ivf_hnsw_pq", "hnsw_flat"]
 INDEX_KINDS: tuple[IndexKind, ...] = get_args(IndexKind)
-# The approximate kind built from exact_threshold items on: chosen by the 1M-item comparison (docs/BENCHMARKS.md,
-# section faiss): it met recall, full lists and the latency targets on both data kinds at the lowest cost
-# of the kinds whose memory fits an orchestrator pod.
-LARGE_KIND: IndexKind = "ivf_hnsw_flat"
-# What the build chooses among, each built and tuned on the catalogue at hand: of the settings that meet the
-# target, the one that searches fastest wins. The HNSW quantizer is the faster on clustered catalogues (a few
-# hundred graph steps find the lists); on the trained 1M-item catalogue of the synthetic-1m profile its graph
-# needs efSearch 512+ to find them, where an exact quantizer scores all 4,096 centroids in less time
-# (docs/SCALE.md).
-LARGE_KINDS: tuple[IndexKind, ...] = (LARGE_KIND, "ivf_flat")
+# The approximate kinds built from exact_threshold items on, both with float32 codes (the 1M-item comparison in
+# docs/BENCHMARKS.md, section faiss: the kinds whose memory fits an orchestrator pod and that meet recall and
+# full lists on every data kind). Each is built and tuned on the catalogue at hand, and of the settings that
+# meet the target the one that searches fastest wins. The HNSW quantizer is as fast on tightly clustered
+# catalogues (a few graph steps find the lists); on looser ones, and on the trained 1M-item catalogue of the
+# synthetic-1m profile, its graph needs efSearch 512+ to find them, where an exact quantizer scores all 4,096
+# centroids in less time (docs/SCALE.md).
+LARGE_KINDS: tuple[IndexKind, ...] = ("ivf_hnsw_flat", "ivf_flat")
 
 EF_SEARCH_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048)  # the IVF's HNSW quantizer
 HNSW_EF_SEARCH_GRID = (32, 64, 128, 192, 256, 384, 512, 768, 1024)  # a plain HNSW index (FAISS uses max(efSearch, k))
@@ -345,7 +343,7 @@ def tune_kind(
     )
 
 
-def cheapest(
+def fastest(
     kinds: tuple[IndexKind, ...],
     vectors: np.ndarray,
     rng: np.random.Generator,
@@ -414,7 +412,7 @@ def build_index(
             "flat", factory_string("flat", n, dim), train_and_add("flat", vectors, rng), {}, 1.0, 1.0, 1.0, 0.0
         )
     else:
-        chosen = cheapest(kinds, vectors, rng, tuning, held_out, full_k, recall_target)
+        chosen = fastest(kinds, vectors, rng, tuning, held_out, full_k, recall_target)
     index, factory, params = chosen.index, chosen.factory, chosen.params
     tuning_recall, recall, full_fraction = chosen.tuning_recall, chosen.recall, chosen.full_fraction
     total_s = time.perf_counter() - started
