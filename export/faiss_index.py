@@ -268,8 +268,7 @@ class Tuned:
     tuning_recall: float
     recall: float  # on the held-out queries
     full_fraction: float  # held out
-    cost: float  # per tuning query, as ``measure`` weighs it
-    search_ms: float = 0.0  # median CPU time of one query at SERVING_K on one thread, at ``params``
+    search_ms: float  # median CPU time of one query at SERVING_K on one thread, at ``params`` (0: not timed)
 
 
 def single_query_ms(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[list[float], list[float]]:
@@ -338,9 +337,7 @@ def tune_kind(
     log.info(
         "%s at %s: %.3f ms CPU per query at k=%d", factory, search_params_string(chosen.params), search_ms, SERVING_K
     )
-    return Tuned(
-        kind, factory, index, chosen.params, chosen.recall, report.recall, report.full_fraction, chosen.cost, search_ms
-    )
+    return Tuned(kind, factory, index, chosen.params, chosen.recall, report.recall, report.full_fraction, search_ms)
 
 
 def fastest(
