@@ -12,6 +12,7 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,8 @@ class MissConfig:
     key: str
     label: str
     batching: BatchingSpec | None  # None: the cpu profile as shipped
+    env: Mapping[str, str] = field(default_factory=dict)  # the orchestrator's settings that differ from shipped
+    contrast: str = ""  # what it shows against the shipped configuration, for the comparison table's title
 
 
 MISS_CONFIGS = (
@@ -178,9 +181,34 @@ MISS_CONFIGS = (
         f"{COMPARED_DELAY_US // 1000}ms-delay",
         f"cache miss, Triton at {COMPARED_DELAY_US // 1000} ms queue delay (the gpu-t4 profile's)",
         BatchingSpec(max_queue_delay_microseconds=COMPARED_DELAY_US),
+        contrast=f"{COMPARED_DELAY_US // 1000} ms queue delay -> shipped (0 ms)",
+    ),
+    MissConfig(
+        "rows-from-redis",
+        "cache miss, every candidate's rows read from Redis (`RECSERVE_CACHE_ITEM_ROWS=0`)",
+        None,
+        {"RECSERVE_CACHE_ITEM_ROWS": "0"},
+        contrast="candidates' rows read from Redis -> kept in process (shipped)",
     ),
 )
 MISS_CONCURRENCY = (1, 4, 16)
+
+
+def _comparison(misses: Mapping[tuple[str, int], Run], other: str) -> str:
+    """The ``other`` configuration's misses against the shipped one's, per concurrency: ``other -> shipped``."""
+    rows = []
+    for concurrency in MISS_CONCURRENCY:
+        shipped, them = misses["shipped", concurrency], misses[other, concurrency]
+        rows.append(
+            [
+                concurrency,
+                f"{median(them.latencies_ms):.1f} -> {median(shipped.latencies_ms):.1f}",
+                f"{format_rate(them.rps)} -> {format_rate(shipped.rps)} ({ratio(shipped.rps, them.rps):.2f}x)",
+                f"{format_rate(them.per_cpu_second)} -> {format_rate(shipped.per_cpu_second)} "
+                f"({ratio(shipped.per_cpu_second, them.per_cpu_second):.2f}x)",
+            ]
+        )
+    return markdown_table(["clients", "p50 ms", "requests/s", "requests per server CPU-s"], rows)
 
 
 def run_section(ctx: BenchContext) -> SectionResult:
@@ -230,7 +258,7 @@ def run_section(ctx: BenchContext) -> SectionResult:
         with ExitStack() as app_stack:
             apps = {}
             for config in MISS_CONFIGS:
-                env = miss_env | {"RECSERVE_TRITON_URL": tritons[config.key].grpc_url}
+                env = miss_env | {"RECSERVE_TRITON_URL": tritons[config.key].grpc_url, **config.env}
                 apps[config.key] = start_orchestrator(env, free_port(), ctx.work_dir / f"service-miss-{config.key}.log")
                 app_stack.callback(apps[config.key].stop)
             # Interleaved, so that both configurations meet the same background load.
@@ -261,18 +289,9 @@ def run_section(ctx: BenchContext) -> SectionResult:
         round(shipped_4.per_cpu_second, 1),
         "cache-miss requests per CPU-second of orchestrator + Triton + Redis together, 4 clients",
     )
-    comparison = []
-    for concurrency in MISS_CONCURRENCY:
-        shipped, delayed = misses["shipped", concurrency], misses[MISS_CONFIGS[1].key, concurrency]
-        comparison.append(
-            [
-                concurrency,
-                f"{median(delayed.latencies_ms):.1f} -> {median(shipped.latencies_ms):.1f}",
-                f"{format_rate(delayed.rps)} -> {format_rate(shipped.rps)} ({ratio(shipped.rps, delayed.rps):.2f}x)",
-                f"{format_rate(delayed.per_cpu_second)} -> {format_rate(shipped.per_cpu_second)} "
-                f"({ratio(shipped.per_cpu_second, delayed.per_cpu_second):.2f}x)",
-            ]
-        )
+    comparisons = []
+    for config in MISS_CONFIGS[1:]:
+        comparisons += [f"Cache misses, {config.contrast}, same run:", "", _comparison(misses, config.key), ""]
     load_end = os.getloadavg()[0]
     markdown = "\n".join(
         [
@@ -285,9 +304,10 @@ def run_section(ctx: BenchContext) -> SectionResult:
             f"on the same 2 cores ({seconds:.0f} s per row; 1-minute load average {load_start:.2f} at the start, "
             f"{load_end:.2f} at the end, and after each row in its last column). Cache-miss rows run with "
             "`RECSERVE_ABLATION_CACHE_ENABLED=false`, so every request retrieves, fetches features and ranks 200 "
-            "candidates on Triton; they alternate between the shipped cpu profile and the same profile with the "
-            f"gpu-t4 profile's {COMPARED_DELAY_US // 1000} ms queue delay (a second orchestrator and tritonserver, "
-            "idle while the other runs), so that both meet the same background load. Latency is what the client saw, "
+            "candidates on Triton; they take turns between the shipped configuration, the same with the gpu-t4 "
+            f"profile's {COMPARED_DELAY_US // 1000} ms queue delay, and the same with no item rows kept in process "
+            "(each its own orchestrator and tritonserver, idle while another runs), so that all meet the same "
+            "background load. Latency is what the client saw, "
             "HTTP included. Per server CPU-s: requests per CPU-second of the orchestrator, tritonserver (with its "
             "Python stubs) and redis-server together, from /proc; the client is not counted.",
             "",
@@ -306,10 +326,7 @@ def run_section(ctx: BenchContext) -> SectionResult:
                 rows,
             ),
             "",
-            f"Cache misses, {COMPARED_DELAY_US // 1000} ms queue delay -> shipped (0 ms), same run:",
-            "",
-            markdown_table(["clients", "p50 ms", "requests/s", "requests per server CPU-s"], comparison),
-            "",
+            *comparisons,
             "Per-stage breakdown of a cache miss (median ms per stage, from `debug=true` timings; the rest of the "
             "client latency is HTTP, JSON and queueing in the event loop):",
             "",

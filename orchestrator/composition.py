@@ -39,12 +39,13 @@ from orchestrator.ratelimit import Limit, Limiter, Limiters, NoLimit, SharedLimi
 from orchestrator.readiness import Readiness
 from orchestrator.recommender import DEPENDENCY_ERRORS, Recommender
 from orchestrator.retrieval import FaissRetriever, Retriever
-from orchestrator.store import FeatureStore, PrecomputedStore, versions
+from orchestrator.store import EmbeddingStore, FeatureStore, PrecomputedStore, versions
 from orchestrator.store.backend import Backend, is_tls
 from orchestrator.store.cluster import ClusterBackend
 from orchestrator.store.coalesce import CoalescingBackend
 from orchestrator.store.embeddings import RedisEmbeddingStore
 from orchestrator.store.features import RedisFeatureStore
+from orchestrator.store.item_rows import LocalItemEmbeddings, LocalItemFeatures, LocalRows
 from orchestrator.store.precomputed import RedisPrecomputedStore
 from orchestrator.store.sharded import ShardedBackend
 from orchestrator.store.versions import VersionInfo
@@ -343,12 +344,18 @@ async def build_version(settings: Settings, reads: Backend, backend: Backend, in
     except BaseException:
         await retriever.aclose()
         raise
+    embeddings: EmbeddingStore = RedisEmbeddingStore(reads, info)
+    features: FeatureStore = RedisFeatureStore(reads, info.version)
+    kept, ttl_s = settings.cache.item_rows, settings.cache.item_rows_ttl_s
+    if kept:
+        embeddings = LocalItemEmbeddings(embeddings, LocalRows(kept, ttl_s, "item_embeddings"))
+        features = LocalItemFeatures(features, LocalRows(kept, ttl_s, "item_features"))
     return ModelVersion(
         info.version,
         retriever,
         ranker,
-        RedisEmbeddingStore(reads, info),
-        RedisFeatureStore(reads, info.version),
+        embeddings,
+        features,
         RedisPrecomputedStore(backend, info.version),
         n_items=len(retriever.item_ids),
         catalogue=frozenset(retriever.item_ids),

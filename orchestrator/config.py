@@ -265,6 +265,12 @@ class CacheSettings(Group):
     invalidation channel has proven itself alive this recently (else the Redis layer answers)."""
     redis_ttl_s: AtLeastOne = 300
     """Lifetime of a shared (Redis) cache entry."""
+    item_rows: NotNegative = 50_000
+    """Items whose embedding and feature row a process keeps per model version (orchestrator/store/item_rows.py),
+    the least recently read evicted first: a cache miss reads only the candidates it lacks from Redis. About
+    540 bytes per item at dim 128; 0: every miss reads all its candidates from Redis."""
+    item_rows_ttl_s: Positive = 300.0
+    """Lifetime of a kept item row: bounds how long a rerun load that rewrote a version's item rows goes unseen."""
 
 
 def _share_percent(value: int) -> int:

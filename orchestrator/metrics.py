@@ -13,6 +13,7 @@ REQUEST_LATENCY = Histogram(
 STAGE_LATENCY = Histogram(
     "recserve_stage_latency_seconds", "Latency of one stage of the request flow.", ["stage"], buckets=LATENCY_BUCKETS_S
 )
+# Layers local and redis count requests; item_embeddings and item_features (orchestrator/store/item_rows.py) rows.
 CACHE_HITS = Counter("recserve_cache_hits_total", "Cache hits per layer.", ["layer"])
 CACHE_MISSES = Counter("recserve_cache_misses_total", "Cache misses per layer.", ["layer"])
 FALLBACKS = Counter("recserve_fallbacks_total", "Answers not computed in real time, by reason.", ["reason"])

@@ -7,7 +7,7 @@
         -> session: the touched items' embeddings (Redis, per shard; only with events in the window)
            -> query = the user's embedding blended with their weighted mean (orchestrator/session.py)
         -> FAISS candidates for the query (on the event loop when short, else a thread)
-        -> candidate embeddings + features (Redis, per shard)
+        -> candidate embeddings + features (those of hot items held in process, the rest Redis, per shard)
         -> ranking of the query against them (Triton over gRPC, within what is left of the deadline)
         -> exclude seen/purchased -> top N, the session's share of places to the candidates nearest it
            (orchestrator/session.py interleave) -> cache write

@@ -54,7 +54,9 @@ def test_a_killed_shard_degrades_answers_but_they_come(stack: Stack, triton: Any
         victim = servers[2]  # not the first: that one holds the control keys and the pub/sub channel
         ring = ShardedBackend.from_urls(urls).ring
         on_victim = [u for u in users(stack) if ring.shard_for(keys.seen(u)) == shard_name(victim.url)]
-        env = fault_env(stack, triton, RECSERVE_REDIS_URLS=",".join(urls))
+        # No item rows kept in process: every candidate's rows are read from the shards, so those on the dead one
+        # go missing, the path under test. Kept rows would still be served (tests/integration/test_store_item_rows.py).
+        env = fault_env(stack, triton, RECSERVE_REDIS_URLS=",".join(urls), RECSERVE_CACHE_ITEM_ROWS="0")
         with running_orchestrator(env, tmp_path / "app.log") as app, Load(app.url, users(stack), RATE, WORKERS) as load:
             t0 = time.monotonic()
             load.wait_for(40, t0)
