@@ -7,6 +7,7 @@ version folders hold the Python-backend ``model.py`` and a symlink to the very s
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import time
@@ -16,12 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from export import model_export, triton_config
+from export import model_export, ranker_factored, triton_config
 from export.artifacts import BUILD_DIR, MODEL_REPOSITORY, REPO_ROOT, write_json
 from export.errors import ModelRepositoryError
 from export.models import Ranker
 from export.triton_config import BatchingSpec, ModelSpec, Profile
 from orchestrator import schema
+
+log = logging.getLogger(__name__)
 
 PYTHON_MODEL = Path(__file__).resolve().parent / "triton_python_backend" / "model.py"
 CPU_REPOSITORY = BUILD_DIR / "triton" / "cpu"
@@ -137,6 +140,19 @@ def render_profile_repository(
         for version in versions.get(model.name, []):
             version_dir = folder / str(version)
             version_dir.mkdir()
-            shutil.copy(PYTHON_MODEL, version_dir / "model.py")
-            (version_dir / model.filename).symlink_to((source / model.name / str(version) / model.filename).resolve())
+            fill_version_folder(version_dir, model, source / model.name / str(version) / model.filename)
     return dest
+
+
+def fill_version_folder(version_dir: Path, model: ModelSpec, model_file: Path) -> None:
+    """A cpu-profile version folder: the Python-backend model.py, a link to ``model_file``, and for ONNX the
+    one-user graph that model.py runs for a request of one user's candidates (export/ranker_factored.py); a
+    model of another architecture gets none and is served by its own file alone."""
+    shutil.copy(PYTHON_MODEL, version_dir / "model.py")
+    (version_dir / model.filename).symlink_to(model_file.resolve())
+    if model.runtime != "onnxruntime":
+        return
+    try:
+        ranker_factored.write_factored_model(model_file, version_dir / ranker_factored.FACTORED_FILE)
+    except ranker_factored.FactoredParityError as exc:
+        log.warning("%s: no factored graph, every request runs %s: %s", version_dir, model_file.name, exc)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -236,3 +237,133 @@ def check_parity(
     if not diff <= tolerance:
         raise FactoredParityError(diff, tolerance)
     return diff
+
+
+# The cpu profile's Triton model (export/triton_python_backend/model.py) scores a request whose rows are all
+# one user's candidates with this graph, written beside model.onnx by export.model_repository.
+FACTORED_FILE = "model_factored.onnx"
+# Inputs whose rows are the user's (or the request's context): the graph takes them once, as [1, width].
+ONE_ROW_INPUTS = ("user_embedding", "user_features", "context_features")
+
+
+class _GraphBuilder:
+    """Nodes and initializers of an ONNX graph, named in order."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        # np.ascontiguousarray would make a scalar (Gather's index) a vector of one.
+        self.initializers.append(numpy_helper.from_array(value if value.flags.c_contiguous else value.copy(), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], output: str, **attributes: Any) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op_type, inputs, [output], **attributes))
+        return output
+
+    def columns(self, x: str, start: int, stop: int, name: str, axis: int = 1) -> str:
+        bounds = [self.const(f"{name}_{k}", np.array([v], np.int64)) for k, v in (("from", start), ("to", stop))]
+        return self.op("Slice", [x, *bounds, self.const(f"{name}_axis", np.array([axis], np.int64))], name)
+
+    def embed(self, prefix: str, features: str, tables: list[np.ndarray]) -> str:
+        """The feature embeddings side by side, indices clamped as the model clamps them."""
+        parts = []
+        for k, table in enumerate(tables):
+            column = self.op(
+                "Gather", [features, self.const(f"{prefix}_col{k}", np.array(k, np.int64))], f"{prefix}_{k}", axis=1
+            )
+            low, high = np.array(0, np.int64), np.array(len(table) - 1, np.int64)
+            clamped = self.op(
+                "Clip",
+                [column, self.const(f"{prefix}_lo{k}", low), self.const(f"{prefix}_hi{k}", high)],
+                f"{prefix}_c{k}",
+            )
+            parts.append(
+                self.op("Gather", [self.const(f"{prefix}_table{k}", table), clamped], f"{prefix}_e{k}", axis=0)
+            )
+        return self.op("Concat", parts, f"{prefix}_embedded", axis=1)
+
+
+def factored_graph(ranker: FactoredRanker, opset: int = 17) -> Any:
+    """``ranker``'s regrouped arithmetic (module docstring) as an ONNX model for one user's candidates: the
+    inputs of ``ONE_ROW_INPUTS`` take one row, the item inputs one per candidate, and the output is the
+    exported model's ``score`` [n, 1]. The user's part of every product is computed once; per candidate,
+    one [1 + 2 dim + 8 x item features] x [.., 2 width + deep] product and the 256 -> 64 layer."""
+    from onnx import TensorProto, helper
+
+    b, width = ranker.blocks, ranker.width
+    g = _GraphBuilder()
+    ue, ie, uf, itf, cf = "user_embedding", "item_embedding", "user_features", "item_features", "context_features"
+    user_fe = g.embed("uf", uf, ranker.user_tables)
+    item_fe = g.embed("if", itf, ranker.item_tables)
+    context_fe = g.embed("cf", cf, ranker.context_tables)
+    # h1's and v's columns permuted so that the user's own columns (u, user and context features) come first and
+    # the row's (i, u*i, u.i, item features) after them, in the order x_item lays them out below.
+    user_columns = np.r_[
+        np.arange(b.u.start, b.u.stop), np.arange(b.uf.start, b.uf.stop), np.arange(b.ctx.start, b.ctx.stop)
+    ]
+    row_columns = np.r_[
+        np.arange(b.i.start, b.i.stop), np.arange(b.p.start, b.p.stop), [b.dot], np.arange(b.itf.start, b.itf.stop)
+    ]
+    order = np.r_[user_columns, row_columns]
+    permuted = np.r_[order, width + order, np.arange(2 * width, ranker.wcat.shape[1])]
+    wcat, bias = ranker.wcat[:, permuted], ranker.bias[permuted]
+    user_part = g.op("MatMul", [ue, g.const("w_u", wcat[b.u])], "user_u")
+    user_part = g.op("Add", [user_part, g.op("MatMul", [user_fe, g.const("w_uf", wcat[b.uf])], "user_uf")], "user_1")
+    user_part = g.op(
+        "Add", [user_part, g.op("MatMul", [context_fe, g.const("w_ctx", wcat[b.ctx])], "user_ctx")], "user_2"
+    )
+    user_part = g.op("Add", [user_part, g.const("bias", bias)], "user_part")
+    product = g.op("Mul", [ue, ie], "u_times_i")
+    dot = g.op("ReduceSum", [product, g.const("axis_1", np.array([1], np.int64))], "u_dot_i", keepdims=1)
+    x_item = g.op("Concat", [ie, product, dot, item_fe], "x_item", axis=1)
+    w_item = np.concatenate([wcat[b.i], wcat[b.p], wcat[b.dot : b.dot + 1], wcat[b.itf]], axis=0)
+    h = g.op("Add", [g.op("MatMul", [x_item, g.const("w_item", w_item)], "h_item"), user_part], "h")
+    h1, v = g.columns(h, 0, width, "h1"), g.columns(h, width, 2 * width, "v")
+    deep_in = g.columns(h, 2 * width, ranker.wcat.shape[1], "deep_in")
+    # The cross part of the logit: x0 . (h1 * v + h_x * b2), split into the user's columns and the row's.
+    t = g.op("Add", [g.op("Mul", [h1, v], "h1_v"), g.const("hb2", ranker.hb2[order])], "t")
+    n_user = len(user_columns)
+    x_user_t = g.op("Transpose", [g.op("Concat", [ue, user_fe, context_fe], "x_user", axis=1)], "x_user_t", perm=[1, 0])
+    cross_user = g.op("MatMul", [g.columns(t, 0, n_user, "t_user"), x_user_t], "cross_user")
+    cross_row = g.op("Mul", [g.columns(t, n_user, width, "t_row"), x_item], "t_x_row")
+    cross_row = g.op("ReduceSum", [cross_row, "axis_1"], "cross_row", keepdims=1)
+    deep = g.op("MatMul", [g.op("Relu", [deep_in], "deep_1"), g.const("d2t", ranker.d2t)], "deep_2")
+    deep = g.op("Relu", [g.op("Add", [deep, g.const("c2", ranker.c2)], "deep_2b")], "deep_2r")
+    deep_logit = g.op("MatMul", [deep, g.const("h_d", ranker.h_d.reshape(-1, 1))], "deep_logit")
+    logit = g.op("Add", [g.op("Add", [cross_user, cross_row], "cross"), deep_logit], "logit_1")
+    logit = g.op("Add", [logit, g.const("head_bias", np.array([ranker.head_bias], np.float32))], "logit")
+    g.op("Sigmoid", [logit], schema.RANKER_OUTPUT.name)
+    dim, n_uf, n_if, n_cf = b.dim, len(ranker.user_tables), len(ranker.item_tables), len(ranker.context_tables)
+    inputs = [
+        helper.make_tensor_value_info(ue, TensorProto.FLOAT, [1, dim]),
+        helper.make_tensor_value_info(ie, TensorProto.FLOAT, ["n", dim]),
+        helper.make_tensor_value_info(uf, TensorProto.INT64, [1, n_uf]),
+        helper.make_tensor_value_info(itf, TensorProto.INT64, ["n", n_if]),
+        helper.make_tensor_value_info(cf, TensorProto.INT64, [1, n_cf]),
+    ]
+    output = helper.make_tensor_value_info(schema.RANKER_OUTPUT.name, TensorProto.FLOAT, ["n", 1])
+    graph = helper.make_graph(g.nodes, "ranker_factored", inputs, [output], g.initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def write_factored_model(model_onnx: Path, dest: Path) -> None:
+    """``factored_graph`` of the ranker in ``model_onnx`` into ``dest``. Raises FactoredParityError when the file
+    is not of the architecture ``FactoredRanker`` assumes (the Triton model then serves model.onnx alone)."""
+    import onnx
+
+    context = np.zeros(len(schema.CONTEXT_FEATURES), dtype=np.int64)
+    try:
+        ranker = FactoredRanker.from_onnx(model_onnx, context)
+    except KeyError as exc:
+        raise FactoredParityError(float("inf"), 0.0) from exc
+    model = factored_graph(ranker)
+    onnx.checker.check_model(model, full_check=True)  # shapes inferred too: a bad graph fails here, not in Triton
+    tmp = dest.with_suffix(".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(dest)

@@ -104,10 +104,9 @@ def add_served_version(served: Path, source: Path, version: int) -> list[Path]:
         staging = folder / f".staging-{version}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        from export.model_repository import PYTHON_MODEL  # imports torch: only where a model is staged
+        from export.model_repository import fill_version_folder  # imports torch: only where a model is staged
 
-        shutil.copy(PYTHON_MODEL, staging / "model.py")
-        (staging / model.filename).symlink_to(model_file.resolve())
+        fill_version_folder(staging, model, model_file)
         staging.rename(target)
         added.append(target)
     return added

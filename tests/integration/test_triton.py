@@ -37,6 +37,27 @@ def test_both_models_load_ready(triton: TritonServer) -> None:
         assert client.is_model_ready(model, "1")
 
 
+def test_one_user_requests_run_the_factored_graph_with_the_models_scores(
+    triton: TritonServer, exported: Exported
+) -> None:
+    """A request of one user's candidates (as the orchestrator sends) runs model_factored.onnx; one whose rows hold
+    another user too runs model.onnx. Both give every row the exported model's score."""
+    assert "ranker_onnx: one-user requests run model_factored.onnx" in triton.log_path.read_text()
+    ranker = load_ranker(exported.bundle_path)
+    grpc = grpcclient.InferenceServerClient(triton.grpc_url)
+    n = 50
+    tensors = example_inputs(exported.bundle.dim, n, seed=11)
+    for name in ("user_embedding", "user_features", "context_features"):
+        tensors[name] = np.repeat(tensors[name][:1], n, axis=0)
+    mixed = {name: value.copy() for name, value in tensors.items()}
+    mixed["user_embedding"][-1] = example_inputs(exported.bundle.dim, 1, seed=12)["user_embedding"][0]
+    for rows in (tensors, mixed):
+        result = grpc.infer(
+            "ranker_onnx", _inputs(grpcclient, rows), outputs=[grpcclient.InferRequestedOutput("score")]
+        )
+        assert np.max(np.abs(result.as_numpy("score").reshape(-1) - eager_scores(ranker, rows))) <= 1e-5
+
+
 @pytest.mark.parametrize("model", sorted(OUTPUTS))
 def test_grpc_and_http_match_eager_torch(triton: TritonServer, exported: Exported, model: str) -> None:
     ranker = load_ranker(exported.bundle_path)
