@@ -14,9 +14,9 @@ Rows are held in one array per store (a slot per id), so that a batch of hits is
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from itertools import compress
+from itertools import compress, repeat
 
 import numpy as np
 
@@ -31,11 +31,12 @@ class LocalRows:
     ``ttl_s`` after it was stored."""
 
     def __init__(self, capacity: int, ttl_s: float, layer: str, clock: Callable[[], float] = time.monotonic) -> None:
+        """``layer`` labels the rows' hits and misses in recserve_cache_hits_total / recserve_cache_misses_total."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.ttl_s = ttl_s
-        self.layer = layer  # the label of recserve_cache_hits_total / misses_total
+        self._hits, self._misses = metrics.CACHE_HITS.labels(layer), metrics.CACHE_MISSES.labels(layer)
         self.clock = clock
         self._slots: OrderedDict[str, int] = OrderedDict()  # id -> slot, least recently read first
         self._rows: np.ndarray | None = None  # [slots, width], grown by doubling up to capacity
@@ -47,15 +48,14 @@ class LocalRows:
 
     def read(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """The mask of ``ids`` held and alive, and their rows (a copy, in the order of the mask's hits)."""
-        slots = np.fromiter((self._slots.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        slots = np.fromiter(map(self._slots.get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
         hit = slots >= 0
         if hit.any():
             hit[hit] = self._born[slots[hit]] >= self.clock() - self.ttl_s
-        for key in compress(ids, hit.tolist()):
-            self._slots.move_to_end(key)
+        deque(map(self._slots.move_to_end, compress(ids, hit.tolist())), maxlen=0)  # most recently read last
         n_hits = int(hit.sum())
-        metrics.CACHE_HITS.labels(self.layer).inc(n_hits)
-        metrics.CACHE_MISSES.labels(self.layer).inc(len(ids) - n_hits)
+        self._hits.inc(n_hits)
+        self._misses.inc(len(ids) - n_hits)
         if self._rows is None or not n_hits:
             return hit, np.empty((0, 0))
         return hit, self._rows[slots[hit]]
