@@ -261,7 +261,7 @@ def run_section(ctx: BenchContext) -> SectionResult:
                 env = miss_env | {"RECSERVE_TRITON_URL": tritons[config.key].grpc_url, **config.env}
                 apps[config.key] = start_orchestrator(env, free_port(), ctx.work_dir / f"service-miss-{config.key}.log")
                 app_stack.callback(apps[config.key].stop)
-            # Interleaved, so that both configurations meet the same background load.
+            # Interleaved, so that every configuration meets the same background load.
             for concurrency in MISS_CONCURRENCY:
                 for config in MISS_CONFIGS:
                     app, pids = apps[config.key], server_pids(apps[config.key], tritons[config.key])
