@@ -293,7 +293,7 @@ def factored_graph(ranker: FactoredRanker, opset: int = 17) -> Any:
     """``ranker``'s regrouped arithmetic (module docstring) as an ONNX model for one user's candidates: the
     inputs of ``ONE_ROW_INPUTS`` take one row, the item inputs one per candidate, and the output is the
     exported model's ``score`` [n, 1]. The user's part of every product is computed once; per candidate,
-    one [1 + 2 dim + 8 x item features] x [.., 2 width + deep] product and the 256 -> 64 layer."""
+    one [dim + 1 + 8 x item features] x [.., 2 width + deep] product and the 256 -> 64 layer."""
     from onnx import TensorProto, helper
 
     b, width = ranker.blocks, ranker.width
@@ -322,8 +322,16 @@ def factored_graph(ranker: FactoredRanker, opset: int = 17) -> Any:
     product = g.op("Mul", [ue, ie], "u_times_i")
     dot = g.op("ReduceSum", [product, g.const("axis_1", np.array([1], np.int64))], "u_dot_i", keepdims=1)
     x_item = g.op("Concat", [ie, product, dot, item_fe], "x_item", axis=1)
-    w_item = np.concatenate([wcat[b.i], wcat[b.p], wcat[b.dot : b.dot + 1], wcat[b.itf]], axis=0)
-    h = g.op("Add", [g.op("MatMul", [x_item, g.const("w_item", w_item)], "h_item"), user_part], "h")
+    # i W_i + (u * i) W_p = i (W_i + diag(u) W_p): one [dim] x [dim, ..] product per row serves both blocks,
+    # with the user's matrix made once per request.
+    u_column = g.op("Transpose", [ue], "u_column", perm=[1, 0])
+    m_user = g.op("Mul", [g.const("w_p", wcat[b.p]), u_column], "u_times_w_p")
+    m_user = g.op("Add", [g.const("w_i", wcat[b.i]), m_user], "m_user")
+    h = g.op("MatMul", [ie, m_user], "h_i")
+    x_rest = g.op("Concat", [dot, item_fe], "x_rest", axis=1)
+    w_rest = np.concatenate([wcat[b.dot : b.dot + 1], wcat[b.itf]], axis=0)
+    h = g.op("Add", [h, g.op("MatMul", [x_rest, g.const("w_rest", w_rest)], "h_rest")], "h_item")
+    h = g.op("Add", [h, user_part], "h")
     h1, v = g.columns(h, 0, width, "h1"), g.columns(h, width, 2 * width, "v")
     deep_in = g.columns(h, 2 * width, ranker.wcat.shape[1], "deep_in")
     # The cross part of the logit: x0 . (h1 * v + h_x * b2), split into the user's columns and the row's.
