@@ -7,8 +7,8 @@ Python stub, never imported by the project itself. The config's ``parameters`` c
 
 With ONNX Runtime, a request whose rows are all one user's (the orchestrator sends one user's candidates
 per request) runs ``model_factored.onnx`` when the version folder has it: the same scores with the
-user's part of every product computed once (export/ranker_factored.py; 1.65 against 2.40 ms of CPU for 200
-candidates, in process). It is checked against ``model.onnx`` when the model loads; a file that disagrees
+user's part of every product computed once (export/ranker_factored.py; about half the CPU of model.onnx
+for 200 candidates, in process). It is checked against ``model.onnx`` when the model loads; a file that disagrees
 is not used. A batch the dynamic batcher merged runs it request by request; a batch holding a request
 of several users runs ``model.onnx`` whole.
 """
