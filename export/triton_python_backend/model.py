@@ -33,6 +33,15 @@ def _parameter(config: dict[str, Any], name: str, default: str) -> str:
     return str(config.get("parameters", {}).get(name, {}).get("string_value", default))
 
 
+def _ort_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -60,12 +69,7 @@ class TritonPythonModel:
             )
 
     def _load_onnx(self, model_file: Path, threads: int) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        self.session = _ort_session(model_file, threads)
         # The config must describe the file: a wrong name, dtype or width fails here, by name.
         model_inputs = {i.name: (i.type, list(i.shape)) for i in self.session.get_inputs()}
         for name, dtype, dims in self.inputs:
@@ -82,13 +86,8 @@ class TritonPythonModel:
                 )
 
     def _load_factored(self, path: Path, threads: int) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
         try:
-            factored = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            factored = _ort_session(path, threads)
         except Exception as exc:  # ONNX Runtime's own error types: the model file alone still serves
             pb_utils.Logger.log_warn(f"{self.model_name}: {path.name} does not load ({exc}): not used")
             return
