@@ -118,7 +118,7 @@ async def read_through(rows: LocalRows, ids: Sequence[str], fetch: Callable[[lis
     hit, held = rows.read(ids)
     if not hit.any():
         lookup = await fetch(list(ids))
-        rows.store(list(compress(ids, lookup.found.tolist())), lookup.matrix[lookup.found])
+        _keep_found(rows, ids, lookup)
         return lookup
     if hit.all():
         n = len(ids)
@@ -126,12 +126,16 @@ async def read_through(rows: LocalRows, ids: Sequence[str], fetch: Callable[[lis
     missing = list(compress(ids, (~hit).tolist()))
     # ``held`` was copied before this await: rows stored meanwhile may have taken the hits' slots.
     fetched = await fetch(missing)
-    rows.store(list(compress(missing, fetched.found.tolist())), fetched.matrix[fetched.found])
+    _keep_found(rows, missing, fetched)
     matrix = np.empty((len(ids), *fetched.matrix.shape[1:]), dtype=fetched.matrix.dtype)
     matrix[hit], matrix[~hit] = held, fetched.matrix
     found, unavailable = hit.copy(), np.zeros(len(ids), dtype=bool)
     found[~hit], unavailable[~hit] = fetched.found, fetched.unavailable
     return Lookup(matrix, found, unavailable, fetched.down, fetched.timed_out)
+
+
+def _keep_found(rows: LocalRows, ids: Sequence[str], lookup: Lookup) -> None:
+    rows.store(list(compress(ids, lookup.found.tolist())), lookup.matrix[lookup.found])
 
 
 class LocalItemEmbeddings:
