@@ -236,7 +236,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--top-n", type=int, default=50)
     pre.add_argument("--candidates", type=int, default=200, help="ranked candidates per user")
     pre.add_argument("--batch-users", type=int, default=1024, help="users per FAISS search, write and checkpoint")
-    pre.add_argument("--rank-rows", type=int, default=1024, help="user-candidate rows per ranker call")
+    pre.add_argument("--rank-rows", type=int, default=1024, help="rows per ONNX Runtime call (--ranker onnx)")
     pre.add_argument("--ttl-s", type=int, default=7 * 86400)
     pre.add_argument("--shard-index", type=int, default=None, help="default: $JOB_COMPLETION_INDEX or 0")
     pre.add_argument("--shard-count", type=int, default=1)

@@ -10,10 +10,11 @@ starts its shard over: harmless, every write is a SET of the same value).
 
 Where the time goes (measured, docs/BENCHMARKS.md "Pre-compute at 1M users"): ranking, 77-96% of it. So
 a batch of users is searched in one FAISS call, seen items are dropped with array operations, the
-candidates of many users are ranked in chunks of ``rank_rows`` rows (ONNX Runtime runs fastest per row at
-about a thousand rows; at 51,200 rows per call, as one call per 256 users made, it ran a third slower), by
-default with the model's weights regrouped (``export.ranker_factored``: a third of the arithmetic, the same
-scores to ~1e-7), and the Redis writes of one batch go out while the next batch is computed.
+candidates are ranked by default with the model's weights regrouped (``export.ranker_factored``: a third of
+the arithmetic, one GEMM per user, the same scores to ~1e-7) or, with ``--ranker onnx``, by ONNX Runtime in
+chunks of ``rank_rows`` rows (fastest per row at about a thousand rows; at 51,200 rows per call, as one call
+per 256 users made, it ran a third slower), and the Redis writes of one batch go out while the next batch is
+computed.
 
 ``offline_top_n`` computes one user's list on its own, the way the online path does (search depth
 ``n_candidates`` + the user's seen items): the reference the job (and the online path) is checked against.
@@ -76,7 +77,7 @@ class PrecomputeConfig:
     batch_users: int = 1024
     """Users per FAISS search, Redis write and checkpoint."""
     rank_rows: int = 1024
-    """Rows (user, candidate pairs) per ranker call: ONNX Runtime is fastest per row near a thousand."""
+    """Rows (user, candidate pairs) per ONNX Runtime call (``ranker="onnx"``): fastest per row near a thousand."""
     ttl_s: int = 7 * 86400
     """Lifetime of a stored list; the job reruns well within it."""
     shard_index: int = 0
@@ -309,28 +310,31 @@ class OnnxCandidates:
 
 
 class FactoredCandidates:
-    """The same model regrouped (``export.ranker_factored``): per-user and per-item work done once, about a
-    third of the arithmetic per row. Built from the ONNX file and checked against ONNX Runtime on rows of
-    the job's own users and items before use (``FactoredParityError`` past 1e-5)."""
+    """The same model regrouped (``export.ranker_factored``): per-user work done once, about a third of the
+    arithmetic per row, one GEMM per user. Built from the ONNX file and checked against ONNX Runtime on rows
+    of the job's own users and items before use (``FactoredParityError`` past 1e-5)."""
 
-    def __init__(self, items: ItemTables, model: FactoredRanker, rank_rows: int, parity_max_abs_diff: float) -> None:
+    def __init__(
+        self, items: ItemTables, model: FactoredRanker, item_feature_rows: np.ndarray, parity_max_abs_diff: float
+    ) -> None:
         self.items = items
+        self.item_embeddings = np.asarray(items.embeddings, dtype=np.float32)
         self.model = model
-        self.rank_rows = rank_rows
+        self.item_feature_rows = item_feature_rows
         self.parity_max_abs_diff = parity_max_abs_diff
 
     @classmethod
     def build(
-        cls, items: ItemTables, model_path: Path, run: BatchScoreFn, rank_rows: int, parity_users: ShardUsers
+        cls, items: ItemTables, model_path: Path, run: BatchScoreFn, parity_users: ShardUsers
     ) -> FactoredCandidates:
-        """Read the weights, compute the per-item table, and compare with ``run`` (ONNX Runtime) on 512 rows
-        of ``parity_users`` x random items."""
+        """Read the weights, embed every item's features once, and compare with ``run`` (ONNX Runtime) on 512
+        rows of ``parity_users`` x random items."""
         from export.ranker_factored import FactoredRanker, check_parity
 
         model = FactoredRanker.from_onnx(model_path, default_context(1)[0])
-        model.prepare_items(items.embeddings, items.features)
+        item_feature_rows = model.item_feature_rows(items.features)
         if not len(parity_users):
-            return cls(items, model, rank_rows, 0.0)  # no users: nothing will be scored
+            return cls(items, model, item_feature_rows, 0.0)  # no users: nothing will be scored
         rng = np.random.default_rng(0)
         n = 512
         u, i = rng.integers(0, len(parity_users), n), rng.integers(0, len(items.ids), n)
@@ -345,11 +349,11 @@ class FactoredCandidates:
                 "context_features": default_context(n),
             },
         )
-        return cls(items, model, rank_rows, diff)
+        return cls(items, model, item_feature_rows, diff)
 
     def __call__(self, users: ShardUsers, candidates: np.ndarray) -> np.ndarray:
         scores = self.model.score(
-            users.embeddings, users.features, self.items.embeddings, self.items.features, candidates, self.rank_rows
+            users.embeddings, users.features, self.item_embeddings, self.item_feature_rows, candidates
         )
         scores[candidates < 0] = -np.inf
         return scores
@@ -607,7 +611,7 @@ def _worker(job: _WorkerJob, events: Any) -> None:
         ranker = OnnxRanker(job.model_path, job.version, intra_op_threads=1)
         rank: CandidateRanker
         if job.cfg.ranker == "factored":
-            rank = FactoredCandidates.build(items, job.model_path, ranker.run, job.cfg.rank_rows, job.users)
+            rank = FactoredCandidates.build(items, job.model_path, ranker.run, job.users)
         else:
             rank = OnnxCandidates(items, ranker.run, job.cfg.rank_rows)
         scorer = BatchScorer(items, retriever.index, rank, job.cfg)

@@ -8,15 +8,16 @@ Pre-compute ranks ``n_candidates`` items for each user, so every user's row of t
 at this CPU's fp32 peak (measured: 81-87K rows/s per core, 2.35 ms per user at 200 candidates, 77-96%
 of the job's time). Two identities make most of it per-user or per-item work:
 
-- ``x0 W^T`` is a sum over x0's column blocks: the user and context blocks are one product per user, the
-  item blocks one per item (a table computed once per process), and only the ``u*i`` block (128 columns)
-  and the ``u.i`` column are per row.
+- ``x0 W^T`` is a sum over x0's column blocks: the user and context blocks are one product per user, and
+  for a fixed user the ``i``, ``u*i`` and ``u.i`` blocks are all linear in ``i``:
+  ``i W_i + (u*i) W_p + (u.i) w = i (W_i + diag(u) (W_p + w))``, one matrix per user.
 - Cross 2 enters the score only through the head: ``h . x2 = (h * x0) . (W2 x1 + b2) + h . x1``, and
   ``(h * x0) . (W2 x1) = x1 . (x0 A)`` with ``A = diag(h) W2``: a product of x0 again, which splits the same
   way, instead of a full 449 x 449 product of x1.
 
-Per row that leaves one [128] x [128, 1154] product (the three blocks of ``u*i`` side by side) and the
-256 -> 64 deep layer: about 0.33 MFLOP. The weights are read from the exported ONNX file that serving uses,
+Per row that leaves one [dim + 8 x item features + 1] x [.., 1155] product (all of x0 @ [W1, A, D1] and the
+head's ``h * b2`` term) and the 256 -> 64 deep layer: about 0.38 MFLOP, a single GEMM per user over the user's
+candidates. The weights are read from the exported ONNX file that serving uses,
 and ``check_parity`` compares this against ONNX Runtime on the job's own rows before anything is written.
 Floating-point sums run in another order, so scores differ in the last bits (measured max |diff| ~1e-7):
 lists are equal up to the order of items whose scores tie within that.
@@ -31,10 +32,6 @@ from typing import Any
 import numpy as np
 
 from orchestrator import schema
-
-# Per-item table (n_items x 1154 float32 at dim 128) kept whole up to this size; past it, each batch
-# computes the rows of its own candidate items.
-ITEM_TABLE_BYTES = 1 << 30
 
 
 class FactoredParityError(ValueError):
@@ -88,6 +85,15 @@ class _Blocks:
         start = self.itf.stop
         return slice(start, start + 8 * self.n_context)
 
+    @property
+    def user_columns(self) -> np.ndarray:
+        """x0's columns that are the same on every row of one user's request: u, user features, context."""
+        return np.r_[np.arange(self.u.start, self.u.stop), np.arange(self.uf.start, self.uf.stop), _range(self.ctx)]
+
+
+def _range(block: slice) -> np.ndarray:
+    return np.arange(block.start, block.stop)
+
 
 def _embed(tables: list[np.ndarray], columns: np.ndarray) -> np.ndarray:
     """The feature embeddings, indices clamped as the model clamps them."""
@@ -123,7 +129,7 @@ class FactoredRanker:
         self.bias = np.concatenate([b1 + 1.0, self.h_x, c1]).astype(np.float32)
         self.hb2 = (self.h_x * b2).astype(np.float32)
         self.context = _embed(self.context_tables, np.asarray(context, np.int64).reshape(1, -1))[0]
-        self.item_table: tuple[np.ndarray, np.ndarray] | None = None
+        self._layout: _ScoreLayout | None = None
 
     @classmethod
     def from_onnx(cls, path: Path, context: np.ndarray) -> FactoredRanker:
@@ -134,86 +140,137 @@ class FactoredRanker:
         model = onnx.load(str(path))
         return cls({t.name: numpy_helper.to_array(t) for t in model.graph.initializer}, context)
 
-    def _user_rows(self, embeddings: np.ndarray, features: np.ndarray) -> np.ndarray:
-        """Each user's own part of x0 @ wcat (user, user-feature and context blocks) plus the biases."""
-        b = self.blocks
-        wc = self.wcat
-        out = embeddings @ wc[b.u] + _embed(self.user_tables, features) @ wc[b.uf]
-        out += self.context @ wc[b.ctx] + self.bias
-        return out.astype(np.float32, copy=False)
+    def item_feature_rows(self, features: np.ndarray) -> np.ndarray:
+        """float32 [n, 8 x item features]: the items' feature embeddings (the ``item_feature_rows`` of ``score``)."""
+        return _embed(self.item_tables, np.asarray(features, np.int64))
 
-    def item_rows(self, embeddings: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each item's own part of x0 @ wcat (item and item-feature blocks), and its feature embeddings."""
-        b = self.blocks
-        item_fe = _embed(self.item_tables, np.asarray(features, np.int64))
-        out = np.asarray(embeddings, np.float32) @ self.wcat[b.i] + item_fe @ self.wcat[b.itf]
-        return out.astype(np.float32, copy=False), item_fe
-
-    def prepare_items(self, embeddings: np.ndarray, features: np.ndarray, budget_bytes: int = ITEM_TABLE_BYTES) -> None:
-        """Compute every item's part once, when the table fits ``budget_bytes``."""
-        if len(embeddings) * self.wcat.shape[1] * 4 <= budget_bytes:
-            self.item_table = self.item_rows(embeddings, features)
+    def _score_layout(self) -> _ScoreLayout:
+        if self._layout is None:
+            self._layout = _ScoreLayout.of(self)
+        return self._layout
 
     def score(
         self,
         user_embeddings: np.ndarray,
         user_features: np.ndarray,
         item_embeddings: np.ndarray,
-        item_features: np.ndarray,
+        item_feature_rows: np.ndarray,
         candidates: np.ndarray,
-        chunk_rows: int = 1024,
     ) -> np.ndarray:
-        """float32 [n_users, n] scores of each user's ``candidates`` [n_users, n] (rows of the item tables,
-        the ones given to ``prepare_items``); a slot of -1 gets a meaningless score, for the caller to mask."""
-        b, width = self.blocks, self.width
+        """float32 [n_users, n] scores of each user's ``candidates`` [n_users, n] (rows of ``item_embeddings``
+        and of ``item_feature_rows``, the latter from ``item_feature_rows``); a slot of -1 gets a meaningless
+        score, for the caller to mask.
+
+        One user at a time: the user's matrix ``M = [W_i + diag(u) (W_p + w_dot); W_itf; user part]`` (the u*i
+        and u.i blocks are linear in i for a fixed u) turns every candidate's x0 @ wcat into one [dim + 8 x item
+        features + 1] x [.., N] product of its own row ``[i, item features, 1]``, a single GEMM of the user's
+        candidates that stays in cache with its output."""
+        lay = self._score_layout()
+        dim, width, n_if = self.blocks.dim, self.width, lay.n_item_fe
         n_users, n = candidates.shape
         user_embeddings = np.asarray(user_embeddings, np.float32)
-        user_features = np.asarray(user_features, np.int64)
-        user_part = self._user_rows(user_embeddings, user_features)
-        user_fe = _embed(self.user_tables, user_features)
+        user_fe = _embed(self.user_tables, np.asarray(user_features, np.int64))
+        x_user = np.concatenate(
+            [user_embeddings, user_fe, np.broadcast_to(self.context, (n_users, len(self.context)))], axis=1
+        ).astype(np.float32)
+        user_part = x_user @ lay.w_user + lay.bias  # [n_users, N]: the user's own blocks and the biases
         rows = np.maximum(candidates, 0)  # -1: any item, its score is masked
-        if self.item_table is not None:
-            (item_part, item_fe), item_index = self.item_table, rows
-        else:  # only the batch's own items
-            unique, inverse = np.unique(rows, return_inverse=True)
-            item_part, item_fe = self.item_rows(item_embeddings[unique], item_features[unique])
-            item_index = inverse.reshape(rows.shape)
-        wp = self.wcat[b.p.start : b.dot + 1]  # the u*i block and the u.i column: per row
         out = np.empty((n_users, n), dtype=np.float32)
-        step = max(1, chunk_rows // max(1, n))  # whole users per chunk: their own part adds by broadcast
-        x0 = np.empty((step * n, width), dtype=np.float32)
-        x0[:, b.ctx] = self.context
-        # Buffers reused by every chunk: a fresh 4.6 MB array per step costs page faults, not just copies.
-        h_buf = np.empty((step * n, self.wcat.shape[1]), dtype=np.float32)
-        gathered = np.empty_like(h_buf)
-        for lo in range(0, n_users, step):
-            users = np.arange(lo, min(n_users, lo + step))
-            m = len(users) * n
-            x = x0[:m]
-            items = rows[users].reshape(-1)
-            u, i = x[:, b.u], x[:, b.i]
-            u.reshape(len(users), n, -1)[:] = user_embeddings[users][:, None, :]
-            i[:] = item_embeddings[items]
-            p = np.multiply(u, i, out=x[:, b.p])
-            x[:, b.dot] = p.sum(axis=1)
-            x[:, b.uf].reshape(len(users), n, -1)[:] = user_fe[users][:, None, :]
-            x[:, b.itf] = item_fe[item_index[users].reshape(-1)]
-            h = np.matmul(x[:, b.p.start : b.dot + 1], wp, out=h_buf[:m])
-            h += np.take(item_part, item_index[users].reshape(-1), axis=0, out=gathered[:m])
-            h.reshape(len(users), n, -1)[:] += user_part[users][:, None, :]
-            # With the biases folded in (b1 + 1 and h_x, see __init__): x1 = x0 * h1, and the score's cross
-            # part is x1 . v + x0 . (h_x * b2).
-            h1, v, g = h[:, :width], h[:, width : 2 * width], h[:, 2 * width :]
-            logit = np.einsum("ij,ij,ij->i", x, h1, v)
-            logit += x @ self.hb2
+        # Buffers reused by every user: the user's matrix (its item-feature rows set once), the candidates' rows
+        # [i, item features, 1], the product and h1 * v.
+        m = np.empty((lay.k, lay.n), dtype=np.float32)
+        m[dim : dim + n_if] = lay.w_itf
+        x = np.empty((n, lay.k), dtype=np.float32)
+        x[:, -1] = 1.0
+        h = np.empty((n, lay.n), dtype=np.float32)
+        t = np.empty((n, width), dtype=np.float32)
+        i, item_fe = x[:, :dim], x[:, dim : dim + n_if]
+        g, hb2_term, h1, v = h[:, : lay.deep], h[:, lay.deep], h[:, lay.h1], h[:, lay.v]
+        t_i, t_p, t_itf, t_dot, t_user = (t[:, s] for s in lay.t_blocks)
+        for k in range(n_users):
+            u = user_embeddings[k]
+            np.multiply(lay.w_pd, u[:, None], out=m[:dim])
+            m[:dim] += lay.w_i
+            m[-1] = user_part[k]
+            np.take(item_embeddings, rows[k], axis=0, out=i)
+            np.take(item_feature_rows, rows[k], axis=0, out=item_fe)
+            np.matmul(x, m, out=h)
+            # The cross part of the logit, x0 . (h1 * v) + x0 . (h_x * b2), block by block of x0: the user's
+            # blocks are constant, u*i = u * i and u.i = i . u.
+            np.multiply(h1, v, out=t)
+            logit = t_user @ x_user[k]
+            t_p *= u
+            t_i += t_p
+            logit += np.einsum("ij,ij->i", t_i, i)
+            logit += np.einsum("ij,ij->i", t_itf, item_fe)
+            logit += t_dot * (i @ u)
+            logit += hb2_term
             np.maximum(g, 0, out=g)
             deep = g @ self.d2t
             deep += self.c2
             np.maximum(deep, 0, out=deep)
             logit += deep @ self.h_d
             logit += self.head_bias
-            out.reshape(-1)[lo * n : lo * n + m] = 1.0 / (1.0 + np.exp(-logit))
+            out[k] = 1.0 / (1.0 + np.exp(-logit))
         return out
+
+
+@dataclass(frozen=True)
+class _ScoreLayout:
+    """``FactoredRanker.score``'s weights: wcat's columns (plus h_x * b2 as one more) reordered as
+    [deep layer 1, the h_x * b2 term, h1, v], with h1's and v's columns in the order [i, u*i, item features, u.i,
+    the user's blocks (u, user features, context)], and its rows split by what they multiply."""
+
+    w_i: np.ndarray  # [dim, N]: rows of the i block
+    w_pd: np.ndarray  # [dim, N]: rows of the u*i block plus the u.i row (both scale by u)
+    w_itf: np.ndarray  # [8 x item features, N]
+    w_user: np.ndarray  # [user blocks' width, N]
+    bias: np.ndarray  # [N]
+    deep: int
+    n_item_fe: int
+    h1: slice
+    v: slice
+    t_blocks: tuple[slice, slice, slice, int, slice]  # i, u*i, item features, u.i, user: columns of h1 * v
+
+    @property
+    def k(self) -> int:
+        return len(self.w_i) + self.n_item_fe + 1
+
+    @property
+    def n(self) -> int:
+        return self.w_i.shape[1]
+
+    @classmethod
+    def of(cls, ranker: FactoredRanker) -> _ScoreLayout:
+        b, width = ranker.blocks, ranker.width
+        dim, n_if = b.dim, b.itf.stop - b.itf.start
+        user = b.user_columns
+        order = np.r_[_range(b.i), _range(b.p), _range(b.itf), [b.dot], user]
+        deep = ranker.wcat.shape[1] - 2 * width
+        wext = np.concatenate([ranker.wcat, ranker.hb2[:, None]], axis=1)
+        bias = np.concatenate([ranker.bias, [0.0]]).astype(np.float32)
+        columns = np.r_[np.arange(2 * width, 2 * width + deep), [2 * width + deep], order, width + order]
+        w, bias = wext[:, columns], bias[columns]
+        h1 = slice(deep + 1, deep + 1 + width)
+        n_row = 2 * dim + n_if + 1
+        return cls(
+            w_i=np.ascontiguousarray(w[b.i]),
+            w_pd=np.ascontiguousarray(w[b.p] + w[b.dot][None, :]),
+            w_itf=np.ascontiguousarray(w[b.itf]),
+            w_user=np.ascontiguousarray(w[user]),
+            bias=np.ascontiguousarray(bias, dtype=np.float32),
+            deep=deep,
+            n_item_fe=n_if,
+            h1=h1,
+            v=slice(h1.stop, h1.stop + width),
+            t_blocks=(
+                slice(0, dim),
+                slice(dim, 2 * dim),
+                slice(2 * dim, 2 * dim + n_if),
+                n_row - 1,
+                slice(n_row, width),
+            ),
+        )
 
 
 def check_parity(
@@ -221,17 +278,13 @@ def check_parity(
 ) -> float:
     """Max |score diff| against ``run`` (ONNX Runtime) on rows given as the ranker's named tensors (one
     user per row); raises ``FactoredParityError`` past ``tolerance``."""
-    table, factored.item_table = factored.item_table, None  # the rows' own items, not the job's table
-    try:
-        ours = factored.score(
-            tensors["user_embedding"],
-            tensors["user_features"],
-            tensors["item_embedding"],
-            tensors["item_features"],
-            np.arange(len(tensors["item_embedding"])).reshape(-1, 1),
-        ).reshape(-1)
-    finally:
-        factored.item_table = table
+    ours = factored.score(
+        tensors["user_embedding"],
+        tensors["user_features"],
+        tensors["item_embedding"],
+        factored.item_feature_rows(tensors["item_features"]),
+        np.arange(len(tensors["item_embedding"])).reshape(-1, 1),
+    ).reshape(-1)
     reference = np.asarray(run(tensors), dtype=np.float32).reshape(-1)  # type: ignore[operator]
     diff = float(np.abs(ours - reference).max(initial=0.0))
     if not diff <= tolerance:
@@ -304,12 +357,8 @@ def factored_graph(ranker: FactoredRanker, opset: int = 17) -> Any:
     context_fe = g.embed("cf", cf, ranker.context_tables)
     # h1's and v's columns permuted so that the user's own columns (u, user and context features) come first and
     # the row's (i, u*i, u.i, item features) after them, in the order x_item lays them out below.
-    user_columns = np.r_[
-        np.arange(b.u.start, b.u.stop), np.arange(b.uf.start, b.uf.stop), np.arange(b.ctx.start, b.ctx.stop)
-    ]
-    row_columns = np.r_[
-        np.arange(b.i.start, b.i.stop), np.arange(b.p.start, b.p.stop), [b.dot], np.arange(b.itf.start, b.itf.stop)
-    ]
+    user_columns = b.user_columns
+    row_columns = np.r_[_range(b.i), _range(b.p), [b.dot], _range(b.itf)]
     order = np.r_[user_columns, row_columns]
     permuted = np.r_[order, width + order, np.arange(2 * width, ranker.wcat.shape[1])]
     wcat, bias = ranker.wcat[:, permuted], ranker.bias[permuted]

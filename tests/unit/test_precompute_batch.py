@@ -71,7 +71,7 @@ def scorer_for(bundle: Bundle, path: Path, cfg: PrecomputeConfig, kind: str, ran
     retriever = FaissRetriever(path / "item_index.faiss")
     users = ShardUsers.of(bundle, shard_rows(len(bundle.user_ids), 0, 1))
     rank: CandidateRanker = (
-        FactoredCandidates.build(items, path / "ranker.onnx", ranker.run, cfg.rank_rows, users)
+        FactoredCandidates.build(items, path / "ranker.onnx", ranker.run, users)
         if kind == "factored"
         else OnnxCandidates(items, ranker.run, cfg.rank_rows)
     )
@@ -148,4 +148,4 @@ def test_the_factored_ranker_refuses_a_model_it_does_not_match(small: tuple[Bund
         return ranker.run(tensors) + 1e-3
 
     with pytest.raises(FactoredParityError, match=r"within 1e-05, but found max \|diff\| 0\.001.*--ranker onnx"):
-        FactoredCandidates.build(items, path / "ranker.onnx", other_model, 1024, users)
+        FactoredCandidates.build(items, path / "ranker.onnx", other_model, users)
