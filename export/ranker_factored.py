@@ -129,7 +129,7 @@ class FactoredRanker:
         self.bias = np.concatenate([b1 + 1.0, self.h_x, c1]).astype(np.float32)
         self.hb2 = (self.h_x * b2).astype(np.float32)
         self.context = _embed(self.context_tables, np.asarray(context, np.int64).reshape(1, -1))[0]
-        self._layout: _ScoreLayout | None = None
+        self.layout = _ScoreLayout.of(self)
 
     @classmethod
     def from_onnx(cls, path: Path, context: np.ndarray) -> FactoredRanker:
@@ -143,11 +143,6 @@ class FactoredRanker:
     def item_feature_rows(self, features: np.ndarray) -> np.ndarray:
         """float32 [n, 8 x item features]: the items' feature embeddings (the ``item_feature_rows`` of ``score``)."""
         return _embed(self.item_tables, np.asarray(features, np.int64))
-
-    def _score_layout(self) -> _ScoreLayout:
-        if self._layout is None:
-            self._layout = _ScoreLayout.of(self)
-        return self._layout
 
     def score(
         self,
@@ -165,7 +160,7 @@ class FactoredRanker:
         and u.i blocks are linear in i for a fixed u) turns every candidate's x0 @ wcat into one [dim + 8 x item
         features + 1] x [.., N] product of its own row ``[i, item features, 1]``, a single GEMM of the user's
         candidates that stays in cache with its output."""
-        lay = self._score_layout()
+        lay = self.layout
         dim, width, n_if = self.blocks.dim, self.width, lay.n_item_fe
         n_users, n = candidates.shape
         user_embeddings = np.asarray(user_embeddings, np.float32)
