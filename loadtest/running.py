@@ -363,11 +363,33 @@ def summary(results: Mapping[str, Any]) -> str:
                 f"After {results['warm_s']:g} s of warm-up at {first['users']} users, the first measured step's: "
                 f"{_pct(measured_steps[0].get('answer_hit_rate'))} of answers."
             )
+    limited = write_limit_note(steps, results["stack"].get("settings", {}), results["out"])
+    if limited:
+        lines.append(limited)
     missing = [name for name in ("orchestrator", "redis", "triton") if name not in results["pids"]]
     if missing:
         lines.append(f"Not found on this machine, so no CPU figures: {', '.join(missing)}.")
     lines.append(f"Results: {results['out']}/results.json; locust's report: {results['out']}/report.html.")
     return "\n".join(lines)
+
+
+def write_limit_note(steps: Sequence[Mapping[str, Any]], settings: Mapping[str, str], out: str) -> str | None:
+    """Why event writes may have failed, when they did: every event of this run goes out with the stack's one
+    API key, and the stack limits each key's writes (429 past it); such failures measure the limit, not the
+    service."""
+    failed = [(s["step"], s.get("failures", {}).get("event", 0)) for s in steps]
+    failed = [(index, n) for index, n in failed if n]
+    if not failed:
+        return None
+    rate = settings.get("RECSERVE_EVENTS_RATE_PER_S", "its default")
+    burst = settings.get("RECSERVE_EVENTS_BURST", "its default")
+    return (
+        f"{sum(n for _, n in failed):,} event writes failed, from step {failed[0][0] + 1} on "
+        f"({out}/locust_failures.csv has their status codes). This run sends every event with the stack's one API "
+        f"key, whose writes the stack limits (RECSERVE_EVENTS_RATE_PER_S {rate}, RECSERVE_EVENTS_BURST {burst}; "
+        "429 past them): where those are 429s, the step measured that limit, not the service; start the stack "
+        "with both raised to load it past the limit."
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

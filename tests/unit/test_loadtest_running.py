@@ -20,6 +20,7 @@ from loadtest.running import (
     summary,
     warm_step_count,
     with_figures,
+    write_limit_note,
 )
 from stack.env_file import read_stack_env, write_stack_env
 from stack.errors import StackEnvError, StackError
@@ -181,6 +182,17 @@ def test_hit_rates_cpu_per_request_and_the_summary() -> None:
     assert "Not found on this machine, so no CPU figures: triton." in text
     assert "| 3 (missed) | 40 | 400 | 400 | 37.5 | 150 | 0.0% | 5.0% | 90.0% | 50.0% | 0.50 | 0.10 | 0.30 |" in text
     assert "No step met" in summary({**results, "best": None, "best_slo": None})
+    assert "event writes failed" not in text
+
+
+def test_the_summary_says_when_event_writes_failed_on_the_stacks_write_limit() -> None:
+    steps = [step(0, 10, 20.0), step(1, 20, 40.0, failures={"event": 3}), step(2, 40, 60.0, failures={"event": 9})]
+    note = write_limit_note(steps, {"RECSERVE_EVENTS_RATE_PER_S": "50"}, "/o")
+    assert note is not None
+    assert note.startswith("12 event writes failed, from step 2 on (/o/locust_failures.csv has their status codes).")
+    assert "(RECSERVE_EVENTS_RATE_PER_S 50, RECSERVE_EVENTS_BURST its default; 429 past them)" in note
+    assert write_limit_note(steps[:1], {}, "/o") is None
+    assert write_limit_note([step(0, 10, 20.0, failures={"recommendation": 4})], {}, "/o") is None
 
 
 def test_without_a_running_stack_it_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
