@@ -340,8 +340,13 @@ class _GraphBuilder:
 def factored_graph(ranker: FactoredRanker, opset: int = 17) -> Any:
     """``ranker``'s regrouped arithmetic (module docstring) as an ONNX model for one user's candidates: the
     inputs of ``ONE_ROW_INPUTS`` take one row, the item inputs one per candidate, and the output is the
-    exported model's ``score`` [n, 1]. The user's part of every product is computed once; per candidate,
-    one [dim + 1 + 8 x item features] x [.., 2 width + deep] product and the 256 -> 64 layer."""
+    exported model's ``score`` [n, 1]. The user's part of every product is computed once; per candidate, one
+    [dim + 8 x item features] row times the user's matrices, and the 256 -> 64 layer.
+
+    The columns of x0 @ wcat are computed in the groups the score reads them in, each by its own Gemm of the
+    candidates' rows ``[i, item features]`` with the user's matrix for that group and the user's own part as
+    the bias: h1's and v's columns of the row's blocks (i, u*i, u.i, item features), h1's and v's columns of the
+    user's blocks, deep layer 1, and the head's h_x * b2 term. No product is sliced afterwards."""
     from onnx import TensorProto, helper
 
     b, width = ranker.blocks, ranker.width
@@ -350,45 +355,49 @@ def factored_graph(ranker: FactoredRanker, opset: int = 17) -> Any:
     user_fe = g.embed("uf", uf, ranker.user_tables)
     item_fe = g.embed("if", itf, ranker.item_tables)
     context_fe = g.embed("cf", cf, ranker.context_tables)
-    # h1's and v's columns permuted so that the user's own columns (u, user and context features) come first and
-    # the row's (i, u*i, u.i, item features) after them, in the order x_item lays them out below.
     user_columns = b.user_columns
     row_columns = np.r_[_range(b.i), _range(b.p), [b.dot], _range(b.itf)]
-    order = np.r_[user_columns, row_columns]
-    permuted = np.r_[order, width + order, np.arange(2 * width, ranker.wcat.shape[1])]
-    wcat, bias = ranker.wcat[:, permuted], ranker.bias[permuted]
-    user_part = g.op("MatMul", [ue, g.const("w_u", wcat[b.u])], "user_u")
-    user_part = g.op("Add", [user_part, g.op("MatMul", [user_fe, g.const("w_uf", wcat[b.uf])], "user_uf")], "user_1")
-    user_part = g.op(
-        "Add", [user_part, g.op("MatMul", [context_fe, g.const("w_ctx", wcat[b.ctx])], "user_ctx")], "user_2"
-    )
-    user_part = g.op("Add", [user_part, g.const("bias", bias)], "user_part")
+    wcat, bias = ranker.wcat, ranker.bias
+    deep_columns = np.arange(2 * width, wcat.shape[1])
+    groups = {
+        "h1_row": (wcat[:, row_columns], bias[row_columns]),
+        "h1_user": (wcat[:, user_columns], bias[user_columns]),
+        "v_row": (wcat[:, width + row_columns], bias[width + row_columns]),
+        "v_user": (wcat[:, width + user_columns], bias[width + user_columns]),
+        "deep": (wcat[:, deep_columns], bias[deep_columns]),
+        "hb2": (ranker.hb2[:, None], np.zeros(1, np.float32)),
+    }
+    x_user = g.op("Concat", [ue, user_fe, context_fe], "x_user", axis=1)
+    x = g.op("Concat", [ie, item_fe], "x", axis=1)
+    # i W_i + (u * i) W_p + (u . i) w = i (W_i + diag(u) (W_p + w)): the user's matrix, made once per request,
+    # with the item-feature rows (W_itf) below it; u is padded with zeros so one Mul scales only the i rows.
+    n_item_fe = b.itf.stop - b.itf.start
+    padding = g.const("item_fe_zeros", np.zeros((1, n_item_fe), np.float32))
+    u_padded = g.op("Transpose", [g.op("Concat", [ue, padding], "u_padded_row", axis=1)], "u_padded", perm=[1, 0])
+    h = {}
+    for name, (w, group_bias) in groups.items():
+        fixed = np.concatenate([w[b.i], w[b.itf]], axis=0)
+        scaled = np.concatenate([w[b.p] + w[b.dot][None, :], np.zeros((n_item_fe, w.shape[1]), np.float32)], axis=0)
+        m_user = g.op("Mul", [g.const(f"scaled_{name}", scaled), u_padded], f"scaled_u_{name}")
+        m_user = g.op("Add", [g.const(f"fixed_{name}", fixed), m_user], f"m_user_{name}")
+        user_part = g.op("MatMul", [x_user, g.const(f"w_user_{name}", w[user_columns])], f"u0_{name}")
+        user_part = g.op("Add", [user_part, g.const(f"bias_{name}", group_bias.reshape(1, -1))], f"user_{name}")
+        h[name] = g.op("Gemm", [x, m_user, user_part], f"h_{name}")
+    # The cross part of the logit, x0 . (h1 * v) + x0 . (h_x * b2): the row's columns against the row's x0, the
+    # user's against the user's.
     product = g.op("Mul", [ue, ie], "u_times_i")
     dot = g.op("ReduceSum", [product, g.const("axis_1", np.array([1], np.int64))], "u_dot_i", keepdims=1)
-    x_item = g.op("Concat", [ie, product, dot, item_fe], "x_item", axis=1)
-    # i W_i + (u * i) W_p = i (W_i + diag(u) W_p): one [dim] x [dim, ..] product per row serves both blocks,
-    # with the user's matrix made once per request.
-    u_column = g.op("Transpose", [ue], "u_column", perm=[1, 0])
-    m_user = g.op("Mul", [g.const("w_p", wcat[b.p]), u_column], "u_times_w_p")
-    m_user = g.op("Add", [g.const("w_i", wcat[b.i]), m_user], "m_user")
-    h = g.op("MatMul", [ie, m_user], "h_i")
-    x_rest = g.op("Concat", [dot, item_fe], "x_rest", axis=1)
-    w_rest = np.concatenate([wcat[b.dot : b.dot + 1], wcat[b.itf]], axis=0)
-    h = g.op("Add", [h, g.op("MatMul", [x_rest, g.const("w_rest", w_rest)], "h_rest")], "h_item")
-    h = g.op("Add", [h, user_part], "h")
-    h1, v = g.columns(h, 0, width, "h1"), g.columns(h, width, 2 * width, "v")
-    deep_in = g.columns(h, 2 * width, ranker.wcat.shape[1], "deep_in")
-    # The cross part of the logit: x0 . (h1 * v + h_x * b2), split into the user's columns and the row's.
-    t = g.op("Add", [g.op("Mul", [h1, v], "h1_v"), g.const("hb2", ranker.hb2[order])], "t")
-    n_user = len(user_columns)
-    x_user_t = g.op("Transpose", [g.op("Concat", [ue, user_fe, context_fe], "x_user", axis=1)], "x_user_t", perm=[1, 0])
-    cross_user = g.op("MatMul", [g.columns(t, 0, n_user, "t_user"), x_user_t], "cross_user")
-    cross_row = g.op("Mul", [g.columns(t, n_user, width, "t_row"), x_item], "t_x_row")
-    cross_row = g.op("ReduceSum", [cross_row, "axis_1"], "cross_row", keepdims=1)
-    deep = g.op("MatMul", [g.op("Relu", [deep_in], "deep_1"), g.const("d2t", ranker.d2t)], "deep_2")
+    x_row = g.op("Concat", [ie, product, dot, item_fe], "x_row", axis=1)
+    t_row = g.op("Mul", [h["h1_row"], h["v_row"]], "t_row")
+    cross_row = g.op("ReduceSum", [g.op("Mul", [t_row, x_row], "t_x_row"), "axis_1"], "cross_row", keepdims=1)
+    t_user = g.op("Mul", [h["h1_user"], h["v_user"]], "t_user")
+    x_user_t = g.op("Transpose", [x_user], "x_user_t", perm=[1, 0])
+    cross_user = g.op("MatMul", [t_user, x_user_t], "cross_user")
+    deep = g.op("MatMul", [g.op("Relu", [h["deep"]], "deep_1"), g.const("d2t", ranker.d2t)], "deep_2")
     deep = g.op("Relu", [g.op("Add", [deep, g.const("c2", ranker.c2)], "deep_2b")], "deep_2r")
     deep_logit = g.op("MatMul", [deep, g.const("h_d", ranker.h_d.reshape(-1, 1))], "deep_logit")
-    logit = g.op("Add", [g.op("Add", [cross_user, cross_row], "cross"), deep_logit], "logit_1")
+    logit = g.op("Add", [g.op("Add", [cross_user, cross_row], "cross"), h["hb2"]], "cross_b2")
+    logit = g.op("Add", [logit, deep_logit], "logit_1")
     logit = g.op("Add", [logit, g.const("head_bias", np.array([ranker.head_bias], np.float32))], "logit")
     g.op("Sigmoid", [logit], schema.RANKER_OUTPUT.name)
     dim, n_uf, n_if, n_cf = b.dim, len(ranker.user_tables), len(ranker.item_tables), len(ranker.context_tables)
