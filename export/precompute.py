@@ -11,7 +11,7 @@ starts its shard over: harmless, every write is a SET of the same value).
 Where the time goes (measured, docs/BENCHMARKS.md "Pre-compute at 1M users"): ranking, 77-96% of it. So
 a batch of users is searched in one FAISS call, seen items are dropped with array operations, the
 candidates are ranked by default with the model's weights regrouped (``export.ranker_factored``: a third of
-the arithmetic, one GEMM per user, the same scores to ~1e-7) or, with ``--ranker onnx``, by ONNX Runtime in
+the arithmetic, one ONNX Runtime call per user, the same scores to ~1e-7) or, with ``--ranker onnx``, by ONNX Runtime in
 chunks of ``rank_rows`` rows (fastest per row at about a thousand rows; at 51,200 rows per call, as one call
 per 256 users made, it ran a third slower), and the Redis writes of one batch go out while the next batch is
 computed.
@@ -49,7 +49,7 @@ from orchestrator.store.backend import Backend, Command
 from orchestrator.store.precomputed import RedisPrecomputedStore
 
 if TYPE_CHECKING:
-    from export.ranker_factored import FactoredRanker
+    from export.ranker_factored import FactoredScorer
 
 log = logging.getLogger(__name__)
 
@@ -310,36 +310,34 @@ class OnnxCandidates:
 
 
 class FactoredCandidates:
-    """The same model regrouped (``export.ranker_factored``): per-user work done once, about a third of the
-    arithmetic per row, one GEMM per user. Built from the ONNX file and checked against ONNX Runtime on rows
-    of the job's own users and items before use (``FactoredParityError`` past 1e-5)."""
+    """The same model regrouped (``export.ranker_factored``): the user's part of every product computed once,
+    about a third of the arithmetic per row, one ONNX Runtime call per user (the graph Triton's cpu profile
+    runs). Built from the ONNX file and checked against ONNX Runtime on rows of the job's own users and items
+    before use (``FactoredParityError`` past 1e-5)."""
 
-    def __init__(
-        self, items: ItemTables, model: FactoredRanker, item_feature_rows: np.ndarray, parity_max_abs_diff: float
-    ) -> None:
+    def __init__(self, items: ItemTables, scorer: FactoredScorer, parity_max_abs_diff: float) -> None:
         self.items = items
         self.item_embeddings = np.asarray(items.embeddings, dtype=np.float32)
-        self.model = model
-        self.item_feature_rows = item_feature_rows
+        self.item_features = np.asarray(items.features, dtype=np.int64)
+        self.scorer = scorer
         self.parity_max_abs_diff = parity_max_abs_diff
 
     @classmethod
     def build(
         cls, items: ItemTables, model_path: Path, run: BatchScoreFn, parity_users: ShardUsers
     ) -> FactoredCandidates:
-        """Read the weights, embed every item's features once, and compare with ``run`` (ONNX Runtime) on 512
-        rows of ``parity_users`` x random items."""
-        from export.ranker_factored import FactoredRanker, check_parity
+        """Read the weights, build the graph, and compare with ``run`` (ONNX Runtime) on 512 rows of
+        ``parity_users`` x random items."""
+        from export.ranker_factored import FactoredRanker, FactoredScorer, check_parity
 
-        model = FactoredRanker.from_onnx(model_path, default_context(1)[0])
-        item_feature_rows = model.item_feature_rows(items.features)
+        scorer = FactoredScorer(FactoredRanker.from_onnx(model_path), default_context(1))
         if not len(parity_users):
-            return cls(items, model, item_feature_rows, 0.0)  # no users: nothing will be scored
+            return cls(items, scorer, 0.0)  # no users: nothing will be scored
         rng = np.random.default_rng(0)
         n = 512
         u, i = rng.integers(0, len(parity_users), n), rng.integers(0, len(items.ids), n)
         diff = check_parity(
-            model,
+            scorer,
             run,
             {
                 "user_embedding": np.ascontiguousarray(parity_users.embeddings[u], dtype=np.float32),
@@ -349,11 +347,11 @@ class FactoredCandidates:
                 "context_features": default_context(n),
             },
         )
-        return cls(items, model, item_feature_rows, diff)
+        return cls(items, scorer, diff)
 
     def __call__(self, users: ShardUsers, candidates: np.ndarray) -> np.ndarray:
-        scores = self.model.score(
-            users.embeddings, users.features, self.item_embeddings, self.item_feature_rows, candidates
+        scores = self.scorer.score(
+            users.embeddings, users.features, self.item_embeddings, self.item_features, candidates
         )
         scores[candidates < 0] = -np.inf
         return scores

@@ -1,12 +1,11 @@
-"""The shipped ranker's arithmetic regrouped for pre-compute: the same scores with a third of the work.
+"""The shipped ranker's arithmetic regrouped for one user's candidates: the same scores with a third of the work.
 
-Pre-compute ranks ``n_candidates`` items for each user, so every user's row of the ranker input repeats
-``n_candidates`` times, and every popular item's row once per user who gets it. The DCN ranker
-(``export.models.Ranker``) spends nearly all of its time in three matrix products of its input
+Both the cpu profile's Triton model (a request is one user's candidates) and pre-compute (``n_candidates``
+items for each user) score many items against one user, so every user's row of the ranker input repeats.
+The DCN ranker (``export.models.Ranker``) spends nearly all of its time in three matrix products of its input
 ``x0 = [u, i, u*i, u.i, user features, item features, context]`` (449 wide at dim 128): ``W1 x0`` (cross 1),
-``W2 x1`` (cross 2) and ``D1 x0`` (deep 1), about 1.07 MFLOP per (user, item) row, which ONNX Runtime runs
-at this CPU's fp32 peak (measured: 81-87K rows/s per core, 2.35 ms per user at 200 candidates, 77-96%
-of the job's time). Two identities make most of it per-user or per-item work:
+``W2 x1`` (cross 2) and ``D1 x0`` (deep 1), about 1.07 MFLOP per (user, item) row. Two identities make most of
+it per-user work:
 
 - ``x0 W^T`` is a sum over x0's column blocks: the user and context blocks are one product per user, and
   for a fixed user the ``i``, ``u*i`` and ``u.i`` blocks are all linear in ``i``:
@@ -15,12 +14,13 @@ of the job's time). Two identities make most of it per-user or per-item work:
   ``(h * x0) . (W2 x1) = x1 . (x0 A)`` with ``A = diag(h) W2``: a product of x0 again, which splits the same
   way, instead of a full 449 x 449 product of x1.
 
-Per row that leaves one [dim + 8 x item features + 1] x [.., 1155] product (all of x0 @ [W1, A, D1] and the
-head's ``h * b2`` term) and the 256 -> 64 deep layer: about 0.38 MFLOP, a single GEMM per user over the user's
-candidates. The weights are read from the exported ONNX file that serving uses,
-and ``check_parity`` compares this against ONNX Runtime on the job's own rows before anything is written.
-Floating-point sums run in another order, so scores differ in the last bits (measured max |diff| ~1e-7):
-lists are equal up to the order of items whose scores tie within that.
+Per row that leaves the row ``[i, item features]`` times the user's matrices (all of x0 @ [W1, A, D1] and the
+head's ``h * b2`` term) and the 256 -> 64 deep layer: about 0.38 MFLOP. ``factored_graph`` writes this as an
+ONNX graph of one user's candidates; ``write_factored_model`` puts it beside ``model.onnx`` for Triton, and
+``FactoredScorer`` runs it for pre-compute. The weights are read from the exported ONNX file that serving uses;
+Triton's model checks the graph against ``model.onnx`` when it loads, pre-compute with ``check_parity`` on the
+job's own rows before anything is written. Floating-point sums run in another order, so scores differ in the
+last bits (measured max |diff| ~1e-7): lists are equal up to the order of items whose scores tie within that.
 """
 
 from __future__ import annotations
@@ -88,24 +88,17 @@ class _Blocks:
     @property
     def user_columns(self) -> np.ndarray:
         """x0's columns that are the same on every row of one user's request: u, user features, context."""
-        return np.r_[np.arange(self.u.start, self.u.stop), np.arange(self.uf.start, self.uf.stop), _range(self.ctx)]
+        return np.r_[_range(self.u), _range(self.uf), _range(self.ctx)]
 
 
 def _range(block: slice) -> np.ndarray:
     return np.arange(block.start, block.stop)
 
 
-def _embed(tables: list[np.ndarray], columns: np.ndarray) -> np.ndarray:
-    """The feature embeddings, indices clamped as the model clamps them."""
-    return np.concatenate(
-        [t[np.clip(columns[:, k], 0, len(t) - 1)] for k, t in enumerate(tables)], axis=1, dtype=np.float32
-    )
-
-
 class FactoredRanker:
-    """Scores (user, item) pairs of a fixed context with the regrouped arithmetic (module docstring)."""
+    """The exported ranker's weights, regrouped for ``factored_graph`` (module docstring)."""
 
-    def __init__(self, weights: dict[str, np.ndarray], context: np.ndarray) -> None:
+    def __init__(self, weights: dict[str, np.ndarray]) -> None:
         w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
         self.user_tables = [w[f"user_feature_embeddings.{k}.weight"] for k in range(len(schema.USER_FEATURES))]
         self.item_tables = [w[f"item_feature_embeddings.{k}.weight"] for k in range(len(schema.ITEM_FEATURES))]
@@ -128,163 +121,15 @@ class FactoredRanker:
         # head's x1 . h_x term joins x1 . v), c1.
         self.bias = np.concatenate([b1 + 1.0, self.h_x, c1]).astype(np.float32)
         self.hb2 = (self.h_x * b2).astype(np.float32)
-        self.context = _embed(self.context_tables, np.asarray(context, np.int64).reshape(1, -1))[0]
-        self.layout = _ScoreLayout.of(self)
 
     @classmethod
-    def from_onnx(cls, path: Path, context: np.ndarray) -> FactoredRanker:
+    def from_onnx(cls, path: Path) -> FactoredRanker:
         """The weights of an ONNX export of ``export.models.Ranker`` (its parameter names)."""
         import onnx
         from onnx import numpy_helper
 
         model = onnx.load(str(path))
-        return cls({t.name: numpy_helper.to_array(t) for t in model.graph.initializer}, context)
-
-    def item_feature_rows(self, features: np.ndarray) -> np.ndarray:
-        """float32 [n, 8 x item features]: the items' feature embeddings (the ``item_feature_rows`` of ``score``)."""
-        return _embed(self.item_tables, np.asarray(features, np.int64))
-
-    def score(
-        self,
-        user_embeddings: np.ndarray,
-        user_features: np.ndarray,
-        item_embeddings: np.ndarray,
-        item_feature_rows: np.ndarray,
-        candidates: np.ndarray,
-    ) -> np.ndarray:
-        """float32 [n_users, n] scores of each user's ``candidates`` [n_users, n] (rows of ``item_embeddings``
-        and of ``item_feature_rows``, the latter from ``item_feature_rows``); a slot of -1 gets a meaningless
-        score, for the caller to mask.
-
-        One user at a time: the user's matrix ``M = [W_i + diag(u) (W_p + w_dot); W_itf; user part]`` (the u*i
-        and u.i blocks are linear in i for a fixed u) turns every candidate's x0 @ wcat into one [dim + 8 x item
-        features + 1] x [.., N] product of its own row ``[i, item features, 1]``, a single GEMM of the user's
-        candidates that stays in cache with its output."""
-        lay = self.layout
-        dim, width, n_if = self.blocks.dim, self.width, lay.n_item_fe
-        n_users, n = candidates.shape
-        user_embeddings = np.asarray(user_embeddings, np.float32)
-        user_fe = _embed(self.user_tables, np.asarray(user_features, np.int64))
-        x_user = np.concatenate(
-            [user_embeddings, user_fe, np.broadcast_to(self.context, (n_users, len(self.context)))], axis=1
-        ).astype(np.float32)
-        user_part = x_user @ lay.w_user + lay.bias  # [n_users, N]: the user's own blocks and the biases
-        rows = np.maximum(candidates, 0)  # -1: any item, its score is masked
-        out = np.empty((n_users, n), dtype=np.float32)
-        # Buffers reused by every user: the user's matrix (its item-feature rows set once), the candidates' rows
-        # [i, item features, 1], the product and h1 * v.
-        m = np.empty((lay.k, lay.n), dtype=np.float32)
-        m[dim : dim + n_if] = lay.w_itf
-        x = np.empty((n, lay.k), dtype=np.float32)
-        x[:, -1] = 1.0
-        h = np.empty((n, lay.n), dtype=np.float32)
-        t = np.empty((n, width), dtype=np.float32)
-        i, item_fe = x[:, :dim], x[:, dim : dim + n_if]
-        g, hb2_term, h1, v = h[:, : lay.deep], h[:, lay.deep], h[:, lay.h1], h[:, lay.v]
-        t_i, t_p, t_itf, t_dot, t_user = (t[:, s] for s in lay.t_blocks)
-        for k in range(n_users):
-            u = user_embeddings[k]
-            np.multiply(lay.w_pd, u[:, None], out=m[:dim])
-            m[:dim] += lay.w_i
-            m[-1] = user_part[k]
-            np.take(item_embeddings, rows[k], axis=0, out=i)
-            np.take(item_feature_rows, rows[k], axis=0, out=item_fe)
-            np.matmul(x, m, out=h)
-            # The cross part of the logit, x0 . (h1 * v) + x0 . (h_x * b2), block by block of x0: the user's
-            # blocks are constant, u*i = u * i and u.i = i . u.
-            np.multiply(h1, v, out=t)
-            logit = t_user @ x_user[k]
-            t_p *= u
-            t_i += t_p
-            logit += np.einsum("ij,ij->i", t_i, i)
-            logit += np.einsum("ij,ij->i", t_itf, item_fe)
-            logit += t_dot * (i @ u)
-            logit += hb2_term
-            np.maximum(g, 0, out=g)
-            deep = g @ self.d2t
-            deep += self.c2
-            np.maximum(deep, 0, out=deep)
-            logit += deep @ self.h_d
-            logit += self.head_bias
-            out[k] = 1.0 / (1.0 + np.exp(-logit))
-        return out
-
-
-@dataclass(frozen=True)
-class _ScoreLayout:
-    """``FactoredRanker.score``'s weights: wcat's columns (plus h_x * b2 as one more) reordered as
-    [deep layer 1, the h_x * b2 term, h1, v], with h1's and v's columns in the order [i, u*i, item features, u.i,
-    the user's blocks (u, user features, context)], and its rows split by what they multiply."""
-
-    w_i: np.ndarray  # [dim, N]: rows of the i block
-    w_pd: np.ndarray  # [dim, N]: rows of the u*i block plus the u.i row (both scale by u)
-    w_itf: np.ndarray  # [8 x item features, N]
-    w_user: np.ndarray  # [user blocks' width, N]
-    bias: np.ndarray  # [N]
-    deep: int
-    n_item_fe: int
-    h1: slice
-    v: slice
-    t_blocks: tuple[slice, slice, slice, int, slice]  # i, u*i, item features, u.i, user: columns of h1 * v
-
-    @property
-    def k(self) -> int:
-        return len(self.w_i) + self.n_item_fe + 1
-
-    @property
-    def n(self) -> int:
-        return self.w_i.shape[1]
-
-    @classmethod
-    def of(cls, ranker: FactoredRanker) -> _ScoreLayout:
-        b, width = ranker.blocks, ranker.width
-        dim, n_if = b.dim, b.itf.stop - b.itf.start
-        user = b.user_columns
-        order = np.r_[_range(b.i), _range(b.p), _range(b.itf), [b.dot], user]
-        deep = ranker.wcat.shape[1] - 2 * width
-        wext = np.concatenate([ranker.wcat, ranker.hb2[:, None]], axis=1)
-        bias = np.concatenate([ranker.bias, [0.0]]).astype(np.float32)
-        columns = np.r_[np.arange(2 * width, 2 * width + deep), [2 * width + deep], order, width + order]
-        w, bias = wext[:, columns], bias[columns]
-        h1 = slice(deep + 1, deep + 1 + width)
-        n_row = 2 * dim + n_if + 1
-        return cls(
-            w_i=np.ascontiguousarray(w[b.i]),
-            w_pd=np.ascontiguousarray(w[b.p] + w[b.dot][None, :]),
-            w_itf=np.ascontiguousarray(w[b.itf]),
-            w_user=np.ascontiguousarray(w[user]),
-            bias=np.ascontiguousarray(bias, dtype=np.float32),
-            deep=deep,
-            n_item_fe=n_if,
-            h1=h1,
-            v=slice(h1.stop, h1.stop + width),
-            t_blocks=(
-                slice(0, dim),
-                slice(dim, 2 * dim),
-                slice(2 * dim, 2 * dim + n_if),
-                n_row - 1,
-                slice(n_row, width),
-            ),
-        )
-
-
-def check_parity(
-    factored: FactoredRanker, run: object, tensors: dict[str, np.ndarray], tolerance: float = 1e-5
-) -> float:
-    """Max |score diff| against ``run`` (ONNX Runtime) on rows given as the ranker's named tensors (one
-    user per row); raises ``FactoredParityError`` past ``tolerance``."""
-    ours = factored.score(
-        tensors["user_embedding"],
-        tensors["user_features"],
-        tensors["item_embedding"],
-        factored.item_feature_rows(tensors["item_features"]),
-        np.arange(len(tensors["item_embedding"])).reshape(-1, 1),
-    ).reshape(-1)
-    reference = np.asarray(run(tensors), dtype=np.float32).reshape(-1)  # type: ignore[operator]
-    diff = float(np.abs(ours - reference).max(initial=0.0))
-    if not diff <= tolerance:
-        raise FactoredParityError(diff, tolerance)
-    return diff
+        return cls({t.name: numpy_helper.to_array(t) for t in model.graph.initializer})
 
 
 # The cpu profile's Triton model (export/triton_python_backend/model.py) scores a request whose rows are all
@@ -313,10 +158,6 @@ class _GraphBuilder:
 
         self.nodes.append(helper.make_node(op_type, inputs, [output], **attributes))
         return output
-
-    def columns(self, x: str, start: int, stop: int, name: str, axis: int = 1) -> str:
-        bounds = [self.const(f"{name}_{k}", np.array([v], np.int64)) for k, v in (("from", start), ("to", stop))]
-        return self.op("Slice", [x, *bounds, self.const(f"{name}_axis", np.array([axis], np.int64))], name)
 
     def embed(self, prefix: str, features: str, tables: list[np.ndarray]) -> str:
         """The feature embeddings side by side, indices clamped as the model clamps them."""
@@ -413,14 +254,69 @@ def factored_graph(ranker: FactoredRanker, opset: int = 17) -> Any:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
+class FactoredScorer:
+    """``factored_graph`` in ONNX Runtime, one call per user's candidates, in a fixed context: pre-compute's
+    ranker (export/precompute.py)."""
+
+    def __init__(self, ranker: FactoredRanker, context: np.ndarray, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        graph = factored_graph(ranker).SerializeToString()
+        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.context = np.asarray(context, dtype=np.int64).reshape(1, -1)
+
+    def score(
+        self,
+        user_embeddings: np.ndarray,
+        user_features: np.ndarray,
+        item_embeddings: np.ndarray,
+        item_features: np.ndarray,
+        candidates: np.ndarray,
+    ) -> np.ndarray:
+        """float32 [n_users, n] scores of each user's ``candidates`` [n_users, n] (rows of the item tables:
+        float32 embeddings, int64 features); a slot of -1 gets a meaningless score, for the caller to mask."""
+        user_embeddings = np.asarray(user_embeddings, dtype=np.float32)
+        user_features = np.asarray(user_features, dtype=np.int64)
+        out = np.empty(candidates.shape, dtype=np.float32)
+        for k, items in enumerate(np.maximum(candidates, 0)):  # -1: any item, its score is masked
+            tensors = {
+                "user_embedding": user_embeddings[k : k + 1],
+                "item_embedding": item_embeddings[items],
+                "user_features": user_features[k : k + 1],
+                "item_features": item_features[items],
+                "context_features": self.context,
+            }
+            out[k] = self.session.run(None, tensors)[0].reshape(-1)
+        return out
+
+
+def check_parity(scorer: FactoredScorer, run: object, tensors: dict[str, np.ndarray], tolerance: float = 1e-5) -> float:
+    """Max |score diff| against ``run`` (ONNX Runtime on the exported model) on rows given as the ranker's
+    named tensors (one user per row); raises ``FactoredParityError`` past ``tolerance``."""
+    ours = scorer.score(
+        tensors["user_embedding"],
+        tensors["user_features"],
+        tensors["item_embedding"],
+        tensors["item_features"],
+        np.arange(len(tensors["item_embedding"])).reshape(-1, 1),
+    ).reshape(-1)
+    reference = np.asarray(run(tensors), dtype=np.float32).reshape(-1)  # type: ignore[operator]
+    diff = float(np.abs(ours - reference).max(initial=0.0))
+    if not diff <= tolerance:
+        raise FactoredParityError(diff, tolerance)
+    return diff
+
+
 def write_factored_model(model_onnx: Path, dest: Path) -> None:
     """``factored_graph`` of the ranker in ``model_onnx`` into ``dest``. Raises FactoredParityError when the file
     is not of the architecture ``FactoredRanker`` assumes (the Triton model then serves model.onnx alone)."""
     import onnx
 
-    context = np.zeros(len(schema.CONTEXT_FEATURES), dtype=np.int64)
     try:
-        ranker = FactoredRanker.from_onnx(model_onnx, context)
+        ranker = FactoredRanker.from_onnx(model_onnx)
     except KeyError as exc:
         raise FactoredParityError(float("inf"), 0.0) from exc
     model = factored_graph(ranker)
