@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -48,9 +48,6 @@ from orchestrator.store import Recommendations, keys
 from orchestrator.store.backend import Backend, Command
 from orchestrator.store.precomputed import RedisPrecomputedStore
 
-if TYPE_CHECKING:
-    from export.ranker_factored import FactoredScorer
-
 log = logging.getLogger(__name__)
 
 # Scores a batch of named ranker tensors synchronously (OnnxRanker.run): the fast path offline.
@@ -65,7 +62,7 @@ class BatchRanker(Protocol):
     def run(self, tensors: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
-RANKERS = ("factored", "onnx")
+RANKERS = ("factored", "bf16", "onnx")
 
 
 @dataclass(frozen=True)
@@ -84,7 +81,9 @@ class PrecomputeConfig:
     shard_count: int = 1
     ranker: str = "factored"
     """How ``precompute_processes`` ranks: ``factored`` (the ONNX model's weights, regrouped: about 1.8x the
-    rows/s, checked against ONNX Runtime first) or ``onnx`` (ONNX Runtime on the model as exported)."""
+    rows/s, checked against ONNX Runtime first), ``bf16`` (the same with its big product in bf16, for CPUs
+    with native bf16: scores within ~2e-4, ``export.ranker_bf16``) or ``onnx`` (ONNX Runtime on the model as
+    exported)."""
 
     def validate(self) -> None:
         if not 1 <= self.top_n <= self.n_candidates:
@@ -274,6 +273,19 @@ class BatchResult:
     scores: np.ndarray  # float32 [n_users, top_n]
 
 
+class Scorer(Protocol):
+    """Scores each user's candidates, given as rows of the item tables (``FactoredScorer``, ``Bf16Scorer``)."""
+
+    def score(
+        self,
+        user_embeddings: np.ndarray,
+        user_features: np.ndarray,
+        item_embeddings: np.ndarray,
+        item_features: np.ndarray,
+        candidates: np.ndarray,
+    ) -> np.ndarray: ...
+
+
 class CandidateRanker(Protocol):
     """Scores a batch's candidates: float32 [n_users, n_candidates], -inf where a slot holds no item (-1)."""
 
@@ -312,10 +324,11 @@ class OnnxCandidates:
 class FactoredCandidates:
     """The same model regrouped (``export.ranker_factored``): the user's part of every product computed once,
     about a third of the arithmetic per row, one ONNX Runtime call per user (the graph Triton's cpu profile
-    runs). Built from the ONNX file and checked against ONNX Runtime on rows of the job's own users and items
-    before use (``FactoredParityError`` past 1e-5)."""
+    runs), or with ``bf16`` its big product in bf16 (``export.ranker_bf16``). Built from the ONNX file and
+    checked against ONNX Runtime on rows of the job's own users and items before use (``FactoredParityError``
+    past 1e-5; with ``bf16``, ``Bf16ToleranceError`` past ``BF16_TOLERANCE`` as well)."""
 
-    def __init__(self, items: ItemTables, scorer: FactoredScorer, parity_max_abs_diff: float) -> None:
+    def __init__(self, items: ItemTables, scorer: Scorer, parity_max_abs_diff: float) -> None:
         self.items = items
         self.item_embeddings = np.asarray(items.embeddings, dtype=np.float32)
         self.item_features = np.asarray(items.features, dtype=np.int64)
@@ -324,29 +337,34 @@ class FactoredCandidates:
 
     @classmethod
     def build(
-        cls, items: ItemTables, model_path: Path, run: BatchScoreFn, parity_users: ShardUsers
+        cls, items: ItemTables, model_path: Path, run: BatchScoreFn, parity_users: ShardUsers, bf16: bool = False
     ) -> FactoredCandidates:
         """Read the weights, build the graph, and compare with ``run`` (ONNX Runtime) on 512 rows of
-        ``parity_users`` x random items."""
+        ``parity_users`` x random items; with ``bf16``, the bf16 scorer on the same rows too."""
+        from export.ranker_bf16 import Bf16Scorer, check_bf16, warn_unless_native
         from export.ranker_factored import FactoredRanker, FactoredScorer, check_parity
 
-        scorer = FactoredScorer(FactoredRanker.from_onnx(model_path), default_context(1))
+        ranker = FactoredRanker.from_onnx(model_path)
+        fp32 = FactoredScorer(ranker, default_context(1))
+        scorer: Scorer = fp32
+        if bf16:
+            warn_unless_native()
+            scorer = Bf16Scorer(ranker, default_context(1))
         if not len(parity_users):
             return cls(items, scorer, 0.0)  # no users: nothing will be scored
         rng = np.random.default_rng(0)
         n = 512
         u, i = rng.integers(0, len(parity_users), n), rng.integers(0, len(items.ids), n)
-        diff = check_parity(
-            scorer,
-            run,
-            {
-                "user_embedding": np.ascontiguousarray(parity_users.embeddings[u], dtype=np.float32),
-                "item_embedding": np.ascontiguousarray(items.embeddings[i], dtype=np.float32),
-                "user_features": np.ascontiguousarray(parity_users.features[u], dtype=np.int64),
-                "item_features": np.ascontiguousarray(items.features[i], dtype=np.int64),
-                "context_features": default_context(n),
-            },
-        )
+        rows: dict[str, np.ndarray] = {
+            "user_embedding": np.ascontiguousarray(parity_users.embeddings[u], dtype=np.float32),
+            "item_embedding": np.ascontiguousarray(items.embeddings[i], dtype=np.float32),
+            "user_features": np.ascontiguousarray(parity_users.features[u], dtype=np.int64),
+            "item_features": np.ascontiguousarray(items.features[i], dtype=np.int64),
+            "context_features": default_context(n),
+        }
+        diff = check_parity(fp32, run, rows)  # the architecture, to fp32 rounding
+        if isinstance(scorer, Bf16Scorer):
+            diff = check_bf16(scorer, run(rows), rows)
         return cls(items, scorer, diff)
 
     def __call__(self, users: ShardUsers, candidates: np.ndarray) -> np.ndarray:
@@ -608,8 +626,8 @@ def _worker(job: _WorkerJob, events: Any) -> None:
         retriever = FaissRetriever(job.index_path)
         ranker = OnnxRanker(job.model_path, job.version, intra_op_threads=1)
         rank: CandidateRanker
-        if job.cfg.ranker == "factored":
-            rank = FactoredCandidates.build(items, job.model_path, ranker.run, job.users)
+        if job.cfg.ranker in ("factored", "bf16"):
+            rank = FactoredCandidates.build(items, job.model_path, ranker.run, job.users, job.cfg.ranker == "bf16")
         else:
             rank = OnnxCandidates(items, ranker.run, job.cfg.rank_rows)
         scorer = BatchScorer(items, retriever.index, rank, job.cfg)

@@ -122,6 +122,34 @@ class FactoredRanker:
         self.bias = np.concatenate([b1 + 1.0, self.h_x, c1]).astype(np.float32)
         self.hb2 = (self.h_x * b2).astype(np.float32)
 
+    def column_groups(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """x0 @ wcat's columns in the groups the score reads them in, each as (weights [width, cols], bias):
+        h1's and v's columns of the row's blocks (i, u*i, u.i, item features), h1's and v's columns of the
+        user's blocks (u, user features, context), deep layer 1, and the head's h_x * b2 term."""
+        b, width, wcat, bias = self.blocks, self.width, self.wcat, self.bias
+        user_columns = b.user_columns
+        row_columns = np.r_[_range(b.i), _range(b.p), [b.dot], _range(b.itf)]
+        deep_columns = np.arange(2 * width, wcat.shape[1])
+        return {
+            "h1_row": (wcat[:, row_columns], bias[row_columns]),
+            "h1_user": (wcat[:, user_columns], bias[user_columns]),
+            "v_row": (wcat[:, width + row_columns], bias[width + row_columns]),
+            "v_user": (wcat[:, width + user_columns], bias[width + user_columns]),
+            "deep": (wcat[:, deep_columns], bias[deep_columns]),
+            "hb2": (self.hb2[:, None], np.zeros(1, np.float32)),
+        }
+
+    def split_rows(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A [width, cols] weight of x0 split for one user's candidates: ``(fixed, scaled, user)`` such that
+        ``x0 @ w = x @ (fixed + diag([u, 0]) scaled) + x_user @ user``, with ``x = [i, item features]`` the
+        candidate's row and ``x_user = [u, user features, context]`` the user's (the module docstring's
+        i W_i + (u*i) W_p + (u.i) w = i (W_i + diag(u)(W_p + w)))."""
+        b = self.blocks
+        n_item_fe = b.itf.stop - b.itf.start
+        fixed = np.concatenate([w[b.i], w[b.itf]], axis=0)
+        scaled = np.concatenate([w[b.p] + w[b.dot][None, :], np.zeros((n_item_fe, w.shape[1]), np.float32)], axis=0)
+        return fixed, scaled, np.ascontiguousarray(w[b.user_columns])
+
     @classmethod
     def from_onnx(cls, path: Path) -> FactoredRanker:
         """The weights of an ONNX export of ``export.models.Ranker`` (its parameter names)."""
@@ -190,24 +218,13 @@ def factored_graph(ranker: FactoredRanker, opset: int = 17) -> Any:
     user's blocks, deep layer 1, and the head's h_x * b2 term. No product is sliced afterwards."""
     from onnx import TensorProto, helper
 
-    b, width = ranker.blocks, ranker.width
+    b = ranker.blocks
     g = _GraphBuilder()
     ue, ie, uf, itf, cf = "user_embedding", "item_embedding", "user_features", "item_features", "context_features"
     user_fe = g.embed("uf", uf, ranker.user_tables)
     item_fe = g.embed("if", itf, ranker.item_tables)
     context_fe = g.embed("cf", cf, ranker.context_tables)
-    user_columns = b.user_columns
-    row_columns = np.r_[_range(b.i), _range(b.p), [b.dot], _range(b.itf)]
-    wcat, bias = ranker.wcat, ranker.bias
-    deep_columns = np.arange(2 * width, wcat.shape[1])
-    groups = {
-        "h1_row": (wcat[:, row_columns], bias[row_columns]),
-        "h1_user": (wcat[:, user_columns], bias[user_columns]),
-        "v_row": (wcat[:, width + row_columns], bias[width + row_columns]),
-        "v_user": (wcat[:, width + user_columns], bias[width + user_columns]),
-        "deep": (wcat[:, deep_columns], bias[deep_columns]),
-        "hb2": (ranker.hb2[:, None], np.zeros(1, np.float32)),
-    }
+    groups = ranker.column_groups()
     x_user = g.op("Concat", [ue, user_fe, context_fe], "x_user", axis=1)
     x = g.op("Concat", [ie, item_fe], "x", axis=1)
     # i W_i + (u * i) W_p + (u . i) w = i (W_i + diag(u) (W_p + w)): the user's matrix, made once per request,
@@ -217,11 +234,10 @@ def factored_graph(ranker: FactoredRanker, opset: int = 17) -> Any:
     u_padded = g.op("Transpose", [g.op("Concat", [ue, padding], "u_padded_row", axis=1)], "u_padded", perm=[1, 0])
     h = {}
     for name, (w, group_bias) in groups.items():
-        fixed = np.concatenate([w[b.i], w[b.itf]], axis=0)
-        scaled = np.concatenate([w[b.p] + w[b.dot][None, :], np.zeros((n_item_fe, w.shape[1]), np.float32)], axis=0)
+        fixed, scaled, w_user = ranker.split_rows(w)
         m_user = g.op("Mul", [g.const(f"scaled_{name}", scaled), u_padded], f"scaled_u_{name}")
         m_user = g.op("Add", [g.const(f"fixed_{name}", fixed), m_user], f"m_user_{name}")
-        user_part = g.op("MatMul", [x_user, g.const(f"w_user_{name}", w[user_columns])], f"u0_{name}")
+        user_part = g.op("MatMul", [x_user, g.const(f"w_user_{name}", w_user)], f"u0_{name}")
         user_part = g.op("Add", [user_part, g.const(f"bias_{name}", group_bias.reshape(1, -1))], f"user_{name}")
         h[name] = g.op("Gemm", [x, m_user, user_part], f"h_{name}")
     # The cross part of the logit, x0 . (h1 * v) + x0 . (h_x * b2): the row's columns against the row's x0, the

@@ -9,6 +9,7 @@ import numpy as np
 
 from export.artifacts import Bundle
 from export.history import UserHistory
+from export.precompute import BatchScoreFn, Candidates
 from orchestrator import schema
 
 
@@ -33,3 +34,10 @@ def random_bundle(path: Path, n_users: int = 500, n_items: int = 400, dim: int =
         feats(n_users, schema.USER_FEATURES), feats(n_items, schema.ITEM_FEATURES),
         UserHistory.from_dict(users, items, history), popular,
     )  # fmt: skip
+
+
+def reference_scores(reference: Candidates, row: int, run: BatchScoreFn) -> dict[str, float]:
+    """The model's score (``run``: ONNX Runtime, fp32) of every candidate of one user, the candidates and rows
+    ``offline_top_n`` ranks."""
+    items = reference.for_user(row)
+    return dict(zip(items, run(reference.request(row, items).tensors()).reshape(-1).tolist(), strict=True))

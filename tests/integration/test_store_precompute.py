@@ -17,6 +17,7 @@ from export.history import UserHistory
 from export.model_export import export_onnx
 from export.pipeline import popular_lists
 from export.precompute import (
+    BackendSpec,
     Candidates,
     PrecomputeConfig,
     PrecomputeWorkerError,
@@ -24,11 +25,13 @@ from export.precompute import (
     precompute,
     precompute_processes,
 )
+from export.ranker_bf16 import BF16_TOLERANCE
 from export.train import TrainConfig, train
 from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.retrieval import FaissRetriever
 from orchestrator.store.precomputed import RedisPrecomputedStore
 from orchestrator.store.sharded import ShardedBackend
+from tests.bundles import reference_scores
 from tests.redis_harness import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -133,6 +136,26 @@ async def test_processes_of_a_pod_write_every_users_list_once_and_resume(
 
     again = await precompute_processes(urls, *args, progress=False)
     assert (again.users, again.skipped_users) == (150, 150)  # each process resumed past its checkpoint
+
+
+async def test_processes_rank_in_bf16_when_asked(sharded: ShardedBackend, shard_servers: list[RedisServer], synthetic):
+    bundle, path = synthetic
+    urls = [s.url for s in shard_servers]
+    cfg = PrecomputeConfig(top_n=20, n_candidates=80, batch_users=40, ttl_s=3600, ranker="bf16")
+    report = await precompute_processes(
+        BackendSpec(tuple(urls)), path, path / "item_index.faiss", path / "ranker.onnx", cfg, 2, progress=False
+    )
+    assert (report.users, report.skipped_users) == (301, 0)
+    stored = await RedisPrecomputedStore(sharded, bundle.model_version).get_recs(bundle.user_ids)
+    assert all(recs is not None for recs in stored)
+    ranker = OnnxRanker(path / "ranker.onnx", bundle.model_version)
+    reference = Candidates(bundle, FaissRetriever(path / "item_index.faiss"), cfg)
+    diffs = []
+    for row, recs in enumerate(stored):
+        assert recs is not None and len(recs.items) == cfg.top_n
+        fp32 = reference_scores(reference, row, ranker.run)
+        diffs += [abs(score - fp32[item]) for item, score in zip(recs.items, recs.scores, strict=True)]
+    assert 1e-6 < max(diffs) <= BF16_TOLERANCE  # bf16's rounding, not fp32's (~1e-7), and within its bound
 
 
 async def test_a_failing_process_fails_the_pod_with_its_reason(shard_servers: list[RedisServer], synthetic, tmp_path):

@@ -58,3 +58,14 @@ def test_precompute_takes_a_number_or_active(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit):
         parse("precompute", "--version", "latest")
     assert "expected a model version number N or 'active', got 'latest'" in capsys.readouterr().err
+
+
+def test_precompute_offers_every_ranker_the_job_has(capsys: pytest.CaptureFixture[str]) -> None:
+    from export.precompute import RANKERS
+
+    assert parse("precompute").ranker == "factored"
+    for ranker in RANKERS:
+        assert parse("precompute", "--ranker", ranker).ranker == ranker
+    with pytest.raises(SystemExit):
+        parse("precompute", "--ranker", "fp8")
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

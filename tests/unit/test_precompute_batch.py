@@ -26,9 +26,11 @@ from export.precompute import (
     offline_top_n,
     shard_rows,
 )
+from export.ranker_bf16 import BF16_TOLERANCE, Bf16Scorer
 from export.ranker_factored import FactoredParityError
 from orchestrator.ranking.onnx_ranker import OnnxRanker
 from orchestrator.retrieval import FaissRetriever
+from tests.bundles import reference_scores
 
 SCORE_TOL = 1e-5
 
@@ -71,8 +73,8 @@ def scorer_for(bundle: Bundle, path: Path, cfg: PrecomputeConfig, kind: str, ran
     retriever = FaissRetriever(path / "item_index.faiss")
     users = ShardUsers.of(bundle, shard_rows(len(bundle.user_ids), 0, 1))
     rank: CandidateRanker = (
-        FactoredCandidates.build(items, path / "ranker.onnx", ranker.run, users)
-        if kind == "factored"
+        FactoredCandidates.build(items, path / "ranker.onnx", ranker.run, users, bf16=kind == "bf16")
+        if kind in ("factored", "bf16")
         else OnnxCandidates(items, ranker.run, cfg.rank_rows)
     )
     return BatchScorer(items, retriever.index, rank, cfg)
@@ -102,6 +104,36 @@ def test_batched_lists_equal_the_per_user_reference(
             assert not set(got.items) & set(bundle.user_history[user])
             exact += list(got.items) == items
     assert exact >= 0.98 * len(users)  # ties are the rare exception, not the rule
+
+
+@pytest.mark.parametrize("batch_users", [1, 64])
+def test_bf16_lists_differ_from_the_reference_only_among_near_ties(small: tuple[Bundle, Path], batch_users: int):
+    """``--ranker bf16``: every score within BF16_TOLERANCE of the fp32 model's; an item misses the list, or two
+    swap places, only where the fp32 scores are that close."""
+    bundle, path = small
+    retriever = FaissRetriever(path / "item_index.faiss")
+    ranker = OnnxRanker(path / "ranker.onnx", bundle.model_version)
+    cfg = PrecomputeConfig(top_n=20, n_candidates=60, batch_users=batch_users)
+    users = ShardUsers.of(bundle, shard_rows(len(bundle.user_ids), 0, 1))
+    scorer = scorer_for(bundle, path, cfg, "bf16", ranker)
+    assert isinstance(scorer.rank, FactoredCandidates) and isinstance(scorer.rank.scorer, Bf16Scorer)
+    reference = Candidates(bundle, retriever, cfg)
+    near = 2 * BF16_TOLERANCE
+    kept = []
+    for lo in range(0, len(users), batch_users):
+        part = users[lo : lo + batch_users]
+        recs = scorer.recommendations(part, scorer(part), bundle.model_version)
+        for row, user in zip(part.rows.tolist(), part.ids, strict=True):
+            fp32 = reference_scores(reference, row, ranker.run)
+            top, _ = offline_top_n(reference, row, ranker.run)
+            got = recs[user]
+            assert len(got.items) == len(top) and not set(got.items) & set(bundle.user_history[user])
+            np.testing.assert_allclose(got.scores, [fp32[i] for i in got.items], rtol=0, atol=BF16_TOLERANCE)
+            last = fp32[top[-1]]
+            assert {i for i in top if fp32[i] > last + near} <= set(got.items)
+            assert all(fp32[a] >= fp32[b] - near for a, b in zip(got.items, got.items[1:], strict=False))
+            kept.append(len(set(got.items) & set(top)) / len(top))
+    assert np.mean(kept) >= 0.99
 
 
 def test_shard_users_hold_only_their_rows_and_seen_items(small: tuple[Bundle, Path]):
