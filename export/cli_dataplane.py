@@ -242,7 +242,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         choices=("factored", "bf16", "onnx"),
         default="factored",
         help="factored (default): the model's weights regrouped, fp32, scores to ~1e-7; bf16: the same with its big "
-        "product in bf16, ~1.2x the users/s on a CPU with native bf16, scores to ~2e-4; onnx: the exported model",
+        "product in bf16, ~1.2x the users/s on a CPU with native bf16, scores to ~5e-4; onnx: the exported model",
     )
     pre.add_argument("--rank-rows", type=int, default=1024, help="rows per ONNX Runtime call (--ranker onnx)")
     pre.add_argument("--ttl-s", type=int, default=7 * 86400)

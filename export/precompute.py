@@ -82,7 +82,7 @@ class PrecomputeConfig:
     ranker: str = "factored"
     """How ``precompute_processes`` ranks: ``factored`` (the ONNX model's weights, regrouped: about 1.8x the
     rows/s, checked against ONNX Runtime first), ``bf16`` (the same with its big product in bf16, for CPUs
-    with native bf16: scores within ~2e-4, ``export.ranker_bf16``) or ``onnx`` (ONNX Runtime on the model as
+    with native bf16: scores within ~5e-4, ``export.ranker_bf16``) or ``onnx`` (ONNX Runtime on the model as
     exported)."""
 
     def validate(self) -> None:

@@ -97,8 +97,8 @@ def test_a_model_that_moves_further_in_bf16_is_refused(exported: Path):
     scorer = Bf16Scorer(FactoredRanker.from_onnx(exported), default_context(1))
     rows = {k: v for k, v in tensors.items() if k != "context_features"}
     assert check_bf16(scorer, reference, rows) <= BF16_TOLERANCE
-    with pytest.raises(Bf16ToleranceError, match=r"within 0\.002.*max \|diff\| 0\.01.*--ranker factored"):
-        check_bf16(scorer, reference + 0.01, rows)
+    with pytest.raises(Bf16ToleranceError, match=r"within 0\.01.*max \|diff\| 0\.05.*--ranker factored"):
+        check_bf16(scorer, reference + 0.05, rows)
 
 
 @pytest.mark.parametrize(
