@@ -11,7 +11,9 @@ starts its shard over: harmless, every write is a SET of the same value).
 Where the time goes (measured, docs/BENCHMARKS.md "Pre-compute at 1M users"): ranking, 77-96% of it. So
 a batch of users is searched in one FAISS call, seen items are dropped with array operations, the
 candidates are ranked by default with the model's weights regrouped (``export.ranker_factored``: a third of
-the arithmetic, one ONNX Runtime call per user, the same scores to ~1e-7) or, with ``--ranker onnx``, by ONNX Runtime in
+the arithmetic, one ONNX Runtime call per user, the same scores to ~1e-7), with ``--ranker bf16`` by the same
+arithmetic with its big product in bf16 (``export.ranker_bf16``: ~1.2x the users per CPU-second where the CPU
+has native bf16, scores within ~5e-4) or, with ``--ranker onnx``, by ONNX Runtime in
 chunks of ``rank_rows`` rows (fastest per row at about a thousand rows; at 51,200 rows per call, as one call
 per 256 users made, it ran a third slower), and the Redis writes of one batch go out while the next batch is
 computed.

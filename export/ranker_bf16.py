@@ -6,8 +6,8 @@ features]`` [n, 152] times the user's matrix [152, 1155] (``FactoredRanker.split
 dot-product instructions (``avx512_bf16``: Zen 4 and later, Cooper Lake; AMX: Sapphire Rapids and later)
 runs that product about twice as fast in bf16 as in fp32. ONNX Runtime's CPU provider has no bf16 kernels,
 so this scorer runs in torch (the export extra; the jobs image carries it), ``users_per_call`` users per
-batched product. Only that product's two inputs, and the 256 -> 64 deep layer's, are rounded to bf16 (8 bits
-of mantissa, fp32 sums); the user's own part, the cross terms and the head stay fp32.
+batched product. That product and the 256 -> 64 deep layer take bf16 inputs (8 bits of mantissa) and give
+bf16 outputs (fp32 sums inside); the user's own part, the cross terms and the head stay fp32.
 
 What the rounding costs, measured (docs/BENCHMARKS.md, "Pre-compute in bf16"): scores move by ~4e-4 (median;
 5e-3 at most on a ranker trained on MovieLens 100K), so items whose scores are that close can swap. A user's
