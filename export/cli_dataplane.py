@@ -177,7 +177,8 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     print(
         f"shard {report.shard}: {report.users} users ({report.skipped_users} already done) in "
         f"{report.seconds:.1f} s with {processes} processes, {report.users_per_s:,.0f} users/s "
-        f"({done / report.cpu_seconds if report.cpu_seconds else 0:,.0f} per CPU-second), model {report.version}"
+        f"({done / report.cpu_seconds if report.cpu_seconds else 0:,.0f} per CPU-second), model {report.version}, "
+        f"ranker {cfg.ranker}"
     )
     return 0
 
