@@ -377,6 +377,10 @@ class FactoredCandidates:
         return scores
 
 
+# Flat and IVF searches of a batch go in groups of depth rounded up to this (BatchScorer.search).
+DEPTH_STEP = 64
+
+
 class BatchScorer:
     """Top-N for many users at once: one FAISS search for the batch, seen items dropped with array
     operations, ranking in chunks of ``rank_rows`` rows, top-N by a stable sort per row. Equal to
@@ -397,19 +401,19 @@ class BatchScorer:
         return np.minimum(self.n_items, self.cfg.n_candidates + np.diff(users.seen_indptr))
 
     def search(self, users: ShardUsers) -> np.ndarray:
-        """int64 [n_users, deepest depth] item rows, -1 past each user's own results.
+        """int64 [n_users, deepest searched depth] item rows, -1 past each user's own results.
 
         On Flat and IVF indexes a deeper search returns the shallower one's results first (the same lists
-        are scanned whatever k is), so the whole batch goes in one search at its deepest user's depth. On an
-        index where k changes the search itself (HNSW: ef = max(efSearch, k); a refinement step re-ranks
-        k * k_factor), users are searched in groups of equal depth, so each gets what a search at their own
-        depth finds."""
+        are scanned whatever k is), so users go in groups of their depth rounded up to ``DEPTH_STEP``, each
+        group in one search at that depth: few searches per batch, and the batch's longest histories do not
+        set everyone's k (FAISS keeps a heap of k results per query). On an index where k changes the search
+        itself (HNSW: ef = max(efSearch, k); a refinement step re-ranks k * k_factor), users are searched in
+        groups of equal depth, so each gets what a search at their own depth finds."""
         queries = np.ascontiguousarray(users.embeddings, dtype=np.float32)
         depths = self.depths(users)
-        deepest = int(depths.max())
         if self.prefix_stable:
-            return np.asarray(self.index.search(queries, deepest)[1], dtype=np.int64)
-        found = np.full((len(users), deepest), -1, dtype=np.int64)
+            depths = np.minimum(self.n_items, -(-depths // DEPTH_STEP) * DEPTH_STEP)
+        found = np.full((len(users), int(depths.max())), -1, dtype=np.int64)
         for depth in np.unique(depths).tolist():
             group = np.flatnonzero(depths == depth)
             found[group, :depth] = self.index.search(queries[group], depth)[1]
