@@ -240,7 +240,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--batch-users", type=int, default=1024, help="users per FAISS search, write and checkpoint")
     pre.add_argument(
         "--ranker",
-        choices=("factored", "bf16", "onnx"),
+        choices=("factored", "bf16", "onnx"),  # export.precompute.RANKERS, which loads FAISS: not imported here
         default="factored",
         help="factored (default): the model's weights regrouped, fp32, scores to ~1e-7; bf16: the same with its big "
         "product in bf16, ~1.2x the users/s on a CPU with native bf16, scores to ~5e-4; onnx: the exported model",

@@ -9,14 +9,14 @@ A checkpoint per (version, shard) makes a restarted pod resume (a restart with a
 starts its shard over: harmless, every write is a SET of the same value).
 
 Where the time goes (measured, docs/BENCHMARKS.md "Pre-compute at 1M users"): ranking, 77-96% of it. So
-a batch of users is searched in one FAISS call, seen items are dropped with array operations, the
-candidates are ranked by default with the model's weights regrouped (``export.ranker_factored``: a third of
-the arithmetic, one ONNX Runtime call per user, the same scores to ~1e-7), with ``--ranker bf16`` by the same
-arithmetic with its big product in bf16 (``export.ranker_bf16``: ~1.2x the users per CPU-second where the CPU
-has native bf16, scores within ~5e-4) or, with ``--ranker onnx``, by ONNX Runtime in
-chunks of ``rank_rows`` rows (fastest per row at about a thousand rows; at 51,200 rows per call, as one call
-per 256 users made, it ran a third slower), and the Redis writes of one batch go out while the next batch is
-computed.
+a batch of users is searched in a few FAISS calls (one per depth group), seen items are dropped with array
+operations, and the candidates are ranked by default with the model's weights regrouped
+(``export.ranker_factored``: a third of the arithmetic, one ONNX Runtime call per user, the same scores to
+~1e-7), with ``--ranker bf16`` by the same arithmetic with its big product in bf16 (``export.ranker_bf16``:
+~1.2x the users per CPU-second where the CPU has native bf16, scores within ~5e-4) or, with ``--ranker onnx``,
+by ONNX Runtime in chunks of ``rank_rows`` rows (fastest per row at about a thousand rows; at 51,200 rows per
+call, as one call per 256 users made, it ran a third slower); the Redis writes of one batch go out while the
+next batch is computed.
 
 ``offline_top_n`` computes one user's list on its own, the way the online path does (search depth
 ``n_candidates`` + the user's seen items): the reference the job (and the online path) is checked against.
@@ -382,8 +382,8 @@ DEPTH_STEP = 64
 
 
 class BatchScorer:
-    """Top-N for many users at once: one FAISS search for the batch, seen items dropped with array
-    operations, ranking in chunks of ``rank_rows`` rows, top-N by a stable sort per row. Equal to
+    """Top-N for many users at once: a few FAISS searches for the batch (``search``), seen items dropped with
+    array operations, the candidates ranked by ``rank``, top-N by a stable sort per row. Equal to
     ``offline_top_n`` for each user (within ranking ties): the same candidates in the same retrieval order,
     scored by the same model, sorted the same way."""
 
