@@ -364,9 +364,10 @@ class FactoredCandidates:
             "item_features": np.ascontiguousarray(items.features[i], dtype=np.int64),
             "context_features": default_context(n),
         }
-        diff = check_parity(fp32, run, rows)  # the architecture, to fp32 rounding
+        reference = run(rows)
+        diff = check_parity(fp32, reference, rows)  # the architecture, to fp32 rounding
         if isinstance(scorer, Bf16Scorer):
-            diff = check_bf16(scorer, run(rows), rows)
+            diff = check_bf16(scorer, reference, rows)
         return cls(items, scorer, diff)
 
     def __call__(self, users: ShardUsers, candidates: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from export.ranker_factored import FactoredRanker
+from export.ranker_factored import FactoredRanker, max_score_diff
 
 if TYPE_CHECKING:
     import torch
@@ -84,13 +84,13 @@ class Bf16Scorer:
         self.scaled = torch.from_numpy(np.ascontiguousarray(scaled)).bfloat16()
         self.sizes = [w.shape[1] for w, _ in groups.values()]
         self.ranker = ranker
-        self.dim, n_uf = ranker.blocks.dim, 8 * len(ranker.user_tables)
+        dim, n_uf = ranker.blocks.dim, 8 * len(ranker.user_tables)
         # x_user @ w_user + bias, x_user = [u, user features, context]: the context's share is the job's.
         self.context_fe = _embed(ranker.context_tables, np.asarray(context, dtype=np.int64).reshape(1, -1))[0]
-        user_bias = np.concatenate([b for _, b in groups.values()]) + self.context_fe @ w_user[self.dim + n_uf :]
+        user_bias = np.concatenate([b for _, b in groups.values()]) + self.context_fe @ w_user[dim + n_uf :]
         self.user_bias = torch.from_numpy(user_bias.astype(np.float32))
-        self.w_user_u = torch.from_numpy(np.ascontiguousarray(w_user[: self.dim]))
-        self.w_user_uf = torch.from_numpy(np.ascontiguousarray(w_user[self.dim : self.dim + n_uf]))
+        self.w_user_u = torch.from_numpy(np.ascontiguousarray(w_user[:dim]))
+        self.w_user_uf = torch.from_numpy(np.ascontiguousarray(w_user[dim : dim + n_uf]))
         self.context_t = torch.from_numpy(self.context_fe.astype(np.float32))
         self.d2t = torch.from_numpy(np.ascontiguousarray(ranker.d2t)).bfloat16()
         self.c2 = torch.from_numpy(ranker.c2.copy())
@@ -147,16 +147,9 @@ class Bf16Scorer:
 
 
 def check_bf16(scorer: Bf16Scorer, reference: np.ndarray, rows: dict[str, np.ndarray]) -> float:
-    """Max |score diff| of ``scorer`` against ``reference`` (the fp32 scores of the same rows, one user per row,
-    given as the ranker's named tensors); raises ``Bf16ToleranceError`` past ``BF16_TOLERANCE``."""
-    ours = scorer.score(
-        rows["user_embedding"],
-        rows["user_features"],
-        rows["item_embedding"],
-        rows["item_features"],
-        np.arange(len(rows["item_embedding"])).reshape(-1, 1),
-    ).reshape(-1)
-    diff = float(np.abs(ours - np.asarray(reference, dtype=np.float32).reshape(-1)).max(initial=0.0))
+    """``max_score_diff`` against ``reference`` (the fp32 scores of the same rows, one user per row, given as the
+    ranker's named tensors); raises ``Bf16ToleranceError`` past ``BF16_TOLERANCE``."""
+    diff = max_score_diff(scorer.score, reference, rows)
     if not diff <= BF16_TOLERANCE:
         raise Bf16ToleranceError(diff, BF16_TOLERANCE)
     return diff

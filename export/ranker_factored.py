@@ -25,6 +25,7 @@ last bits (measured max |diff| ~1e-7): lists are equal up to the order of items 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,18 +310,25 @@ class FactoredScorer:
         return out
 
 
-def check_parity(scorer: FactoredScorer, run: object, tensors: dict[str, np.ndarray], tolerance: float = 1e-5) -> float:
-    """Max |score diff| against ``run`` (ONNX Runtime on the exported model) on rows given as the ranker's
-    named tensors (one user per row); raises ``FactoredParityError`` past ``tolerance``."""
-    ours = scorer.score(
-        tensors["user_embedding"],
-        tensors["user_features"],
-        tensors["item_embedding"],
-        tensors["item_features"],
-        np.arange(len(tensors["item_embedding"])).reshape(-1, 1),
+def max_score_diff(score: Callable[..., np.ndarray], reference: np.ndarray, rows: dict[str, np.ndarray]) -> float:
+    """Max |score diff| of a scorer's ``score`` (``FactoredScorer.score``'s arguments) against ``reference`` (the
+    exported model's scores of the same rows) on rows given as the ranker's named tensors, one user per row."""
+    ours = score(
+        rows["user_embedding"],
+        rows["user_features"],
+        rows["item_embedding"],
+        rows["item_features"],
+        np.arange(len(rows["item_embedding"])).reshape(-1, 1),
     ).reshape(-1)
-    reference = np.asarray(run(tensors), dtype=np.float32).reshape(-1)  # type: ignore[operator]
-    diff = float(np.abs(ours - reference).max(initial=0.0))
+    return float(np.abs(ours - np.asarray(reference, dtype=np.float32).reshape(-1)).max(initial=0.0))
+
+
+def check_parity(
+    scorer: FactoredScorer, reference: np.ndarray, rows: dict[str, np.ndarray], tolerance: float = 1e-5
+) -> float:
+    """``max_score_diff`` against ``reference`` (ONNX Runtime on the exported model); raises
+    ``FactoredParityError`` past ``tolerance``."""
+    diff = max_score_diff(scorer.score, reference, rows)
     if not diff <= tolerance:
         raise FactoredParityError(diff, tolerance)
     return diff
