@@ -25,6 +25,7 @@ from export.precompute import (
     _ranker_run,
     offline_top_n,
     shard_rows,
+    top_n,
 )
 from export.ranker_bf16 import BF16_TOLERANCE, Bf16Scorer
 from export.ranker_factored import FactoredParityError
@@ -125,7 +126,7 @@ def test_bf16_lists_differ_from_the_reference_only_among_near_ties(small: tuple[
         recs = scorer.recommendations(part, scorer(part), bundle.model_version)
         for row, user in zip(part.rows.tolist(), part.ids, strict=True):
             fp32 = reference_scores(reference, row, ranker.run)
-            top, _ = offline_top_n(reference, row, ranker.run)
+            top, _ = top_n(list(fp32), np.array(list(fp32.values())), cfg.top_n)  # offline_top_n's list
             got = recs[user]
             assert len(got.items) == len(top) and not set(got.items) & set(bundle.user_history[user])
             np.testing.assert_allclose(got.scores, [fp32[i] for i in got.items], rtol=0, atol=BF16_TOLERANCE)
